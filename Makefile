@@ -1,0 +1,21 @@
+# The README's two Quickstart commands. Each installs what it needs first, so each works alone.
+PY ?= python
+DEMO ?= demo
+
+.PHONY: setup demo test lint
+
+setup:
+	$(PY) -m pip install -q -e '.[test]'
+
+# Precompute a small synthetic store with the offline tiny encoders, then a short training run.
+demo: setup
+	$(PY) precompute.py --out $(DEMO)/store.zarr --preset tiny --synthetic 64 --image-size 112
+	$(PY) train.py --store $(DEMO)/store.zarr --preset tiny --max-steps 100 --batch-size 8 --grad-accum 1 \
+		--out $(DEMO)/run --log-every 10 --val-every 50 --save-every 50
+	@echo "store: $(DEMO)/store.zarr   TensorBoard logs and checkpoints: $(DEMO)/run   (tensorboard --logdir $(DEMO))"
+
+lint:
+	$(PY) -m ruff check .
+
+test: setup lint
+	$(PY) -m pytest -q

@@ -1,0 +1,151 @@
+"""A lazy torch Dataset over a feature store, and the collate function that tokenises captions."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fvlm_data.store import FeatureStore
+
+SPLITS = ("train", "val", "all")
+
+
+def is_validation(video_id: str, val_fraction: float) -> bool:
+    """Deterministic split by video id: stable across runs, machines and store re-orderings."""
+    bucket = int.from_bytes(hashlib.sha1(video_id.encode("utf-8")).digest()[:8], "little") % 1_000_000
+    return bucket < val_fraction * 1_000_000
+
+
+def frame_indices(stored: int, wanted: int, offset: float = 0.5) -> np.ndarray:
+    """`wanted` of `stored` frames, evenly spaced; offset in [0, 1) shifts within each stride."""
+    stride = stored / wanted
+    return np.minimum((np.arange(wanted) * stride + offset * stride).astype(np.int64), stored - 1)
+
+
+class FeatureDataset(Dataset):
+    """Samples of `num_frames` frames from committed videos of one split.
+
+    The store is opened lazily in each process that reads (DataLoader workers, fork or spawn),
+    and only the returned frames are read. Features stay in their stored half precision (or
+    int8 + scale); `to_device` converts them on the device.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        num_frames: int = 16,
+        split: str = "train",
+        val_fraction: float = 0.05,
+        frame_sampling: str = "uniform",
+        seed: int = 0,
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if frame_sampling not in ("uniform", "random"):
+            raise ValueError(f"frame_sampling must be 'uniform' or 'random', got {frame_sampling!r}")
+        store = FeatureStore.open(path)
+        self.path = str(path)
+        self.attrs = store.attrs
+        self.stored_frames = int(store.attrs["num_frames"])
+        if not 1 <= num_frames <= self.stored_frames:
+            raise ValueError(f"asked for {num_frames} frames per sample but the store holds "
+                             f"{self.stored_frames} per video")
+        self.num_frames = num_frames
+        self.frame_sampling = frame_sampling
+        self.seed = seed
+        self.epoch = 0
+        slots = store.committed_slots()
+        if split != "all":
+            ids = store.read_strings("video_id", slots)
+            keep = [is_validation(v, val_fraction) == (split == "val") for v in ids]
+            slots = slots[np.asarray(keep, dtype=bool)] if len(slots) else slots
+        self.slots = slots
+        self._store: FeatureStore | None = None
+        self._store_pid = -1
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Random frame offsets are a function of (seed, epoch, index), so a resumed run repeats them."""
+        self.epoch = epoch
+
+    def _store_for_this_process(self) -> FeatureStore:
+        if self._store is None or self._store_pid != os.getpid():
+            self._store, self._store_pid = FeatureStore.open(self.path), os.getpid()
+        return self._store
+
+    def frames_for(self, index: int) -> np.ndarray:
+        offset = 0.5
+        if self.frame_sampling == "random":
+            offset = float(np.random.default_rng((self.seed, self.epoch, index)).random())
+        return frame_indices(self.stored_frames, self.num_frames, offset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self._store_for_this_process().read_slot(int(self.slots[index]), self.frames_for(index))
+        item = {
+            "dino": torch.from_numpy(row["dino"]),
+            "latents": torch.from_numpy(row["latents"]),
+            "caption": row["caption"],
+            "video_id": row["video_id"],
+            "index": index,
+        }
+        if "dino_scale" in row:
+            item["dino_scale"] = torch.from_numpy(row["dino_scale"])
+        return item
+
+
+class CaptionCollator:
+    """Stacks features and tokenises captions: EOS appended and learned, padding labelled -100."""
+
+    def __init__(self, tokenizer: Any, max_caption_tokens: int = 64) -> None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token")
+        self.tokenizer = tokenizer
+        self.max_caption_tokens = max_caption_tokens
+        # The pad id only fills input positions; labels there are -100, so it is never learned.
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else tokenizer.eos_token_id
+
+    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        eos = self.tokenizer.eos_token_id
+        ids = self.tokenizer(captions, add_special_tokens=False)["input_ids"]
+        ids = [seq[: self.max_caption_tokens - 1] + [eos] for seq in ids]
+        length = max(len(seq) for seq in ids)
+        input_ids = torch.full((len(ids), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(ids), length), -100, dtype=torch.long)
+        for i, seq in enumerate(ids):
+            input_ids[i, : len(seq)] = torch.tensor(seq)
+            labels[i, : len(seq)] = torch.tensor(seq)
+        return input_ids, labels
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        input_ids, labels = self.tokenize([it["caption"] for it in items])
+        batch = {
+            "dino": torch.stack([it["dino"] for it in items]),
+            "latents": torch.stack([it["latents"] for it in items]),
+            "input_ids": input_ids,
+            "labels": labels,
+            "index": torch.tensor([it["index"] for it in items]),
+            "captions": [it["caption"] for it in items],
+            "video_ids": [it["video_id"] for it in items],
+        }
+        if "dino_scale" in items[0]:
+            batch["dino_scale"] = torch.stack([it["dino_scale"] for it in items])
+        return batch
+
+
+def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Move a batch to the device, then convert features there (int8 is dequantised here)."""
+    out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    dino = out["dino"].to(dtype)
+    if "dino_scale" in out:
+        dino = dino * out.pop("dino_scale").to(dtype).unsqueeze(-1)
+    out["dino"] = dino
+    out["latents"] = out["latents"].to(dtype)
+    return out

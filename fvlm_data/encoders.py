@@ -1,0 +1,145 @@
+"""The frozen encoders: DINOv2 patch tokens and SD-VAE latents for batches of RGB frames.
+
+Defaults are the real models (`facebook/dinov2-small`, `stabilityai/sd-vae-ft-mse`). The
+`tiny` preset builds small random-initialised models of the same output shapes from configs,
+with no network access; a store made with it says so in its attributes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+DEFAULT_DINO = "facebook/dinov2-small"
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
+TINY = "tiny"
+PRESETS = {"default": (DEFAULT_DINO, DEFAULT_VAE), "tiny": (TINY, TINY)}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TINY_SEED = 1234  # fixed, so the tiny preset writes the same arrays on every run
+
+
+class EncoderLoadError(Exception):
+    """An encoder id that cannot be loaded; one line for the user."""
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _load_dino(name: str) -> tuple[nn.Module, str]:
+    """Returns the model and how to call it: 'transformers' or 'timm'."""
+    if name == TINY:
+        from transformers import Dinov2Config, Dinov2Model
+
+        # DINOv2-small's widths (384, patch 14) with 2 layers: same [1 + 18*18, 384] output.
+        cfg = Dinov2Config(hidden_size=384, num_hidden_layers=2, num_attention_heads=6,
+                           intermediate_size=768, patch_size=14, image_size=256)
+        with _seeded(TINY_SEED):
+            return Dinov2Model(cfg), "transformers"
+    if name.startswith("timm:"):
+        import timm
+
+        try:
+            return timm.create_model(name[5:], pretrained=True, num_classes=0, dynamic_img_size=True), "timm"
+        except Exception as e:
+            raise EncoderLoadError(f"cannot load timm model {name[5:]!r}: {_one_line(e)}") from None
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(name), "transformers"
+    except Exception as e:
+        raise EncoderLoadError(f"cannot load DINO model {name!r}: {_one_line(e)}") from None
+
+
+def _load_vae(name: str) -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    if name == TINY:
+        # Four blocks = three 2x downsamplings, 4 latent channels: 256 px -> [4, 32, 32] like SD's VAE.
+        with _seeded(TINY_SEED + 1):
+            return AutoencoderKL(
+                block_out_channels=(8, 8, 16, 16),
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=1,
+                latent_channels=4,
+                norm_num_groups=4,
+                sample_size=256,
+            )
+    try:
+        return AutoencoderKL.from_pretrained(name)
+    except Exception as e:
+        raise EncoderLoadError(f"cannot load VAE {name!r}: {_one_line(e)}") from None
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+@dataclass
+class EncodedFrames:
+    dino: torch.Tensor  # [B, N, D]
+    latents: torch.Tensor  # [B, C, h, w]
+
+
+class FrozenEncoders:
+    """DINOv2 + SD-VAE, frozen, run in half precision on GPU (fp32 on CPU) under inference_mode."""
+
+    def __init__(self, dino: str = DEFAULT_DINO, vae: str = DEFAULT_VAE, device: str = "cpu") -> None:
+        self.dino_id, self.vae_id = dino, vae
+        self.device = torch.device(device)
+        # bf16 where supported: the models were trained in mixed precision and it halves memory.
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        dino_model, self.dino_kind = _load_dino(dino)
+        self.dino = dino_model.eval().requires_grad_(False).to(self.device)
+        self.vae = _load_vae(vae).eval().requires_grad_(False).to(self.device)
+        if self.dtype != torch.float32:
+            self.dino, self.vae = self.dino.to(self.dtype), self.vae.to(self.dtype)
+        if self.device.type == "cuda":
+            self.vae = self.vae.to(memory_format=torch.channels_last)
+        self.vae_scaling_factor = float(self.vae.config.scaling_factor)
+        mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        self._mean, self._std = mean, std
+
+    def describe(self) -> dict[str, Any]:
+        """What the store's attributes record about the encoders."""
+        return {
+            "dino": self.dino_id,
+            "dino_loader": "tiny-random-init" if self.dino_id == TINY else self.dino_kind,
+            "vae": self.vae_id,
+            "vae_loader": "tiny-random-init" if self.vae_id == TINY else "diffusers",
+            "vae_scaling_factor": self.vae_scaling_factor,
+            "dino_normalisation": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+            "vae_input_range": [-1.0, 1.0],
+        }
+
+    @torch.inference_mode()
+    def encode(self, frames: torch.Tensor) -> EncodedFrames:
+        """frames: uint8 [B, H, W, 3] (any device). Returns DINO tokens and scaled VAE latents (fp32)."""
+        x = frames.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        dino_in = ((x - self._mean) / self._std).to(self.dtype)
+        if self.dino_kind == "timm":
+            tokens = self.dino.forward_features(dino_in)
+        else:
+            tokens = self.dino(pixel_values=dino_in).last_hidden_state
+        vae_in = (x * 2.0 - 1.0).to(self.dtype)
+        if self.device.type == "cuda":
+            vae_in = vae_in.contiguous(memory_format=torch.channels_last)
+        latents = self.vae.encode(vae_in).latent_dist.mean * self.vae_scaling_factor
+        return EncodedFrames(dino=tokens.float(), latents=latents.float())
+
+    def output_shapes(self, image_size: int) -> tuple[tuple[int, int], tuple[int, int, int]]:
+        """(N, D) and (C, h, w) for frames of image_size, found by encoding one blank frame."""
+        out = self.encode(torch.zeros(1, image_size, image_size, 3, dtype=torch.uint8))
+        return tuple(out.dino.shape[1:]), tuple(out.latents.shape[1:])

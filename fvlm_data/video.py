@@ -1,0 +1,254 @@
+"""Frame sampling and decoding with PyAV.
+
+``T`` frames are sampled uniformly over the *whole* clip (the centres of ``T`` equal segments),
+never just its first seconds, and each frame is resized on its short side and centre-cropped
+(never squashed). Every failure caused by the input file becomes an ``InputError`` with a short
+one-line reason, so a precompute run can record it and move on.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from typing import BinaryIO
+
+import av
+import numpy as np
+
+# Decoding forward is cheaper than a seek (which restarts at a keyframe) for short gaps.
+SEEK_GAP_S = 2.0
+# Magic bytes of containers we recognise, to tell "corrupt video" from "not a video".
+_VIDEO_MAGIC = (b"\x1a\x45\xdf\xa3", b"RIFF", b"OggS", b"FLV", b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3")
+_MP4_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot", b"uuid", b"styp", b"moof"}
+_FFMPEG_ERRORS = (av.FFmpegError, OSError, EOFError)
+
+
+class InputError(Exception):
+    """A bad input; ``str(e)`` is a short one-line reason."""
+
+
+def sample_timestamps(duration: float, num_frames: int) -> np.ndarray:
+    """Centres of ``num_frames`` equal segments of ``[0, duration]`` (float64 seconds)."""
+    return (np.arange(num_frames, dtype=np.float64) + 0.5) * (duration / num_frames)
+
+
+def resize_center_crop(frame: av.VideoFrame, size: int) -> np.ndarray:
+    """Resize so the short side is ``size`` (keeping the display aspect), centre-crop to a square.
+
+    Returns uint8 RGB ``[size, size, 3]``.
+    """
+    width, height = frame.width, frame.height
+    sar = frame.sample_aspect_ratio  # non-square pixels (anamorphic video): use display width
+    if sar is not None and sar.numerator > 0 and sar.denominator > 0 and sar != 1:
+        width = width * float(sar)
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    rgb = frame.reformat(width=new_w, height=new_h, format="rgb24", interpolation="AREA").to_ndarray()
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return np.ascontiguousarray(rgb[top : top + size, left : left + size])
+
+
+def _mp4_truncation(f: BinaryIO, size: int) -> str | None:
+    """Walk the top-level ISO-BMFF boxes; return a reason if one runs past the end of the file.
+
+    Cheap (a few header reads) and exact, whereas FFmpeg either fails with a vague message
+    (moov at the end) or silently decodes fewer frames (moov at the front).
+    """
+    pos = 0
+    while pos + 8 <= size:
+        f.seek(pos)
+        header = f.read(16)
+        box_size, kind = struct.unpack(">I4s", header[:8])
+        if pos == 0 and kind not in _MP4_BOXES:
+            return None  # not an mp4/mov file
+        if box_size == 1 and len(header) == 16:
+            box_size = struct.unpack(">Q", header[8:16])[0]
+        elif box_size == 0:
+            return None  # box extends to the end of the file by definition
+        if box_size < 8:
+            return None  # garbage; let FFmpeg judge
+        if pos + box_size > size:
+            return f"truncated: '{kind.decode('latin-1')}' box ends at byte {pos + box_size} > file size {size}"
+        pos += box_size
+    return None
+
+
+class VideoFile:
+    """An opened video: validates the input on construction; use as a context manager.
+
+    ``src`` is a file path or the bytes of a video (e.g. a tar member); ``name`` is used in messages.
+    """
+
+    def __init__(self, src: str | bytes, threads: bool = True) -> None:
+        self._container = None
+        if isinstance(src, bytes):
+            size, f = len(src), io.BytesIO(src)
+        else:
+            try:
+                size, f = os.path.getsize(src), open(src, "rb")  # noqa: SIM115 -- closed in close()
+            except OSError as e:
+                raise InputError(f"unreadable: {e.strerror or e}") from None
+        self._file = f
+        try:
+            self._open(f, size, threads)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, f: BinaryIO, size: int, threads: bool) -> None:
+        if size == 0:
+            raise InputError("zero-length file")
+        reason = _mp4_truncation(f, size)
+        if reason:
+            raise InputError(reason)
+        f.seek(0)
+        head = f.read(12)
+        f.seek(0)
+        try:
+            self._container = av.open(f, mode="r")
+        except _FFMPEG_ERRORS as e:
+            known = head[4:8] in _MP4_BOXES or head.startswith(_VIDEO_MAGIC)
+            raise InputError(f"{'corrupt video' if known else 'not a video'}: {_msg(e)}") from None
+        if not self._container.streams.video:
+            raise InputError("not a video: no video stream")
+        self.stream = self._container.streams.video[0]
+        if threads:
+            # Frame/slice threading roughly doubles H.264 decode speed even with seeks.
+            self.stream.codec_context.thread_type = "AUTO"
+        tb = self.stream.time_base
+        self._start = float(self.stream.start_time * tb) if self.stream.start_time is not None else 0.0
+        rate = self.stream.average_rate or self.stream.guessed_rate
+        self._frame_interval = 1.0 / float(rate) if rate else 1.0 / 25
+        self.duration = self._probe_duration()
+
+    def _probe_duration(self) -> float:
+        stream, container = self.stream, self._container
+        if stream.duration and stream.time_base:
+            return float(stream.duration * stream.time_base)
+        if container.duration:
+            return container.duration / av.time_base - self._start
+        if stream.frames and stream.average_rate:
+            return stream.frames / float(stream.average_rate)
+        # No metadata: demux (no decoding) to find the end of the last packet, then rewind.
+        end = None
+        try:
+            for packet in container.demux(stream):
+                if packet.pts is not None:
+                    stop = float((packet.pts + (packet.duration or 0)) * stream.time_base)
+                    end = stop if end is None else max(end, stop)
+            container.seek(0)
+        except _FFMPEG_ERRORS as e:
+            raise InputError(f"corrupt video: {_msg(e)}") from None
+        if end is None:
+            raise InputError("not a video: no video packets")
+        return end - self._start
+
+    def frames_at(self, targets: np.ndarray, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Decode the frame nearest to each of the sorted ``targets`` (seconds from the start).
+
+        Returns (uint8 ``[T, S, S, 3]`` RGB frames, float64 ``[T]`` timestamps of those frames).
+        """
+        chosen: list[av.VideoFrame | None] = [None] * len(targets)
+        times = np.zeros(len(targets), dtype=np.float64)
+        j = 0  # next target to fill
+        prev, prev_t = None, -np.inf  # last decoded frame before targets[j]
+        pos = 0.0  # time of the last decoded frame
+        may_seek = True
+        frames = self._decode()
+        error = None
+        while j < len(targets):
+            if may_seek and targets[j] - pos > SEEK_GAP_S:
+                # Seek to the keyframe at/before the target; if it lands behind where we already
+                # were, keyframes are sparse here, so stop seeking for this video.
+                before = pos
+                frames = self._decode(seek_to=targets[j])
+                try:
+                    first = next(frames, None)
+                except _FFMPEG_ERRORS as e:
+                    error = _msg(e)
+                    break
+                if first is None:
+                    break
+                frames = _chain(first, frames)
+                prev, prev_t = None, -np.inf
+                pos = first[1]
+                may_seek = pos > before + self._frame_interval / 2
+                continue
+            try:
+                item = next(frames, None)
+            except _FFMPEG_ERRORS as e:
+                error = _msg(e)
+                break
+            if item is None:
+                break
+            frame, t = item
+            pos = t
+            while j < len(targets) and t >= targets[j]:
+                # Nearest of the frame just before the target and this one at/after it.
+                best, best_t = (prev, prev_t) if targets[j] - prev_t < t - targets[j] else (frame, t)
+                chosen[j], times[j] = best, best_t
+                j += 1
+            prev, prev_t = frame, t
+        if j < len(targets):
+            # End of stream before the last targets: fine for the last frame interval or so,
+            # otherwise the file is cut short (or its metadata lies).
+            if prev is None:
+                raise InputError(f"corrupt video: {error}" if error else "truncated: no frames decoded")
+            tolerance = max(1.0, 3 * self._frame_interval)
+            if targets[-1] - prev_t > tolerance:
+                what = f"decoding failed: {error}" if error else "frames end"
+                raise InputError(f"truncated: {what} at {prev_t:.1f} s of {self.duration:.1f} s")
+            chosen[j:] = [prev] * (len(targets) - j)
+            times[j:] = prev_t
+        return self._to_rgb(chosen, image_size), times
+
+    def _decode(self, seek_to: float | None = None):
+        """Yield (frame, seconds from the start); optionally seek first (to the keyframe before)."""
+        stream = self.stream
+        if seek_to is not None:
+            offset = int((seek_to + self._start) / stream.time_base)
+            try:
+                self._container.seek(offset, stream=stream, backward=True, any_frame=False)
+            except _FFMPEG_ERRORS as e:
+                raise InputError(f"corrupt video: seek failed: {_msg(e)}") from None
+        last = None
+        for frame in self._container.decode(stream):
+            t = frame.time
+            # Frames without a pts (rare, raw streams): count on from the previous one.
+            t = (last + self._frame_interval if last is not None else 0.0) if t is None else t - self._start
+            last = t
+            yield frame, t
+
+    @staticmethod
+    def _to_rgb(chosen: list, image_size: int) -> np.ndarray:
+        out = np.empty((len(chosen), image_size, image_size, 3), dtype=np.uint8)
+        for i, frame in enumerate(chosen):
+            if i > 0 and frame is chosen[i - 1]:
+                out[i] = out[i - 1]  # a repeated frame (video shorter than T frames): convert once
+            else:
+                out[i] = resize_center_crop(frame, image_size)
+        return out
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+        self._file.close()
+
+    def __enter__(self) -> VideoFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _msg(e: BaseException) -> str:
+    """One line from an FFmpeg/OS error, without the file name PyAV appends."""
+    text = getattr(e, "strerror", None) or str(e)
+    return " ".join(str(text).split())[:200]

@@ -1,0 +1,136 @@
+"""The Zarr feature store: layout, commit marker, refusal of foreign/newer/incompatible stores."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from fvlm_data import FeatureStore, StoreError
+from fvlm_data.store import FORMAT_VERSION, FeatureShapes, quantize_int8
+
+SHAPES = FeatureShapes(num_frames=6, dino_tokens=5, dino_dim=8, latent_shape=(4, 2, 2))
+
+
+def attrs(**over):
+    base = dict(dino="tiny", vae="tiny", num_frames=6, image_size=28, feature_dtype="float16")
+    return {**base, **over}
+
+
+def make_row(rng, shapes=SHAPES):
+    t = shapes.num_frames
+    return dict(
+        dino=rng.standard_normal((t, shapes.dino_tokens, shapes.dino_dim)).astype(np.float16),
+        latents=rng.standard_normal((t, *shapes.latent_shape)).astype(np.float16),
+        timestamps=np.linspace(0.5, 5.5, t),
+        duration=6.0,
+    )
+
+
+def test_rows_visible_only_after_commit_and_frames_read_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    store = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=4)
+    rows = {slot: make_row(rng) for slot in (0, 2)}
+    for slot, row in rows.items():
+        store.write_row(slot, caption=f"caption {slot}", video_id=f"v{slot}", source=f"/x/{slot}.mp4", **row)
+    reader = FeatureStore.open(tmp_path / "s.zarr")
+    assert len(reader) == 2
+    assert reader.attrs["format"] == "fvlm-features" and reader.attrs["num_frames"] == 6
+    got = reader.read(1, frames=[0, 3, 5])
+    assert got["caption"] == "caption 2" and got["video_id"] == "v2"
+    assert got["dino"].dtype == np.float16 and got["dino"].shape == (3, 5, 8)
+    np.testing.assert_array_equal(got["dino"], rows[2]["dino"][[0, 3, 5]])
+    np.testing.assert_array_equal(got["latents"], rows[2]["latents"][[0, 3, 5]])
+    np.testing.assert_allclose(got["timestamps"], rows[2]["timestamps"][[0, 3, 5]], rtol=1e-6)
+    full = reader.read(0)
+    np.testing.assert_array_equal(full["dino"], rows[0]["dino"])
+    # The pread fast path returns exactly what zarr's own reader returns.
+    z = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    np.testing.assert_array_equal(z["dino"][2][[0, 3, 5]], got["dino"])
+    assert z["caption"][2] == "caption 2"
+    with pytest.raises(IndexError):
+        reader.read(2)
+    with pytest.raises(IndexError):
+        reader.read(0, frames=[6])
+
+
+def test_half_written_row_is_invisible(tmp_path):
+    """A crash after the arrays but before the commit marker leaves no visible row."""
+    rng = np.random.default_rng(1)
+    store = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=2)
+    row = make_row(rng)
+    z = zarr.open_group(str(tmp_path / "s.zarr"), mode="r+")
+    z["dino"][1] = row["dino"]
+    z["caption"][1] = "half written"
+    assert len(FeatureStore.open(tmp_path / "s.zarr")) == 0
+    assert store.slot_state(1) == "empty"
+    store.write_row(1, caption="done", video_id="v1", source="s", **row)
+    assert len(FeatureStore.open(tmp_path / "s.zarr")) == 1
+
+
+def test_failures_are_recorded_with_source_and_reason(tmp_path):
+    store = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=3)
+    store.write_failure(1, video_id="bad", source="/videos/bad.mp4", reason="not a video: invalid data")
+    reader = FeatureStore.open(tmp_path / "s.zarr")
+    assert len(reader) == 0
+    assert reader.failures == [{"slot": 1, "source": "/videos/bad.mp4", "video_id": "bad",
+                                "reason": "not a video: invalid data"}]
+    assert store.slot_state(1) == "failed"
+
+
+def test_refuses_foreign_newer_and_missing_stores(tmp_path):
+    with pytest.raises(StoreError, match="no store"):
+        FeatureStore.open(tmp_path / "missing.zarr")
+    foreign = zarr.open_group(str(tmp_path / "foreign.zarr"), mode="w")
+    foreign.attrs["hello"] = "world"
+    with pytest.raises(StoreError, match="not an fvlm feature store"):
+        FeatureStore.open(tmp_path / "foreign.zarr")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "file.txt").write_text("x")
+    with pytest.raises(StoreError):
+        FeatureStore.open(tmp_path / "plain")
+    FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=1)
+    meta_path = Path(tmp_path / "s.zarr" / "zarr.json")
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["format_version"] = FORMAT_VERSION + 1
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="upgrade fvlm"):
+        FeatureStore.open(tmp_path / "s.zarr")
+
+
+@pytest.mark.parametrize("key,value", [("dino", "facebook/dinov2-small"), ("num_frames", 8),
+                                       ("image_size", 64), ("feature_dtype", "int8")])
+def test_refuses_to_mix_encoders_or_sizes(tmp_path, key, value):
+    FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=2)
+    with pytest.raises(StoreError, match=f"made with {key}="):
+        FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(**{key: value}), SHAPES, capacity=2)
+
+
+def test_grows_for_more_inputs_and_keeps_rows(tmp_path):
+    rng = np.random.default_rng(2)
+    store = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=2)
+    row = make_row(rng)
+    store.write_row(1, caption="c", video_id="v1", source="s", **row)
+    bigger = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=5)
+    assert bigger.capacity == 5
+    bigger.write_row(4, caption="d", video_id="v4", source="s", **make_row(rng))
+    reader = FeatureStore.open(tmp_path / "s.zarr")
+    assert len(reader) == 2
+    np.testing.assert_array_equal(reader.read(0)["dino"], row["dino"])
+
+
+def test_int8_storage_halves_bytes_and_keeps_values_close(tmp_path):
+    rng = np.random.default_rng(3)
+    shapes = FeatureShapes(4, 7, 64, (4, 2, 2))
+    store = FeatureStore.create_or_open(tmp_path / "q.zarr", attrs(num_frames=4, feature_dtype="int8"),
+                                        shapes, capacity=1)
+    row = make_row(rng, shapes)
+    store.write_row(0, caption="c", video_id="v", source="s", **row)
+    got = FeatureStore.open(tmp_path / "q.zarr").read(0, frames=[1, 2])
+    assert got["dino"].dtype == np.int8 and got["dino_scale"].shape == (2, 7)
+    restored = got["dino"].astype(np.float32) * got["dino_scale"].astype(np.float32)[..., None]
+    ref = row["dino"][[1, 2]].astype(np.float32)
+    assert np.abs(restored - ref).max() <= np.abs(ref).max(axis=-1, keepdims=True).max() / 127 * 0.51 + 1e-3
+    q, scale = quantize_int8(np.zeros((2, 3), np.float32))  # all-zero tokens must not divide by zero
+    assert np.all(q == 0) and np.all(np.isfinite(scale.astype(np.float32)))
