@@ -34,17 +34,23 @@ def _default_device() -> str:
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="default",
               help="Encoder preset: the real hub models, or 'tiny' random-initialised offline ones.")
 @click.option("--dino", default=None, help="DINO encoder: hub id or local path, or timm:NAME (overrides the preset).")
-@click.option("--vae", default=None, help="VAE: hub id or local path of a diffusers AutoencoderKL (overrides the preset).")
-@click.option("--videos", default=None, help="A folder of video files (captions in <stem>.txt/.json) or a CSV/JSONL manifest.")
-@click.option("--webdataset", default=None, help="Tar shards as video2dataset writes them, e.g. 'shards/{00000..00009}.tar'.")
+@click.option("--vae", default=None,
+              help="VAE: hub id or local path of a diffusers AutoencoderKL (overrides the preset).")
+@click.option("--videos", default=None,
+              help="A folder of video files (captions in <stem>.txt/.json) or a CSV/JSONL manifest.")
+@click.option("--webdataset", default=None,
+              help="Tar shards as video2dataset writes them, e.g. 'shards/{00000..00009}.tar'.")
 @click.option("--synthetic", type=click.IntRange(min=1), default=None,
               help=f"Render N synthetic videos (the default source, N={DEFAULT_SYNTHETIC_VIDEOS}).")
 @click.option("--synthetic-task", type=click.Choice(sorted(TASKS)), default="shapes", help="Which synthetic videos.")
 @click.option("--num-frames", type=click.IntRange(min=1), default=24, help="Frames sampled over each whole video.")
-@click.option("--image-size", type=click.IntRange(min=14), default=256, help="Short side resize and centre crop, pixels.")
+@click.option("--image-size", type=click.IntRange(min=14), default=256,
+              help="Short side resize and centre crop, pixels.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N inputs.")
-@click.option("--min-duration", type=float, default=0.0, help="Skip videos shorter than this, seconds (the seed used 20).")
-@click.option("--max-duration", type=float, default=None, help="Skip videos longer than this, seconds (the seed used 60).")
+@click.option("--min-duration", type=float, default=0.0,
+              help="Skip videos shorter than this, seconds (the seed used 20).")
+@click.option("--max-duration", type=float, default=None,
+              help="Skip videos longer than this, seconds (the seed used 60).")
 @click.option("--feature-dtype", type=click.Choice(["float16", "int8"]), default="float16",
               help="DINO token storage: float16, or int8 with a float16 scale per token (half the bytes).")
 @click.option("--device", default=None, help="Encoder device [default: cuda if available, else cpu].")

@@ -6,6 +6,7 @@ turns every problem with it into an ``InputError``, so the pipeline can skip it 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import json
@@ -234,10 +235,8 @@ def _list_webdataset(pattern: str) -> list[VideoInput]:
                     elif ext == ".txt":
                         sample["caption"] = _clean(tar.extractfile(info).read().decode("utf-8", "replace"))
                     elif ext == ".json":
-                        try:
+                        with contextlib.suppress(ValueError):  # bad metadata: just no caption
                             sample["json"] = _json_caption(tar.extractfile(info).read())
-                        except ValueError:
-                            pass
         except (tarfile.TarError, OSError) as e:
             raise ValueError(f"cannot read webdataset shard {shard}: {e}") from None
         stem = Path(shard).name.removesuffix(".tar")
@@ -254,7 +253,7 @@ def _list_webdataset(pattern: str) -> list[VideoInput]:
 
 def _split_key(name: str) -> tuple[str, str]:
     """webdataset convention: the key is the member path up to the first dot of its basename."""
-    folder, _, base = name.rpartition("/")
+    folder, _, base = name.removeprefix("./").rpartition("/")
     stem, dot, rest = base.partition(".")
     key = f"{folder}/{stem}" if folder else stem
     return key, ("." + rest.rsplit(".", 1)[-1].lower()) if dot else ""

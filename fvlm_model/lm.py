@@ -27,13 +27,14 @@ PAD, UNK, EOS = "<pad>", "<unk>", "<|endoftext|>"
 _CHARS = string.ascii_lowercase + string.digits + string.punctuation
 
 # Used when the caller does not pass the synthetic source's vocabulary.
-DEFAULT_WORDS = (
-    "a an the is are of in on to and with at from by this that it its video shows "
-    "red green blue yellow white black orange purple gray "
-    "square circle triangle ball box shape dot line "
-    "moves moving left right up down across slowly quickly fast slow bounces rotates grows shrinks "
-    "small large big tiny background frame scene object"
-).split()
+DEFAULT_WORDS = [
+    "a", "an", "the", "is", "are", "of", "in", "on", "to", "and", "with", "at", "from", "by",
+    "this", "that", "it", "its", "video", "shows", "red", "green", "blue", "yellow", "white",
+    "black", "orange", "purple", "gray", "square", "circle", "triangle", "ball", "box", "shape",
+    "dot", "line", "moves", "moving", "left", "right", "up", "down", "across", "slowly", "quickly",
+    "fast", "slow", "bounces", "rotates", "grows", "shrinks", "small", "large", "big", "tiny",
+    "background", "frame", "scene", "object",
+]
 
 
 def build_tokenizer_tiny(words: list[str] | None = None) -> PreTrainedTokenizerFast:
@@ -59,7 +60,9 @@ def build_tokenizer_tiny(words: list[str] | None = None) -> PreTrainedTokenizerF
         vocab.setdefault("##" + ch, len(vocab))
 
     tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token=UNK, max_input_chars_per_word=200))
-    tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()]
+    )
     tok.pre_tokenizer = pre
     tok.decoder = decoders.WordPiece(prefix="##")
     return PreTrainedTokenizerFast(

