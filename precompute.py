@@ -19,7 +19,7 @@ import torch
 from fvlm_data.encoders import PRESETS, EncoderLoadError, FrozenEncoders
 from fvlm_data.pipeline import run_precompute
 from fvlm_data.sources import list_inputs
-from fvlm_data.store import StoreError
+from fvlm_data.store import FeatureStore, StoreError, check_compatible
 from fvlm_data.synthetic import TASKS
 
 DEFAULT_SYNTHETIC_VIDEOS = 256
@@ -78,6 +78,10 @@ def main(**args) -> None:
     recorded = {k: v for k, v in args.items() if k not in ("quiet", "workers", "device")}
 
     try:
+        if os.path.exists(args["out"]):  # refuse a mismatched store before loading any model
+            wanted = {"dino": dino, "vae": vae, "num_frames": args["num_frames"], "image_size": args["image_size"],
+                      "feature_dtype": args["feature_dtype"]}
+            check_compatible(args["out"], FeatureStore.open(args["out"]).attrs, wanted)
         inputs = list_inputs(videos=args["videos"], webdataset=args["webdataset"], synthetic=args["synthetic"],
                              synthetic_task=args["synthetic_task"], seed=args["seed"])
         if args["limit"]:

