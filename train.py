@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -32,9 +33,11 @@ from tqdm import tqdm
 
 from fvlm_data.dataset import CaptionCollator, FeatureDataset, to_device
 from fvlm_data.store import FeatureStore, StoreError
-from fvlm_data.synthetic import synthetic_vocabulary
+from fvlm_data.synthetic import get_task, synthetic_vocabulary
 from fvlm_model import FoveatedVLM, load_lm
 from fvlm_model.evaluation import bootstrap_ratio_ci
+from fvlm_model.generate import MODES, generate_captions
+from fvlm_model.visualize import attention_figure, attention_grid, inspect_batch
 
 CHECKPOINT_FORMAT = "fvlm-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -210,6 +213,45 @@ def evaluate(model: FoveatedVLM, loader: DataLoader, device: torch.device, dtype
     return m
 
 
+# ----------------------------------------------------------------------------- what the queries do
+def synthetic_frames(attrs: dict[str, Any], source: str, timestamps: np.ndarray) -> np.ndarray | None:
+    """The store keeps no pixels; a synthetic video can be rendered again from its source tag."""
+    kind, _, rest = source.partition(":")
+    task, _, index = rest.rpartition(":")
+    if kind != "synthetic" or not index.isdigit():
+        return None
+    seed = int(attrs.get("precompute_args", {}).get("seed", 0))
+    return get_task(task)(seed, int(index), timestamps, int(attrs["image_size"]))[0]
+
+
+def caption_table(model: FoveatedVLM, tokenizer: Any, batch: dict[str, Any], max_tokens: int,
+                  modes: tuple[str, ...] = ("coarse", "fine")) -> list[dict[str, str]]:
+    """Greedy captions of each mode beside the ground truth."""
+    rows = [{"video_id": v, "truth": c} for v, c in zip(batch["video_ids"], batch["captions"], strict=True)]
+    for mode in modes:
+        ids = generate_captions(model, batch["dino"], tokenizer.eos_token_id, max_tokens=max_tokens, mode=mode)
+        for row, seq in zip(rows, ids, strict=True):
+            row[mode] = tokenizer.decode(seq, skip_special_tokens=True)
+    return rows
+
+
+def log_visuals(writer: SummaryWriter, model: FoveatedVLM, tokenizer: Any, batch: dict[str, Any],
+                frames: list[np.ndarray | None], step: int, max_tokens: int) -> None:
+    """Attention maps, their entropy, coarse-vs-fine token similarity and generated captions."""
+    info = inspect_batch(model, batch["dino"], batch["latents"], batch["input_ids"], batch["labels"])
+    for name, value in info["entropy"].items():
+        writer.add_scalar(f"val/attention_entropy/{name}", value, step)
+    for name, value in info["token_cosine"].items():
+        writer.add_scalar(f"val/token_cosine/{name}", value, step)
+    for k, video_frames in enumerate(frames):
+        maps = {name: attention_grid(att[k]) for name, att in info["attention"].items()}
+        writer.add_image(f"val/attention/{k}", attention_figure(maps, video_frames), step)
+    rows = caption_table(model, tokenizer, batch, max_tokens)
+    lines = ["| video | ground truth | coarse | fine |", "|---|---|---|---|"]
+    lines += [f"| {r['video_id']} | {r['truth']} | {r['coarse']} | {r['fine']} |" for r in rows]
+    writer.add_text("val/captions", "\n".join(lines), step)
+
+
 # ----------------------------------------------------------------------------- setup
 def open_store(path: str, num_frames: int) -> dict[str, Any]:
     try:
@@ -275,6 +317,10 @@ def make_loader(ds: FeatureDataset, collate: CaptionCollator, batch_size: int, w
 @click.option("--resume", default=None, type=click.Path(dir_okay=False), help="Checkpoint to resume from.")
 @click.option("--eval-only", is_flag=True, help="Evaluate --resume's checkpoint on the validation split and exit.")
 @click.option("--json", "json_path", default=None, help="With --eval-only: also write the metrics as JSON here.")
+@click.option("--captions", type=click.IntRange(min=0), default=0,
+              help="With --eval-only: print generated captions (every mode) for this many validation videos.")
+@click.option("--visual-videos", type=click.IntRange(min=0), default=2,
+              help="Validation videos shown in TensorBoard (attention maps, generated captions).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=10_000)
 @click.option("--max-hours", type=float, default=None, help="Stop (and checkpoint) after this much wall time.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Micro-batch per process.")
@@ -339,6 +385,13 @@ def run(args: dict[str, Any]) -> None:
         metrics = evaluate(model, loader, device, dtype, args["val_batches"])
         metrics["checkpoint_step"] = ckpt["step"]
         print_eval_table(metrics)
+        if args["captions"]:
+            items = [val_ds[i] for i in range(min(args["captions"], len(val_ds)))]
+            batch = to_device(collate(items), device, dtype)
+            for row in caption_table(model, tokenizer, batch, args["max_caption_tokens"], MODES):
+                click.echo(f"\n{row['video_id']}\n  truth:          {row['truth']}")
+                for mode in MODES:
+                    click.echo(f"  {mode + ':':<15} {row[mode]}")
         if args["json_path"]:
             Path(args["json_path"]).write_text(json.dumps(metrics, indent=2))
         return
@@ -393,6 +446,11 @@ def run(args: dict[str, Any]) -> None:
 
     ddp_model = DistributedDataParallel(model) if d.world > 1 else model
     val_loader = make_loader(val_ds, collate, args["batch_size"], args["workers"], None, pin)
+    # A few fixed validation videos whose attention and captions are shown in TensorBoard.
+    visual_items = [val_ds[i] for i in range(min(args["visual_videos"], len(val_ds)))] if d.main else []
+    val_store = FeatureStore.open(args["store"])
+    visual_frames = [synthetic_frames(attrs, val_store.read_string("source", int(val_ds.slots[it["index"]])),
+                                      it["timestamps"].numpy()) for it in visual_items]
     use_bf16 = device.type == "cuda"
 
     def new_epoch_iter():
@@ -415,6 +473,9 @@ def run(args: dict[str, Any]) -> None:
             for k in ("loss", "cap_fine", "cap_coarse", "cap_ratio", "cap_improvement_pct",
                       "rec_fine", "rec_coarse", "rec_ratio"):
                 writer.add_scalar(f"val/{k}", metrics[k], step)
+            if visual_items:
+                batch = to_device(collate(visual_items), device, dtype)
+                log_visuals(writer, model, tokenizer, batch, visual_frames, step, args["max_caption_tokens"])
             lo, hi = metrics["cap_ratio_ci"]
             tqdm.write(f"step {step} val: cap_coarse {metrics['cap_coarse']:.4f} cap_fine {metrics['cap_fine']:.4f} "
                        f"cap_ratio {metrics['cap_ratio']:.4f} [{lo:.4f}, {hi:.4f}] on {metrics['num_videos']} videos")

@@ -91,6 +91,7 @@ class FeatureDataset(Dataset):
         item = {
             "dino": torch.from_numpy(row["dino"]),
             "latents": torch.from_numpy(row["latents"]),
+            "timestamps": torch.from_numpy(row["timestamps"]),
             "caption": row["caption"],
             "video_id": row["video_id"],
             "index": index,

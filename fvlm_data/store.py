@@ -108,7 +108,9 @@ class FeatureStore:
         self._group = group
         self.writable = writable
         self.attrs: dict[str, Any] = dict(group.attrs)
-        self._arrays = {name: group[name] for name in group.array_keys()}
+        # write_empty_chunks is a runtime setting, not stored metadata: every writer must set it,
+        # or a row of zeros would leave no chunk file (and the fast reader expects one per row).
+        self._arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in group.array_keys()}
         self._raw_ok = {name: self._is_raw_layout(arr) for name, arr in self._arrays.items()}
         self._committed: np.ndarray | None = None
 
@@ -173,7 +175,6 @@ class FeatureStore:
                     dtype=dtype,
                     compressors=None,  # raw chunks: read by pread of just the needed frames
                     fill_value="" if dtype is str else 0,
-                    config={"write_empty_chunks": True},
                 )
             group.attrs.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **attrs})
             try:

@@ -1,0 +1,113 @@
+"""FeatureDataset and CaptionCollator over a real store, in multi-worker DataLoaders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from fvlm_data import CaptionCollator, FeatureDataset, FeatureStore
+from fvlm_data.dataset import frame_indices, to_device
+from fvlm_data.store import FeatureShapes
+from fvlm_model import load_lm
+
+SHAPES = FeatureShapes(num_frames=24, dino_tokens=5, dino_dim=8, latent_shape=(4, 2, 2))
+
+
+def build_store(path, n=40, feature_dtype="float16"):
+    """Row i's features encode (i, frame) so a test can tell exactly what was read."""
+    attrs = dict(dino="tiny", vae="tiny", num_frames=24, image_size=28, feature_dtype=feature_dtype)
+    store = FeatureStore.create_or_open(path, attrs, SHAPES, capacity=n + 2)
+    for i in range(n):
+        frame = np.arange(24, dtype=np.float32)[:, None, None]
+        dino = np.broadcast_to(frame + 100 * (i % 5), (24, 5, 8)).copy()
+        latents = np.broadcast_to(frame[..., None] * 0 + i, (24, 4, 2, 2)).copy()
+        store.write_row(i, dino=dino, latents=latents, caption=f"video number {i}" + " again" * (i % 3),
+                        video_id=f"vid-{i:03d}", source=f"/v/{i}.mp4", timestamps=np.arange(24) + 0.5,
+                        duration=24.0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory):
+    return build_store(tmp_path_factory.mktemp("ds") / "s.zarr")
+
+
+def test_frame_indices_spread_over_all_stored_frames():
+    idx = frame_indices(24, 16)
+    assert len(idx) == 16 and len(set(idx.tolist())) == 16 and idx[0] == 0 and idx[-1] == 23
+    assert frame_indices(24, 24).tolist() == list(range(24))
+    for offset in (0.0, 0.3, 0.99):
+        idx = frame_indices(24, 8, offset)
+        assert np.all(np.diff(idx) == 3) and 0 <= idx[0] <= 2
+
+
+def test_returns_only_the_requested_frames_in_half_precision(store_path):
+    ds = FeatureDataset(store_path, num_frames=16, split="all")
+    item = ds[7]
+    assert item["dino"].dtype == torch.float16 and item["dino"].shape == (16, 5, 8)
+    assert item["latents"].dtype == torch.float16 and item["latents"].shape == (16, 4, 2, 2)
+    frames = item["dino"][:, 0, 0].float() - 100 * (int(ds.slots[7]) % 5)
+    assert frames.tolist() == frame_indices(24, 16).tolist()
+    assert item["caption"].startswith("video number") and item["index"] == 7
+    random_ds = FeatureDataset(store_path, num_frames=8, split="all", frame_sampling="random", seed=3)
+    first = random_ds[5]["dino"][:, 0, 0]
+    assert torch.equal(first, random_ds[5]["dino"][:, 0, 0])  # a function of (seed, epoch, index)
+    random_ds.set_epoch(1)
+    offsets = {tuple(random_ds[i]["dino"][:, 0, 0].tolist()) for i in range(len(random_ds))}
+    assert len(offsets) > 1
+
+
+def test_split_is_deterministic_disjoint_and_complete(store_path):
+    train = FeatureDataset(store_path, num_frames=4, split="train", val_fraction=0.25)
+    val = FeatureDataset(store_path, num_frames=4, split="val", val_fraction=0.25)
+    again = FeatureDataset(store_path, num_frames=4, split="val", val_fraction=0.25)
+    assert set(train.slots.tolist()).isdisjoint(val.slots.tolist())
+    assert len(train) + len(val) == 40 and 0 < len(val) < 20
+    assert val.slots.tolist() == again.slots.tolist()
+
+
+def test_refuses_more_frames_than_stored(store_path):
+    with pytest.raises(ValueError, match="holds 24"):
+        FeatureDataset(store_path, num_frames=25)
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_multiworker_dataloader_reads_every_sample_once(store_path, context):
+    _, tokenizer = load_lm("tiny")
+    ds = FeatureDataset(store_path, num_frames=6, split="all")
+    loader = DataLoader(ds, batch_size=8, num_workers=2, multiprocessing_context=context,
+                        collate_fn=CaptionCollator(tokenizer, max_caption_tokens=6))
+    seen = []
+    for batch in loader:
+        assert batch["dino"].shape == (len(batch["index"]), 6, 5, 8) and batch["dino"].dtype == torch.float16
+        for row, idx in enumerate(batch["index"].tolist()):
+            assert batch["latents"][row, 0, 0, 0, 0].item() == int(ds.slots[idx])
+        seen += batch["index"].tolist()
+    assert sorted(seen) == list(range(40))
+
+
+def test_collate_appends_eos_truncates_and_masks_padding():
+    _, tokenizer = load_lm("tiny")
+    collate = CaptionCollator(tokenizer, max_caption_tokens=5)
+    input_ids, labels = collate.tokenize(["a red circle", "a red circle moves left and a blue square moves up"])
+    eos = tokenizer.eos_token_id
+    short = tokenizer("a red circle", add_special_tokens=False)["input_ids"]
+    assert input_ids.shape == (2, 5)
+    assert labels[0, : len(short) + 1].tolist() == short + [eos]
+    assert labels[0, len(short) + 1 :].eq(-100).all()
+    assert input_ids[0, len(short) + 1 :].eq(collate.pad_id).all() and collate.pad_id != eos
+    assert labels[1, -1].item() == eos  # truncated captions still end with EOS
+
+
+def test_int8_store_dequantises_on_the_device(tmp_path):
+    path = build_store(tmp_path / "q.zarr", n=4, feature_dtype="int8")
+    _, tokenizer = load_lm("tiny")
+    ds = FeatureDataset(path, num_frames=4, split="all")
+    batch = CaptionCollator(tokenizer)([ds[0], ds[1]])
+    assert batch["dino"].dtype == torch.int8 and batch["dino_scale"].shape == (2, 4, 5)
+    moved = to_device(batch, torch.device("cpu"), torch.float32)
+    assert "dino_scale" not in moved and moved["dino"].dtype == torch.float32
+    expected = torch.tensor(frame_indices(24, 4), dtype=torch.float32)[:, None, None] + 100 * (int(ds.slots[1]) % 5)
+    torch.testing.assert_close(moved["dino"][1], expected.expand(4, 5, 8), rtol=1 / 127, atol=1e-3)
