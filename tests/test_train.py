@@ -1,0 +1,198 @@
+"""train.py end to end: real processes, TensorBoard event files, checkpoints, kill -9 resume, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fvlm_data.store import FeatureShapes, FeatureStore
+from train import derived_metrics, lr_at
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+TRAIN_TAGS = {"loss", "cap_fine", "cap_coarse", "cap_ratio", "cap_improvement_pct", "rec_fine", "rec_coarse",
+              "rec_ratio", "lr", "grad_norm", "samples_per_s", "peak_memory_gb"}
+VAL_TAGS = {f"val/{t}" for t in ("loss", "cap_fine", "cap_coarse", "cap_ratio", "cap_improvement_pct",
+                                 "rec_fine", "rec_coarse", "rec_ratio")}
+
+
+def train_cmd(store: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), "--store", str(store), "--preset", "tiny", "--batch-size", "4",
+            "--grad-accum", "1", "--out", str(out), "--num-frames", "4", "--workers", "0", "--val-fraction", "0.25",
+            *extra]
+
+
+def run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("store") / "s.zarr"
+    run([sys.executable, str(ROOT / "precompute.py"), "--out", str(out), "--preset", "tiny", "--synthetic", "40",
+         "--image-size", "56", "--num-frames", "6", "--workers", "0", "--quiet"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_run(store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "full"
+    run(train_cmd(store, out, "--max-steps", "16", "--save-every", "4", "--log-every", "2", "--val-every", "8",
+                  "--keep", "2"))
+    return out
+
+
+def test_run_writes_every_tag_checkpoints_and_visuals(full_run):
+    tags = scalars(full_run)
+    assert TRAIN_TAGS <= set(tags), TRAIN_TAGS - set(tags)
+    assert VAL_TAGS <= set(tags), VAL_TAGS - set(tags)
+    assert set(tags["val/cap_ratio"]) == {8, 16}  # every --val-every steps and at the end
+    assert {"val/attention_entropy/coarse", "val/token_cosine/fine_2"} <= set(tags)
+    for step, ratio in tags["cap_ratio"].items():
+        assert ratio == pytest.approx(tags["cap_coarse"][step] / tags["cap_fine"][step], rel=1e-5)
+    acc = EventAccumulator(str(full_run), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    assert "val/attention/0" in acc.Tags()["images"]
+    assert any("captions" in t for t in acc.Tags()["tensors"])
+    assert sorted(p.name for p in full_run.glob("checkpoint_step*.pt")) == [
+        "checkpoint_step00000012.pt", "checkpoint_step00000016.pt"]
+    ckpt = torch.load(full_run / "checkpoint_latest.pt", weights_only=True)
+    assert ckpt["step"] == 16 and ckpt["model_config"]["fine_iterations"] == 2
+    losses = tags["loss"]
+    assert all(np.isfinite(v) for v in losses.values())
+
+
+def test_loss_decreases_on_the_tiny_preset(store, tmp_path):
+    out = tmp_path / "learn"
+    run(train_cmd(store, out, "--max-steps", "40", "--log-every", "10", "--val-every", "1000", "--lr", "3e-3",
+                  "--warmup", "5", "--save-every", "1000", "--visual-videos", "0"))
+    cap = scalars(out)["cap_fine"]
+    assert cap[40] < 0.7 * cap[10], cap
+
+
+def test_kill_9_and_rerun_continues_with_the_same_losses(store, full_run, tmp_path):
+    out = tmp_path / "killed"
+    cmd = train_cmd(store, out, "--max-steps", "16", "--save-every", "4", "--log-every", "2", "--val-every", "8",
+                    "--keep", "2")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "checkpoint_step00000004.pt").exists():
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(out / "checkpoint_latest.pt", weights_only=True)["step"]
+    assert saved < 16, "the run ended before the kill"
+    resumed = run(cmd)
+    assert f"resumed from {out / 'checkpoint_latest.pt'} at step {saved}" in resumed.stderr
+    want, got = scalars(full_run), scalars(out)
+    for tag in ("loss", "cap_fine", "cap_coarse", "rec_fine", "val/cap_ratio"):
+        for step, value in want[tag].items():
+            if step > saved:
+                assert got[tag][step] == pytest.approx(value, rel=1e-4, abs=1e-6), (tag, step)
+
+
+def test_eval_only_prints_table_and_writes_json(store, full_run, tmp_path):
+    out_json = tmp_path / "eval.json"
+    proc = run([*train_cmd(store, tmp_path / "unused", "--resume", str(full_run / "checkpoint_latest.pt"),
+                           "--eval-only", "--json", str(out_json), "--captions", "1")])
+    result = json.loads(out_json.read_text())
+    for key in ("cap_coarse", "cap_fine", "cap_ratio", "rec_coarse", "rec_fine", "num_videos"):
+        assert key in result
+    lo, hi = result["cap_ratio_ci"]
+    assert lo <= result["cap_ratio"] <= hi
+    assert "cap_ratio" in proc.stdout and "truth:" in proc.stdout and "autoregressive:" in proc.stdout
+    assert not (tmp_path / "unused").exists()
+
+
+def test_refuses_a_checkpoint_of_another_model(store, full_run, tmp_path):
+    proc = run(train_cmd(store, tmp_path / "x", "--resume", str(full_run / "checkpoint_latest.pt"),
+                         "--fine-iterations", "1", "--max-steps", "20"), check=False)
+    assert proc.returncode != 0 and "different model configuration" in proc.stderr
+    assert "fine_iterations" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def one_line_error(proc: subprocess.CompletedProcess, text: str) -> None:
+    assert proc.returncode != 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert text in proc.stderr, proc.stderr
+
+
+def test_bad_input_is_a_one_line_error(store, tmp_path):
+    one_line_error(run(train_cmd(tmp_path / "missing.zarr", tmp_path / "o"), check=False), "no store at")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {"format": "x"}}')
+    one_line_error(run(train_cmd(foreign, tmp_path / "o"), check=False), "not an fvlm feature store")
+    empty = tmp_path / "empty.zarr"
+    FeatureStore.create_or_open(empty, dict(dino="tiny", vae="tiny", num_frames=6, image_size=56,
+                                            feature_dtype="float16", dino_tokens=17, dino_dim=384,
+                                            latent_shape=[4, 7, 7]),
+                                FeatureShapes(6, 17, 384, (4, 7, 7)), capacity=2)
+    one_line_error(run(train_cmd(empty, tmp_path / "o"), check=False), "no committed videos")
+    one_line_error(run([*train_cmd(store, tmp_path / "o"), "--num-frames", "7"], check=False), "stores 6 frames")
+    proc = run([*train_cmd(store, tmp_path / "o"), "--preset", "huge"], check=False)
+    assert proc.returncode != 0 and "huge" in proc.stderr and "Traceback" not in proc.stderr
+    one_line_error(run([*train_cmd(store, tmp_path / "o"), "--lm", str(tmp_path / "no-such-lm")], check=False),
+                   "cannot load language model")
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
+    """NaN features make every loss NaN: steps are skipped and counted, then the run stops cleanly."""
+    path = tmp_path / "nan.zarr"
+    shapes = FeatureShapes(4, 17, 384, (4, 7, 7))
+    store = FeatureStore.create_or_open(path, dict(dino="tiny", vae="tiny", num_frames=4, image_size=56,
+                                                   feature_dtype="float16", dino_tokens=17, dino_dim=384,
+                                                   latent_shape=[4, 7, 7]), shapes, capacity=12)
+    for i in range(12):
+        store.write_row(i, dino=np.full((4, 17, 384), np.nan, np.float16), latents=np.zeros((4, 4, 7, 7)),
+                        caption="a red circle", video_id=f"v{i}", source="s", timestamps=np.arange(4), duration=4)
+    proc = run(train_cmd(path, tmp_path / "run", "--max-steps", "50", "--max-nonfinite", "3", "--log-every", "1",
+                         "--val-fraction", "0.0"), check=False)
+    one_line_error(proc, "3 non-finite losses in a row")
+    tags = scalars(tmp_path / "run")
+    assert max(tags["nonfinite_steps"].values()) == 3
+    assert not (tmp_path / "run" / "checkpoint_latest.pt").exists()  # no NaN weights were ever saved
+
+
+def test_torchrun_two_cpu_processes(store, tmp_path):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    out = tmp_path / "ddp"
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29617", *train_cmd(store, out)[1:],
+           "--max-steps", "6", "--save-every", "3", "--log-every", "3", "--val-every", "6"]
+    run(cmd)
+    assert (out / "checkpoint_latest.pt").exists()
+    assert len(list(out.glob("events.out.tfevents.*"))) >= 1
+    tags = scalars(out)
+    assert set(tags["loss"]) == {3, 6}  # logged once per step, by rank 0 only
+    ckpt = torch.load(out / "checkpoint_latest.pt", weights_only=True)
+    assert ckpt["step"] == 6
+
+
+def test_schedule_and_ratio_arithmetic():
+    assert lr_at(0, 1.0, 10, 100) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, 10, 100) == pytest.approx(1.0)
+    assert lr_at(100, 1.0, 10, 100) == pytest.approx(0.1)
+    assert lr_at(55, 1.0, 10, 100) == pytest.approx(0.55)
+    m = derived_metrics({"cap_coarse": 1.1, "cap_fine": 1.0, "rec_coarse": 0.2, "rec_fine": 0.25})
+    assert m["cap_ratio"] == pytest.approx(1.1) and m["cap_improvement_pct"] == pytest.approx(10.0)
+    assert m["rec_ratio"] == pytest.approx(0.8)
