@@ -11,7 +11,7 @@ setup:
 demo: setup
 	$(PY) precompute.py --out $(DEMO)/store.zarr --preset tiny --synthetic 64 --image-size 112
 	$(PY) train.py --store $(DEMO)/store.zarr --preset tiny --max-steps 100 --batch-size 8 --grad-accum 1 \
-		--out $(DEMO)/run --log-every 10 --val-every 50 --save-every 50
+		--out $(DEMO)/run --lr 1e-3 --warmup 20 --val-fraction 0.15 --log-every 10 --val-every 50 --save-every 50
 	@echo "store: $(DEMO)/store.zarr   TensorBoard logs and checkpoints: $(DEMO)/run   (tensorboard --logdir $(DEMO))"
 
 lint:
