@@ -266,17 +266,22 @@ class FeatureStore:
         view = memoryview(out.reshape(-1).view(np.uint8))
         fd = os.open(self._chunk_path(name, slot), os.O_RDONLY)
         try:
-            # Read runs of consecutive frames with one pread each (e.g. all 24 = one read).
-            i = 0
-            while i < len(idx):
-                j = i + 1
-                while j < len(idx) and idx[j] == idx[j - 1] + 1:
-                    j += 1
+            # Runs of consecutive frames (all 24 = one run) are read with one pread each. On a cold
+            # page cache, announcing every run first lets the kernel queue all the I/O at once
+            # (bench/data_path.py: 1.5x faster cold, ~6% slower warm).
+            runs, start = [], 0
+            for k in range(1, len(idx) + 1):
+                if k == len(idx) or idx[k] != idx[k - 1] + 1:
+                    runs.append((start, k))
+                    start = k
+            if len(runs) > 1 and hasattr(os, "posix_fadvise"):
+                for i, j in runs:
+                    os.posix_fadvise(fd, int(idx[i]) * frame_bytes, (j - i) * frame_bytes, os.POSIX_FADV_WILLNEED)
+            for i, j in runs:
                 want = (j - i) * frame_bytes
                 got = os.preadv(fd, [view[i * frame_bytes : j * frame_bytes]], int(idx[i]) * frame_bytes)
                 if got != want:
                     raise StoreError(f"short read in {name} slot {slot}: store is damaged")
-                i = j
         finally:
             os.close(fd)
         return out

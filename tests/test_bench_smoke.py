@@ -1,0 +1,45 @@
+"""The bench/ scripts run end to end at their smallest settings and print their tables.
+
+They run as separate processes (they pin themselves to one core and set torch's thread count),
+all four at once to stay within a few seconds; the figures they print are not checked.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+RUNS = {
+    "reads": (["data_path.py", "--videos", "2", "--rounds", "1", "--samples", "2"],
+              ["### Warm page cache", "### Page-cache cold", "| seed .pt", "| fvlm store float16", "| fvlm store int8",
+               "target float16: samples/s per core >= 5x seed"]),
+    "dataloader": (["data_path.py", "--dataloader", "--proposed", "--videos", "2", "--rounds", "1", "--seconds", "0.1",
+                    "--warmup", "1", "--workers", "1", "--batch-size", "2"],
+                   ["### DataLoader", "| fvlm store float16 (FeatureDataset + CaptionCollator) | 1 |",
+                    "| seed .pt", "| PROPOSED: FeatureDataset.__getitems__", "projection"]),
+    "layouts": (["store_layouts.py", "--videos", "2", "--rounds", "1", "--samples", "2", "--sources", "synthetic"],
+                ["### Features: synthetic", "| a. ours: raw", "| b. same raw chunks",
+                 "| c. zstd-3, one chunk per video; zarr `arr[slot]`", "| d. one shard per video"]),
+    "int8": (["int8_quality.py", "--no-train", "--sources", "random-normal,synthetic", "--videos", "1"],
+             ["### int8 reconstruction error", "| random-normal", "| synthetic", "int8 + fp16 scale per token"]),
+}
+
+
+def test_bench_scripts_print_their_tables(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    procs = {}
+    for name, (argv, _) in RUNS.items():
+        workdir = ["--workdir", str(tmp_path / name)] if argv[0] != "int8_quality.py" else []
+        procs[name] = subprocess.Popen([sys.executable, str(REPO / "bench" / argv[0]), *argv[1:], *workdir],
+                                       cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True)
+    outputs = {name: proc.communicate(timeout=120)[0] for name, proc in procs.items()}
+    for name, (_, expected) in RUNS.items():
+        out = outputs[name]
+        assert procs[name].returncode == 0, f"{name}:\n{out[-3000:]}"
+        for text in expected:
+            assert text in out, f"{name}: {text!r} not in output:\n{out[-3000:]}"
