@@ -51,6 +51,10 @@ def _default_device() -> str:
               help="Skip videos shorter than this, seconds (the seed used 20).")
 @click.option("--max-duration", type=float, default=None,
               help="Skip videos longer than this, seconds (the seed used 60).")
+@click.option("--seek", type=click.Choice(["exact", "keyframe"]), default="exact",
+              help="exact: the frame nearest each uniform target. keyframe: the nearest keyframe, decoding "
+                   "keyframes only (several times faster; frames up to half a keyframe interval, 1 s for "
+                   "a 2 s GOP, off target; the store keeps the actual times).")
 @click.option("--feature-dtype", type=click.Choice(["float16", "int8"]), default="float16",
               help="DINO token storage: float16, or int8 with a float16 scale per token (half the bytes).")
 @click.option("--device", default=None, help="Encoder device [default: cuda if available, else cpu].")
@@ -96,7 +100,7 @@ def main(**args) -> None:
             min_duration=args["min_duration"], max_duration=args["max_duration"],
             num_shards=args["num_shards"], shard_index=args["shard_index"],
             workers=args["workers"], batch_videos=args["batch_videos"],
-            feature_dtype=args["feature_dtype"], preset=args["preset"], args=recorded,
+            feature_dtype=args["feature_dtype"], seek=args["seek"], preset=args["preset"], args=recorded,
             progress=not args["quiet"],
         )
     except (StoreError, EncoderLoadError, ValueError, FileNotFoundError) as e:

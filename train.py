@@ -42,6 +42,7 @@ from fvlm_model.visualize import attention_figure, attention_grid, inspect_batch
 CHECKPOINT_FORMAT = "fvlm-checkpoint"
 CHECKPOINT_VERSION = 1
 LM_PRESETS = {"default": "HuggingFaceTB/SmolLM2-135M-Instruct", "tiny": "tiny"}
+COMPILE_PAD = 16  # with --compile, captions are padded to a multiple of this (bounded set of shapes)
 # Settings that define the model: a checkpoint made with other values cannot be loaded.
 LOSS_KEYS = ("loss", "cap_fine", "cap_coarse", "rec_fine", "rec_coarse")
 MODEL_KEYS = ("lm", "dino_tokens", "dino_dim", "latent_shape", "fine_iterations", "vocab_size")
@@ -252,6 +253,21 @@ def log_visuals(writer: SummaryWriter, model: FoveatedVLM, tokenizer: Any, batch
     writer.add_text("val/captions", "\n".join(lines), step)
 
 
+def pad_captions(batch: dict[str, Any], multiple: int, pad_id: int) -> dict[str, Any]:
+    """Right-pad input_ids (pad_id) and labels (-100) to a multiple of `multiple` tokens.
+
+    Changes no loss: padding is causal-masked from every real position and its labels are ignored.
+    It bounds the caption lengths a compiled model sees (64-token captions: 4 shapes, not 64).
+    """
+    length = batch["input_ids"].shape[1]
+    extra = -length % multiple
+    if extra == 0:
+        return batch
+    pad = (0, extra)
+    return {**batch, "input_ids": torch.nn.functional.pad(batch["input_ids"], pad, value=pad_id),
+            "labels": torch.nn.functional.pad(batch["labels"], pad, value=-100)}
+
+
 # ----------------------------------------------------------------------------- setup
 def open_store(path: str, num_frames: int) -> dict[str, Any]:
     try:
@@ -295,7 +311,7 @@ def find_run_dir(args: dict[str, Any], d: Dist) -> Path:
 
 
 def command_key(args: dict[str, Any]) -> dict[str, Any]:
-    ignore = ("out", "resume", "eval_only", "json", "workers", "max_hours")
+    ignore = ("out", "resume", "eval_only", "json", "workers", "max_hours", "compile_model")
     return {k: v for k, v in sorted(args.items()) if k not in ignore}
 
 
@@ -345,6 +361,9 @@ def make_loader(ds: FeatureDataset, collate: CaptionCollator, batch_size: int, w
               help="Stop after this many non-finite losses in a row.")
 @click.option("--workers", type=click.IntRange(min=0), default=4, help="DataLoader worker processes.")
 @click.option("--device", default=None, help="[default: cuda if available, else cpu]")
+@click.option("--compile/--no-compile", "compile_model", default=None,
+              help="torch.compile the model for the training steps (captions padded to a multiple of "
+                   f"{COMPILE_PAD} tokens, so few shapes compile) [default: on for CUDA, off for CPU].")
 @click.option("--seed", type=int, default=0)
 def main(**args: Any) -> None:
     """Train (or with --eval-only, evaluate) the foveated VLM on precomputed features."""
@@ -445,6 +464,11 @@ def run(args: dict[str, Any]) -> None:
             writer.add_hparams(hparams, {"hparam/placeholder": 0.0}, run_name=".")
 
     ddp_model = DistributedDataParallel(model) if d.world > 1 else model
+    # --compile: only the training forward/backward is compiled; evaluation, generation and
+    # checkpoints use `model` itself (so state_dict keys carry no _orig_mod prefix).
+    use_compile = args["compile_model"] if args["compile_model"] is not None else device.type == "cuda"
+    if use_compile:
+        ddp_model = torch.compile(ddp_model, dynamic=False)
     val_loader = make_loader(val_ds, collate, args["batch_size"], args["workers"], None, pin)
     # A few fixed validation videos whose attention and captions are shown in TensorBoard.
     visual_items = [val_ds[i] for i in range(min(args["visual_videos"], len(val_ds)))] if d.main else []
@@ -501,6 +525,8 @@ def run(args: dict[str, Any]) -> None:
                 batch = next(data)
             micro_in_epoch += 1
             batch = to_device(batch, device, dtype)
+            if use_compile:
+                batch = pad_captions(batch, COMPILE_PAD, collate.pad_id)
             sync = micro == args["grad_accum"] - 1 or d.world == 1
             ctx = ddp_model.no_sync() if not sync else contextlib.nullcontext()
             with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from fvlm_data.encoders import FrozenEncoders
 from fvlm_data.sources import DecodedVideo, InputError, VideoInput, load_frames
 from fvlm_data.store import FeatureShapes, FeatureStore, StoreError
+from fvlm_data.video import SEEK_MODES
 
 
 @dataclass
@@ -44,10 +45,10 @@ class PrecomputeSummary:
 
 
 def decode_one(item: VideoInput, num_frames: int, image_size: int, min_duration: float,
-               max_duration: float | None) -> DecodedVideo | str:
+               max_duration: float | None, seek: str = "exact") -> DecodedVideo | str:
     """Decode one input in a worker; a bad input comes back as its one-line reason, never raises."""
     try:
-        return load_frames(item, num_frames, image_size, min_duration, max_duration)
+        return load_frames(item, num_frames, image_size, min_duration, max_duration, seek=seek)
     except InputError as e:
         return str(e)
     except Exception as e:  # a decoder crash on one odd file must not end a long run
@@ -94,8 +95,17 @@ def _batches(results: Iterable, batch_videos: int, on_failure: Callable) -> Iter
         yield batch
 
 
+# The `frame_sampling` attribute for each --seek mode.
+FRAME_SAMPLING = {
+    "exact": "uniform over the whole duration (segment centres); short side resized, centre crop",
+    "keyframe": "keyframe nearest to each uniform target over the whole duration (segment centres), "
+                "decoding keyframes only; actual frame times in 'timestamps'; short side resized, centre crop",
+}
+
+
 def store_attributes(encoders: FrozenEncoders, shapes: FeatureShapes, *, image_size: int,
-                     feature_dtype: str, preset: str | None, args: dict[str, Any]) -> dict[str, Any]:
+                     feature_dtype: str, preset: str | None, args: dict[str, Any],
+                     seek: str = "exact") -> dict[str, Any]:
     """The group attributes: how the store was made. Consumers read these instead of asking again."""
     return {
         "dino": encoders.dino_id,
@@ -109,7 +119,7 @@ def store_attributes(encoders: FrozenEncoders, shapes: FeatureShapes, *, image_s
         "latent_shape": list(shapes.latent_shape),
         "feature_dtype": feature_dtype,
         "latent_dtype": "float16",
-        "frame_sampling": "uniform over the whole duration (segment centres); short side resized, centre crop",
+        "frame_sampling": FRAME_SAMPLING[seek],
         "precompute_args": args,
     }
 
@@ -128,6 +138,7 @@ def run_precompute(
     workers: int = 2,
     batch_videos: int = 8,
     feature_dtype: str = "float16",
+    seek: str = "exact",
     preset: str | None = None,
     args: dict[str, Any] | None = None,
     progress: bool = True,
@@ -135,10 +146,12 @@ def run_precompute(
     """Fill (or continue filling) the store at `out` with this shard's share of `inputs`."""
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"--shard-index must be in 0..{num_shards - 1}, got {shard_index}")
+    if seek not in SEEK_MODES:
+        raise ValueError(f"--seek must be one of {', '.join(SEEK_MODES)}, got {seek!r}")
     (n_tokens, dim), latent_shape = encoders.output_shapes(image_size)
     shapes = FeatureShapes(num_frames, n_tokens, dim, latent_shape)
     attrs = store_attributes(encoders, shapes, image_size=image_size, feature_dtype=feature_dtype,
-                             preset=preset, args=args or {})
+                             preset=preset, args=args or {}, seek=seek)
     if num_shards > 1 and os.path.exists(out):
         # Growing a store while other processes write it would race on the array metadata.
         capacity = FeatureStore.open(out).capacity
@@ -167,7 +180,7 @@ def run_precompute(
         summary.failure_reasons[reason.split(":")[0]] += 1
         bar.update(1)
 
-    decode_args = (num_frames, image_size, min_duration, max_duration)
+    decode_args = (num_frames, image_size, min_duration, max_duration, seek)
     if workers > 0:
         # spawn, not fork: the parent holds torch's thread pools, which fork does not copy safely.
         executor: Executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))

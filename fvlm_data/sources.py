@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fvlm_data.synthetic import DURATION_S, get_task, render_synthetic, synthetic_caption
-from fvlm_data.video import InputError, VideoFile, sample_timestamps
+from fvlm_data.video import SEEK_MODES, InputError, VideoFile, sample_timestamps
 
 __all__ = ["VideoInput", "InputError", "DecodedVideo", "list_inputs", "load_frames", "expand_braces"]
 
@@ -89,13 +89,18 @@ def list_inputs(
 
 def load_frames(
     item: VideoInput, num_frames: int, image_size: int, min_duration: float = 0.0,
-    max_duration: float | None = None,
+    max_duration: float | None = None, seek: str = "exact",
 ) -> DecodedVideo:
     """Decode ``num_frames`` frames spread over the whole video, each ``image_size`` square.
 
-    Raises ``InputError`` for any bad input. The duration filter applies to real videos only
-    (synthetic clips have a fixed nominal length of ``DURATION_S``).
+    ``seek="exact"`` takes the frame nearest to each uniform target; ``"keyframe"`` the nearest
+    keyframe (decodes keyframes only: faster, frames up to half a keyframe interval off target;
+    ``timestamps`` are the frames' actual times either way). Synthetic videos are rendered at
+    the targets in both modes. Raises ``InputError`` for any bad input. The duration filter
+    applies to real videos only (synthetic clips have a fixed nominal length of ``DURATION_S``).
     """
+    if seek not in SEEK_MODES:
+        raise ValueError(f"seek must be one of {SEEK_MODES}, got {seek!r}")
     if item.synthetic is not None:
         task, seed, index = item.synthetic
         frames, timestamps, _ = render_synthetic(task, seed, index, num_frames, image_size)
@@ -112,7 +117,11 @@ def load_frames(
             raise InputError(f"too long: {duration:.1f} s > {max_duration:g} s")
         if item.caption is None:
             raise InputError("no caption")
-        frames, timestamps = video.frames_at(sample_timestamps(duration, num_frames), image_size)
+        targets = sample_timestamps(duration, num_frames)
+        if seek == "keyframe":
+            frames, timestamps = video.keyframes_at(targets, image_size)
+        else:
+            frames, timestamps = video.frames_at(targets, image_size)
     return DecodedVideo(frames=frames, timestamps=timestamps, duration=duration)
 
 

