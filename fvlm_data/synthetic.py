@@ -64,6 +64,12 @@ def _shapes_scene(seed: int, index: int) -> tuple[list[dict], tuple[int, int, in
 def render_shapes(seed: int, index: int, timestamps: np.ndarray, image_size: int) -> tuple[np.ndarray, str]:
     """1-2 coloured shapes moving in straight lines on a grey background; the caption names them."""
     objects, background, caption = _shapes_scene(seed, index)
+    return _draw(objects, background, timestamps, image_size), caption
+
+
+def _draw(objects: list[dict], background: tuple[int, int, int], timestamps: np.ndarray,
+          image_size: int) -> np.ndarray:
+    """Paint the objects (in order, later on top) at each timestamp: uint8 [T, S, S, 3]."""
     t = np.asarray(timestamps, dtype=np.float64)[:, None, None]  # [T, 1, 1]
     frames = np.empty((len(t), image_size, image_size, 3), dtype=np.uint8)
     frames[:] = background
@@ -80,12 +86,100 @@ def render_shapes(seed: int, index: int, timestamps: np.ndarray, image_size: int
         else:  # upward triangle: apex at the top, base at the bottom, widening linearly
             mask = (v >= -r) & (v <= r) & (np.abs(u) <= (v + r) * 0.6)
         frames[mask] = obj["colour"]
+    return frames
+
+
+# ---- foveation: which of the objects is the one that moves? ---------------------------------
+# Objects of distinct colours and random shapes; all sit still but one, which moves in a straight
+# line. The caption names the mover's colour, shape and direction ("a red square moves left").
+# No single frame says which object moves, so one static query (the coarse pass) cannot know
+# which object to attend to; a query that has seen earlier frames can.
+#
+# `foveation_late` is the same clip with nothing but the background before FOVEATION_LATE_S
+# (with 8 frames: the first frame is empty). It is the control for the fine pass's first-frame
+# query `q_init`: that query is a second learned static query the coarse pass lacks, and on
+# `foveation` it alone can make cap_ratio > 1 (see bench/foveation_demo.sh).
+FOVEATION_OBJECTS = 2  # the mover and one still distractor
+FOVEATION_RADIUS = (0.08, 0.10)  # fraction of the frame side: ~20 px wide at 112 px (1-2 patches)
+FOVEATION_TRAVEL = (0.35, 0.5)  # distance the mover covers over the clip, fraction of the side
+FOVEATION_GAP = 0.03  # clearance between objects, and between still objects and the mover's path
+FOVEATION_MARGIN = 0.02  # clearance from the frame border
+FOVEATION_LATE_S = 0.5  # foveation_late: the objects appear at this time (seconds)
+FOVEATION_VOCABULARY = ["a", "moves", *COLOURS, *SHAPES, *DIRECTIONS]
+
+
+def _extent(radius: float) -> float:
+    """Half-width of the widest shape (the triangle's base is 2.4 radii wide)."""
+    return 1.2 * radius
+
+
+def _segment_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """Distance from point p to the segment a-b."""
+    ab = b - a
+    t = np.clip(np.dot(p - a, ab) / max(np.dot(ab, ab), 1e-12), 0.0, 1.0)
+    return float(np.linalg.norm(p - (a + t * ab)))
+
+
+def foveation_scene(seed: int, index: int) -> tuple[list[dict], tuple[int, int, int], str]:
+    """Objects (the mover first, then the still ones), background and caption of one video.
+
+    Every object stays wholly inside the frame for the whole clip, and no still object touches
+    another or the mover's path, so the moving object is never hidden.
+    """
+    rng = np.random.default_rng([seed, index, 0xF0FEA])  # independent stream per (seed, index)
+    colours = rng.choice(list(COLOURS), size=FOVEATION_OBJECTS, replace=False)
+    shapes = [SHAPES[int(rng.integers(len(SHAPES)))] for _ in range(FOVEATION_OBJECTS)]
+    radii = rng.uniform(*FOVEATION_RADIUS, size=FOVEATION_OBJECTS)
+    direction = list(DIRECTIONS)[int(rng.integers(len(DIRECTIONS)))]
+    dx, dy = DIRECTIONS[direction]
+    travel = float(rng.uniform(*FOVEATION_TRAVEL))
+    background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+
+    # The mover: a path of length `travel` along its axis, inside the frame.
+    lo, hi = _extent(radii[0]) + FOVEATION_MARGIN, 1.0 - _extent(radii[0]) - FOVEATION_MARGIN
+    along, across = rng.uniform(lo, hi - travel), rng.uniform(lo, hi)
+    start_along = along if (dx + dy) > 0 else along + travel
+    start = np.array((start_along, across) if dx else (across, start_along))
+    end = start + travel * np.array((dx, dy))
+    placed = [(start, end, radii[0])]  # (path start, path end, radius); still objects: start == end
+    for k in range(1, FOVEATION_OBJECTS):
+        lo, hi = _extent(radii[k]) + FOVEATION_MARGIN, 1.0 - _extent(radii[k]) - FOVEATION_MARGIN
+        for _ in range(1000):  # rejection sampling; a free spot exists for these sizes
+            centre = rng.uniform(lo, hi, size=2)
+            if all(_segment_distance(centre, a, b) >= _extent(r) + _extent(radii[k]) + FOVEATION_GAP
+                   for a, b, r in placed):
+                break
+        else:  # pragma: no cover - the frame has room for several more objects than we place
+            raise RuntimeError(f"no room for object {k} in foveation video ({seed}, {index})")
+        placed.append((centre, centre, radii[k]))
+
+    objects = [
+        dict(shape=shapes[k], colour=COLOURS[colours[k]], radius=float(r), start=(float(a[0]), float(a[1])),
+             velocity=(float(b[0] - a[0]) / DURATION_S, float(b[1] - a[1]) / DURATION_S))
+        for k, (a, b, r) in enumerate(placed)
+    ]
+    return objects, background, f"a {colours[0]} {shapes[0]} moves {direction}"
+
+
+def render_foveation(seed: int, index: int, timestamps: np.ndarray, image_size: int) -> tuple[np.ndarray, str]:
+    """Still objects of distinct colours and one mover; the caption names the mover only."""
+    objects, background, caption = foveation_scene(seed, index)
+    return _draw(objects, background, timestamps, image_size), caption
+
+
+def render_foveation_late(seed: int, index: int, timestamps: np.ndarray,
+                          image_size: int) -> tuple[np.ndarray, str]:
+    """`foveation`'s clip, but only the background before FOVEATION_LATE_S."""
+    frames, caption = render_foveation(seed, index, timestamps, image_size)
+    frames[np.asarray(timestamps) < FOVEATION_LATE_S] = foveation_scene(seed, index)[1]
     return frames, caption
 
 
 Task = Callable[[int, int, np.ndarray, int], tuple[np.ndarray, str]]
-TASKS: dict[str, Task] = {"shapes": render_shapes}
-TASK_VOCABULARY: dict[str, list[str]] = {"shapes": SHAPES_VOCABULARY}
+TASKS: dict[str, Task] = {"shapes": render_shapes, "foveation": render_foveation,
+                          "foveation_late": render_foveation_late}
+TASK_VOCABULARY: dict[str, list[str]] = {"shapes": SHAPES_VOCABULARY, "foveation": FOVEATION_VOCABULARY,
+                                         "foveation_late": FOVEATION_VOCABULARY}
 
 
 def get_task(task: str) -> Task:

@@ -203,7 +203,13 @@ class FoveatedVLM(nn.Module):
         cap_passes = token_ce.sum(dim=(1, 2)) / counts.sum().clamp(min=1)
 
         # One head call for all passes; the previous-latent encoder runs once.
-        pred = self.predict_latents(torch.stack(rec_hidden), latents)  # [P, B, T, C, S, S]
+        if self.config.lambda_recon == 0.0:
+            # Caption-only training: reconstruction is only reported, so score it without a graph
+            # (its gradient would be zero; the head's backward is most of a small model's step).
+            with torch.no_grad():
+                pred = self.predict_latents(torch.stack(rec_hidden).detach(), latents)
+        else:
+            pred = self.predict_latents(torch.stack(rec_hidden), latents)  # [P, B, T, C, S, S]
         rec_per_sample = (pred.float() - latents).pow(2).mean(dim=(2, 3, 4, 5))
         rec_passes = rec_per_sample.mean(dim=1)
 

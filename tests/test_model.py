@@ -238,6 +238,23 @@ def test_loss_decreases(tokenizer):
     assert sum(losses[-5:]) < sum(losses[:5])
 
 
+def test_caption_only_skips_reconstruction_graph(tokenizer):
+    """lambda_recon = 0: the same losses and gradients as a vanishing lambda_recon, reconstruction
+    still reported, but no graph (and no gradient) through the prediction head."""
+    batch = make_batch(tokenizer)
+    ref, cap_only = make_model(), make_model()
+    ref.config.lambda_recon, cap_only.config.lambda_recon = 1e-30, 0.0  # 1e-30: the graph path
+    out_ref, out = ref(*batch), cap_only(*batch)
+    for k in ("loss", "cap_coarse", "cap_fine", "rec_coarse", "rec_fine"):
+        torch.testing.assert_close(out[k], out_ref[k])
+    assert out["rec_fine"] > 0
+    out_ref["loss"].backward()
+    out["loss"].backward()
+    assert all(p.grad is None for p in cap_only.head.parameters()) and cap_only.latent_init.grad is None
+    for name in ("q_static", "q_init", "w_q.weight", "llm_to_query.weight", "proj.weight"):
+        torch.testing.assert_close(cap_only.get_parameter(name).grad, ref.get_parameter(name).grad)
+
+
 def test_bf16_autocast_and_low_precision_inputs(tokenizer):
     model = make_model()
     dino, latents, input_ids, labels = make_batch(tokenizer)
