@@ -179,6 +179,8 @@ class FoveatedVLM(nn.Module):
         batch, frames = dino.shape[:2]
         num_passes = 1 + self.config.fine_iterations
         latents = latents.to(self.latent_init.dtype)
+        # Convert the features once, not once per pass (encode_frames' own cast is then a no-op).
+        dino = dino.to(self.compute_dtype(dino.device))
         # The last caption token predicts nothing, so it is never fed.
         caption_embeds = self.lm.get_input_embeddings()(input_ids[:, :-1])
 
