@@ -46,6 +46,9 @@ COMPILE_PAD = 16  # with --compile, captions are padded to a multiple of this (b
 # Settings that define the model: a checkpoint made with other values cannot be loaded.
 LOSS_KEYS = ("loss", "cap_fine", "cap_coarse", "rec_fine", "rec_coarse")
 MODEL_KEYS = ("lm", "dino_tokens", "dino_dim", "latent_shape", "fine_iterations", "vocab_size")
+# What --eval-only reads from the checkpoint's training arguments (the model, the frames, the split).
+EVAL_SETTINGS = ("preset", "lm", "num_frames", "fine_iterations", "lambda_recon", "lambda_coarse",
+                 "val_fraction", "max_caption_tokens")
 
 
 class TrainError(Exception):
@@ -181,10 +184,17 @@ def peak_memory_gb(device: torch.device) -> float:
 
 @torch.no_grad()
 def evaluate(model: FoveatedVLM, loader: DataLoader, device: torch.device, dtype: torch.dtype,
-             max_batches: int | None = None) -> dict[str, Any]:
-    """Mean losses over a split, plus per-video caption losses of every pass (for intervals)."""
+             max_batches: int | None = None, shuffled_control: bool = False) -> dict[str, Any]:
+    """Mean losses over a split, plus per-video caption losses of every pass (for intervals).
+
+    With `shuffled_control`, also the last pass's loss with its queries (frames 2..T) taken from
+    another video (`FoveatedVLM.shuffled_query_loss`), as `cap_fine_shuffled` and
+    `shuffled_ratio` = cap_fine_shuffled / cap_fine with its interval: > 1 means the fine pass's edge
+    comes from looking where this video's earlier frames say, i.e. from foveation.
+    """
     model.eval()
     per_video: list[torch.Tensor] = []
+    shuffled: list[torch.Tensor] = []
     rec_sum, count = None, 0
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
@@ -194,6 +204,11 @@ def evaluate(model: FoveatedVLM, loader: DataLoader, device: torch.device, dtype
             out = model(batch["dino"], batch["latents"], batch["input_ids"], batch["labels"])
         per_video.append(out["cap_per_sample"].float().cpu())
         n = batch["input_ids"].shape[0]
+        if shuffled_control:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = model.shuffled_query_loss(batch["dino"], batch["input_ids"], batch["labels"])
+            # A batch of one has no other video to take queries from.
+            shuffled.append(loss.float().cpu() if n > 1 else torch.full((n,), float("nan")))
         rec = out["rec_passes"].float().cpu() * n
         rec_sum = rec if rec_sum is None else rec_sum + rec
         count += n
@@ -211,6 +226,13 @@ def evaluate(model: FoveatedVLM, loader: DataLoader, device: torch.device, dtype
     m["cap_passes"] = [float(c) for c in caps.mean(axis=1)]
     m["rec_passes"] = [float(r) for r in recs]
     m["cap_ratio_ci"] = list(bootstrap_ratio_ci(caps[0], caps[-1]))
+    if shuffled_control:
+        loss = torch.cat(shuffled).numpy()
+        keep = ~np.isnan(loss)
+        if keep.any():
+            m["cap_fine_shuffled"] = float(loss[keep].mean())
+            m["shuffled_ratio"] = m["cap_fine_shuffled"] / float(caps[-1][keep].mean())
+            m["shuffled_ratio_ci"] = list(bootstrap_ratio_ci(loss[keep], caps[-1][keep]))
     return m
 
 
@@ -280,6 +302,13 @@ def open_store(path: str, num_frames: int) -> dict[str, Any]:
     if num_frames > stored:
         raise TrainError(f"--num-frames {num_frames} but {path} stores {stored} frames per video")
     return store.attrs
+
+
+def with_checkpoint_settings(args: dict[str, Any], given: set[str], ckpt: dict[str, Any]) -> dict[str, Any]:
+    """--eval-only evaluates the model and split the checkpoint was trained with: its settings in
+    EVAL_SETTINGS replace the defaults, but not what was given on the command line."""
+    saved = ckpt.get("args", {})
+    return {**args, **{k: saved[k] for k in EVAL_SETTINGS if k in saved and k not in given}}
 
 
 def build_model(lm_id: str, attrs: dict[str, Any], args: dict[str, Any]) -> tuple[FoveatedVLM, Any, dict]:
@@ -367,7 +396,11 @@ def make_loader(ds: FeatureDataset, collate: CaptionCollator, batch_size: int, w
 @click.option("--seed", type=int, default=0)
 def main(**args: Any) -> None:
     """Train (or with --eval-only, evaluate) the foveated VLM on precomputed features."""
+    ctx = click.get_current_context()
+    given = {k for k in args if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
     try:
+        if args["eval_only"] and args["resume"]:
+            args = with_checkpoint_settings(args, given, load_checkpoint(Path(args["resume"])))
         run(args)
     except (TrainError, StoreError) as e:
         click.echo(f"error: {e}", err=True)
@@ -401,7 +434,7 @@ def run(args: dict[str, Any]) -> None:
         if len(val_ds) == 0:
             raise TrainError(f"{args['store']} has no validation videos (--val-fraction {args['val_fraction']})")
         loader = make_loader(val_ds, collate, args["batch_size"], args["workers"], None, pin)
-        metrics = evaluate(model, loader, device, dtype, args["val_batches"])
+        metrics = evaluate(model, loader, device, dtype, args["val_batches"], shuffled_control=True)
         metrics["checkpoint_step"] = ckpt["step"]
         print_eval_table(metrics)
         if args["captions"]:
@@ -602,6 +635,10 @@ def print_eval_table(m: dict[str, Any]) -> None:
     rows += [("cap_fine", f"{m['cap_fine']:.4f}"), ("cap_ratio", f"{m['cap_ratio']:.4f}  95% CI [{lo:.4f}, {hi:.4f}]"),
              ("cap_improvement_pct", f"{m['cap_improvement_pct']:.2f}"), ("rec_coarse", f"{m['rec_coarse']:.5f}"),
              ("rec_fine", f"{m['rec_fine']:.5f}"), ("rec_ratio", f"{m['rec_ratio']:.4f}")]
+    if "shuffled_ratio" in m:
+        lo, hi = m["shuffled_ratio_ci"]
+        rows += [("cap_fine_shuffled", f"{m['cap_fine_shuffled']:.4f}"),
+                 ("shuffled_ratio", f"{m['shuffled_ratio']:.4f}  95% CI [{lo:.4f}, {hi:.4f}]")]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")

@@ -280,3 +280,18 @@ def test_config_roundtrip():
     assert ModelConfig.from_dict({**d, "unknown": 1}) == model.config
     with pytest.raises(ValueError):
         FoveatedVLM(model.lm, fine_iterations=0)
+
+
+def test_shuffled_query_control(tokenizer):
+    """The control pass equals the real fine pass when every video in the batch is the same
+    (rolling the batch then changes nothing), and differs once the videos differ."""
+    model = make_model()
+    dino, latents, ids, labels = make_batch(tokenizer, captions=[CAPTIONS[0]] * 3)
+    same = dino[:1].expand_as(dino).contiguous()
+    out = model(same, latents[:1].expand_as(latents), ids, labels)
+    control = model.shuffled_query_loss(same, ids, labels)
+    torch.testing.assert_close(control, out["cap_per_sample"][-1], rtol=1e-5, atol=1e-6)
+
+    out = model(dino, latents, ids, labels)
+    control = model.shuffled_query_loss(dino, ids, labels)
+    assert control.shape == (3,) and not torch.allclose(control, out["cap_per_sample"][-1])

@@ -16,6 +16,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fvlm_data.dataset import FeatureDataset
 from fvlm_data.store import FeatureShapes, FeatureStore
 from train import derived_metrics, lr_at
 
@@ -112,16 +113,24 @@ def test_kill_9_and_rerun_continues_with_the_same_losses(store, full_run, tmp_pa
 
 
 def test_eval_only_prints_table_and_writes_json(store, full_run, tmp_path):
+    # Only the store and the checkpoint: the preset, frames, fine iterations and split come from
+    # the checkpoint (the run used --preset tiny --num-frames 4 --val-fraction 0.25).
     out_json = tmp_path / "eval.json"
-    proc = run([*train_cmd(store, tmp_path / "unused", "--resume", str(full_run / "checkpoint_latest.pt"),
-                           "--eval-only", "--json", str(out_json), "--captions", "1")])
+    proc = run([sys.executable, str(ROOT / "train.py"), "--store", str(store), "--resume",
+                str(full_run / "checkpoint_latest.pt"), "--eval-only", "--json", str(out_json), "--captions", "1",
+                "--workers", "0"])
     result = json.loads(out_json.read_text())
     for key in ("cap_coarse", "cap_fine", "cap_ratio", "rec_coarse", "rec_fine", "num_videos"):
         assert key in result
     lo, hi = result["cap_ratio_ci"]
     assert lo <= result["cap_ratio"] <= hi
-    assert "cap_ratio" in proc.stdout and "truth:" in proc.stdout and "autoregressive:" in proc.stdout
-    assert not (tmp_path / "unused").exists()
+    lo, hi = result["shuffled_ratio_ci"]
+    assert lo <= result["shuffled_ratio"] <= hi
+    assert result["shuffled_ratio"] == pytest.approx(result["cap_fine_shuffled"] / result["cap_fine"], rel=1e-6)
+    assert result["num_videos"] == len(FeatureDataset(str(store), 4, split="val", val_fraction=0.25)) > 0
+    assert len(result["cap_passes"]) == 3  # the checkpoint's two fine iterations
+    assert "cap_ratio" in proc.stdout and "shuffled_ratio" in proc.stdout
+    assert "truth:" in proc.stdout and "autoregressive:" in proc.stdout
 
 
 def test_refuses_a_checkpoint_of_another_model(store, full_run, tmp_path):
