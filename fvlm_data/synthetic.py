@@ -86,26 +86,35 @@ def _draw(objects: list[dict], background: tuple[int, int, int], timestamps: np.
         else:  # upward triangle: apex at the top, base at the bottom, widening linearly
             mask = (v >= -r) & (v <= r) & (np.abs(u) <= (v + r) * 0.6)
         frames[mask] = obj["colour"]
+        if "dot" in obj:  # a disc of another colour inside the shape (lower in the triangle)
+            centre = 0.3 * r if obj["shape"] == "triangle" else 0.0
+            frames[mask & (u**2 + (v - centre) ** 2 <= (DOT_RADIUS * r) ** 2)] = obj["dot"]
     return frames
 
 
-# ---- foveation: which of the objects is the one that moves? ---------------------------------
-# Objects of distinct colours and random shapes; all sit still but one, which moves in a straight
-# line. The caption names the mover's colour, shape and direction ("a red square moves left").
-# No single frame says which object moves, so one static query (the coarse pass) cannot know
-# which object to attend to; a query that has seen earlier frames can.
+# ---- foveation: describe the object the first frame points at --------------------------------
+# The first frame is a flash of one colour (the cue). From the second frame on, three shapes of
+# distinct body colours sit on a plain background, each with a dot of another colour inside; the
+# shape whose body has the cue's colour moves in a straight line, the others sit still. The
+# caption names that shape and its dot: "a red square with a blue dot".
 #
-# `foveation_late` is the same clip with nothing but the background before FOVEATION_LATE_S
-# (with 8 frames: the first frame is empty). It is the control for the fine pass's first-frame
-# query `q_init`: that query is a second learned static query the coarse pass lacks, and on
-# `foveation` it alone can make cap_ratio > 1 (see bench/foveation_demo.sh).
-FOVEATION_OBJECTS = 2  # the mover and one still distractor
-FOVEATION_RADIUS = (0.08, 0.10)  # fraction of the frame side: ~20 px wide at 112 px (1-2 patches)
-FOVEATION_TRAVEL = (0.35, 0.5)  # distance the mover covers over the clip, fraction of the side
+# The dot's colour is the part only foveation can get. Each pass turns a frame into ONE token,
+# an attention-weighted mean of its patches. The coarse pass's static query cannot know which
+# shape the cue meant, so its tokens mix all three shapes and their three dot colours; a fine
+# query computed from the LM state after the cue can attend to the cued colour and get a token
+# of that shape alone. The cue frame is one flat colour, so every query reads it equally well:
+# the fine pass's own first-frame query `q_init` gives it no edge there.
+#
+# `foveation_late` is the same clip with the cue replaced by the background: nothing says which
+# shape is meant, so neither pass can know its dot (both at chance on it; cap_ratio ~ 1).
+FOVEATION_OBJECTS = 3  # the cued mover and two still distractors
+FOVEATION_RADIUS = (0.10, 0.12)  # fraction of the frame side: ~25 px wide at 112 px (about 2 patches)
+DOT_RADIUS = 0.5  # the dot's radius, a fraction of its shape's
+FOVEATION_TRAVEL = (0.3, 0.45)  # distance the mover covers over the clip, fraction of the side
 FOVEATION_GAP = 0.03  # clearance between objects, and between still objects and the mover's path
 FOVEATION_MARGIN = 0.02  # clearance from the frame border
-FOVEATION_LATE_S = 0.5  # foveation_late: the objects appear at this time (seconds)
-FOVEATION_VOCABULARY = ["a", "moves", *COLOURS, *SHAPES, *DIRECTIONS]
+FOVEATION_CUE_S = 0.5  # the cue fills the frames before this time (with 8 frames: the first)
+FOVEATION_VOCABULARY = ["a", "with", "dot", *COLOURS, *SHAPES]
 
 
 def _extent(radius: float) -> float:
@@ -128,6 +137,11 @@ def foveation_scene(seed: int, index: int) -> tuple[list[dict], tuple[int, int, 
     """
     rng = np.random.default_rng([seed, index, 0xF0FEA])  # independent stream per (seed, index)
     colours = rng.choice(list(COLOURS), size=FOVEATION_OBJECTS, replace=False)
+    # Distinct dot colours, none the colour of its own body: the body colour says nothing about the dot.
+    while True:
+        dots = rng.choice(list(COLOURS), size=FOVEATION_OBJECTS, replace=False)
+        if not np.any(dots == colours):
+            break
     shapes = [SHAPES[int(rng.integers(len(SHAPES)))] for _ in range(FOVEATION_OBJECTS)]
     radii = rng.uniform(*FOVEATION_RADIUS, size=FOVEATION_OBJECTS)
     direction = list(DIRECTIONS)[int(rng.integers(len(DIRECTIONS)))]
@@ -154,24 +168,38 @@ def foveation_scene(seed: int, index: int) -> tuple[list[dict], tuple[int, int, 
         placed.append((centre, centre, radii[k]))
 
     objects = [
-        dict(shape=shapes[k], colour=COLOURS[colours[k]], radius=float(r), start=(float(a[0]), float(a[1])),
+        dict(shape=shapes[k], colour=COLOURS[colours[k]], dot=COLOURS[dots[k]], radius=float(r),
+             start=(float(a[0]), float(a[1])),
              velocity=(float(b[0] - a[0]) / DURATION_S, float(b[1] - a[1]) / DURATION_S))
         for k, (a, b, r) in enumerate(placed)
     ]
-    return objects, background, f"a {colours[0]} {shapes[0]} moves {direction}"
+    return objects, background, f"a {colours[0]} {shapes[0]} with a {dots[0]} dot"
 
 
 def render_foveation(seed: int, index: int, timestamps: np.ndarray, image_size: int) -> tuple[np.ndarray, str]:
-    """Still objects of distinct colours and one mover; the caption names the mover only."""
+    """A cue colour, then three dotted shapes; the caption names the cued one (the mover) and its dot."""
     objects, background, caption = foveation_scene(seed, index)
-    return _draw(objects, background, timestamps, image_size), caption
+    frames = _draw(objects, background, timestamps, image_size)
+    frames[np.asarray(timestamps) < FOVEATION_CUE_S] = objects[0]["colour"]
+    return frames, caption
+
+
+def foveation_object_masks(seed: int, index: int, timestamps: np.ndarray, image_size: int) -> np.ndarray:
+    """Where each object of a `foveation` video is drawn: bool [K, T, S, S], the cued one first
+    (for measuring where the queries look; the cue frames are all False)."""
+    objects, background, _ = foveation_scene(seed, index)
+    masks = np.stack([np.any(_draw([obj], background, timestamps, image_size) != background, axis=-1)
+                      for obj in objects])
+    masks[:, np.asarray(timestamps) < FOVEATION_CUE_S] = False
+    return masks
 
 
 def render_foveation_late(seed: int, index: int, timestamps: np.ndarray,
                           image_size: int) -> tuple[np.ndarray, str]:
-    """`foveation`'s clip, but only the background before FOVEATION_LATE_S."""
-    frames, caption = render_foveation(seed, index, timestamps, image_size)
-    frames[np.asarray(timestamps) < FOVEATION_LATE_S] = foveation_scene(seed, index)[1]
+    """`foveation`'s clip with the background in place of the cue."""
+    objects, background, caption = foveation_scene(seed, index)
+    frames = _draw(objects, background, timestamps, image_size)
+    frames[np.asarray(timestamps) < FOVEATION_CUE_S] = background
     return frames, caption
 
 

@@ -1,10 +1,15 @@
-"""The `foveation` synthetic task: one of the objects moves, and the caption names that one;
-`foveation_late`, its control with an empty opening."""
+"""The `foveation` synthetic task: a cue colour, then three dotted shapes of which the cued one
+moves; the caption names the cued shape and its dot. `foveation_late`: the same without the cue."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+from pathlib import Path
+
 import numpy as np
-import pytest
+from PIL import Image
 
 from fvlm_data.sources import list_inputs, load_frames
 from fvlm_data.synthetic import (
@@ -12,17 +17,19 @@ from fvlm_data.synthetic import (
     COLOURS,
     DIRECTIONS,
     DURATION_S,
-    FOVEATION_LATE_S,
+    FOVEATION_CUE_S,
     FOVEATION_OBJECTS,
     SHAPES,
     TASK_VOCABULARY,
     TASKS,
+    foveation_object_masks,
     foveation_scene,
     render_synthetic,
     synthetic_vocabulary,
 )
 from fvlm_model import build_tokenizer_tiny
 
+ROOT = Path(__file__).resolve().parents[1]
 SIZE, FRAMES = 112, 8  # the demo's settings: an 8 x 8 patch grid at DINO's patch 14
 VIDEOS = range(24)
 
@@ -31,16 +38,10 @@ def render(index: int, seed: int = 0, frames: int = FRAMES, size: int = SIZE):
     return render_synthetic("foveation", seed, index, frames, size)
 
 
-def colour_masks(frames: np.ndarray) -> dict[str, np.ndarray]:
-    """Per drawn colour, its pixel mask in every frame: {name: bool [T, S, S]}."""
-    masks = {name: np.all(frames == rgb, axis=-1) for name, rgb in COLOURS.items()}
-    return {name: m for name, m in masks.items() if m.any()}
-
-
 def parse(caption: str) -> tuple[str, str, str]:
-    a, colour, shape, moves, direction = caption.split()
-    assert (a, moves) == ("a", "moves"), caption
-    return colour, shape, direction
+    a, body, shape, with_, a2, dot, dot_word = caption.split()
+    assert (a, with_, a2, dot_word) == ("a", "with", "a", "dot"), caption
+    return body, shape, dot
 
 
 def test_registered_and_listed():
@@ -66,51 +67,64 @@ def test_deterministic_for_seed_and_index():
     assert any(render(i, seed=0)[2] != render(i, seed=1)[2] for i in range(6))
 
 
-def test_exactly_one_object_moves_and_is_captioned():
+def test_cue_then_three_dotted_shapes_and_the_cued_one_moves():
     directions_seen = set()
     for i in VIDEOS:
-        frames, _, caption = render(i)
-        colour, shape, direction = parse(caption)
-        masks = colour_masks(frames)
-        assert len(masks) == FOVEATION_OBJECTS, (i, sorted(masks))  # all drawn, distinct colours
-        moving = [name for name, m in masks.items() if not (m == m[:1]).all()]
-        assert moving == [colour], (i, caption, moving)  # only the captioned object changes
-        # Everything else, background included, is the same in every frame outside the mover.
-        still = ~masks[colour].any(axis=0)
-        assert (frames[:, still] == frames[:1, still]).all()
+        frames, timestamps, caption = render(i)
+        body, shape, dot = parse(caption)
+        cue = timestamps < FOVEATION_CUE_S
+        assert cue.tolist() == [True] + [False] * (FRAMES - 1)  # with 8 frames: the first one
+        assert (frames[cue] == COLOURS[body]).all()  # the cue: one flat colour, the cued body's
 
-        m = masks[colour]
+        objects, background, _ = foveation_scene(0, i)
+        assert len(objects) == FOVEATION_OBJECTS == 3
+        bodies = [next(k for k, v in COLOURS.items() if v == o["colour"]) for o in objects]
+        dots = [next(k for k, v in COLOURS.items() if v == o["dot"]) for o in objects]
+        assert (bodies[0], objects[0]["shape"], dots[0]) == (body, shape, dot)
+        assert len(set(bodies)) == len(set(dots)) == 3 and all(b != d for b, d in zip(bodies, dots, strict=True))
+
+        masks = foveation_object_masks(0, i, timestamps, SIZE)  # [K, T, S, S]
+        assert not masks[:, cue].any() and masks[:, ~cue].any(axis=(2, 3)).all()
+        after = frames[~cue]
+        for k, o in enumerate(objects):  # each object is drawn where its mask says, dot inside
+            pixels = after[masks[k, ~cue]]
+            is_body, is_dot = np.all(pixels == o["colour"], axis=-1), np.all(pixels == o["dot"], axis=-1)
+            assert (is_body | is_dot).all() and is_dot.mean() > 0.1  # body and a visible dot, nothing else
+        moving = [k for k in range(3) if not (masks[k, ~cue] == masks[k, ~cue][:1]).all()]
+        assert moving == [0], (i, moving)  # only the cued object moves
+        outside = ~masks[0, ~cue].any(axis=0)
+        assert (after[:, outside] == after[:1, outside]).all()  # nothing else changes
+
+        m = masks[0, ~cue]
         ys, xs = zip(*(np.nonzero(f) for f in m), strict=True)
         cx, cy = np.array([x.mean() for x in xs]), np.array([y.mean() for y in ys])
         moved = {"left": cx[0] - cx[-1], "right": cx[-1] - cx[0], "up": cy[0] - cy[-1], "down": cy[-1] - cy[0]}
-        assert moved[direction] > 25, (i, caption, moved)  # pixels over the clip, the named way
-        assert max(abs(cx[-1] - cx[0]), abs(cy[-1] - cy[0])) == pytest.approx(moved[direction])
-        assert (np.diff(cx if direction in ("left", "right") else cy) != 0).all()  # moves every frame
+        direction = max(moved, key=moved.get)
+        assert moved[direction] > 15, (i, moved)  # pixels over the frames after the cue
         directions_seen.add(direction)
 
-        # The shape, from how much of its bounding box the mover fills (circle pi/4, square 1,
-        # triangle 1/2).
+        # The shape, from how much of its bounding box it fills (circle pi/4, square 1, triangle 1/2).
         f = m[0]
         rows, cols = np.nonzero(f.any(axis=1))[0], np.nonzero(f.any(axis=0))[0]
         fill = f.sum() / ((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1))
         assert {"triangle": fill < 0.62, "circle": 0.68 < fill < 0.88, "square": fill > 0.9}[shape], (i, fill)
-        # About 20 px wide: one or two DINO patches.
-        assert 14 <= cols[-1] - cols[0] + 1 <= 28
+        assert 14 <= cols[-1] - cols[0] + 1 <= 34  # about two DINO patches wide
     assert directions_seen == set(DIRECTIONS)
 
 
 def test_objects_stay_inside_the_frame():
     for i in VIDEOS:
-        frames, _, _ = render(i)
-        background = frames[0, 0, 0]
+        frames, timestamps, _ = render(i)
+        after = frames[timestamps >= FOVEATION_CUE_S]
+        background = after[0, 0, 0]
         assert tuple(background) in BACKGROUNDS and tuple(background) not in COLOURS.values()
-        drawn = ~np.all(frames == background, axis=-1)  # [T, S, S]
+        drawn = ~np.all(after == background, axis=-1)  # [T, S, S]
         border = np.concatenate([drawn[:, 0], drawn[:, -1], drawn[:, :, 0], drawn[:, :, -1]], axis=1)
         assert not border.any(), i
-        # No object is clipped: each keeps its pixel count in every frame.
-        for name, m in colour_masks(frames).items():
+        # No object is clipped or hidden: each keeps its pixel count in every frame.
+        for m in foveation_object_masks(0, i, timestamps, SIZE)[:, timestamps >= FOVEATION_CUE_S]:
             counts = m.sum(axis=(1, 2))
-            assert counts.min() >= 0.9 * counts.max(), (i, name, counts)
+            assert counts.min() >= 0.9 * counts.max(), (i, counts)
         # In scene coordinates, over the whole nominal clip (not only the sampled frames).
         objects, _, _ = foveation_scene(0, i)
         for obj in objects:
@@ -120,17 +134,16 @@ def test_objects_stay_inside_the_frame():
         assert sum(any(v != 0 for v in obj["velocity"]) for obj in objects) == 1
 
 
-def test_late_control_is_the_same_clip_after_an_empty_opening():
+def test_late_control_is_the_same_clip_without_the_cue():
     assert TASK_VOCABULARY["foveation_late"] == TASK_VOCABULARY["foveation"]
     for i in range(6):
         frames, timestamps, caption = render(i)
         late, late_timestamps, late_caption = render_synthetic("foveation_late", 0, i, FRAMES, SIZE)
         assert late_caption == caption
         np.testing.assert_array_equal(late_timestamps, timestamps)
-        empty = timestamps < FOVEATION_LATE_S
-        assert empty.tolist() == [True] + [False] * (FRAMES - 1)  # with 8 frames: the first one
-        assert (late[empty] == frames[0, 0, 0]).all()  # background only
-        np.testing.assert_array_equal(late[~empty], frames[~empty])
+        cue = timestamps < FOVEATION_CUE_S
+        assert (late[cue] == foveation_scene(0, i)[1]).all()  # background only
+        np.testing.assert_array_equal(late[~cue], frames[~cue])
 
 
 def test_vocabulary_covers_every_caption():
@@ -141,7 +154,28 @@ def test_vocabulary_covers_every_caption():
     words = set()
     for caption in captions:
         assert set(caption.split()) <= vocab, caption
-        assert len(tokenizer(caption).input_ids) == 5, caption  # every word is a single token
+        assert len(tokenizer(caption).input_ids) == 7, caption  # every word is a single token
         words |= set(caption.split())
     assert words == vocab  # and every word is used
     assert {parse(c)[1] for c in captions} == set(SHAPES)
+    assert {parse(c)[2] for c in captions} == set(COLOURS)
+
+
+def test_demo_script_end_to_end(tmp_path):
+    """bench/foveation_demo.sh at its smallest: precompute -> train -> the interface's short
+    --eval-only command (settings from the checkpoint) -> attention shares and figure."""
+    out = tmp_path / "demo"
+    env = {**os.environ, "FOVEATION_VIDEOS": "40", "FOVEATION_STEPS": "3", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "foveation_demo.sh"), str(out)], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "eval.json").read_text())
+    assert result["checkpoint_step"] == 3 and len(result["cap_passes"]) == 2  # one fine pass
+    assert {"cap_ratio_ci", "shuffled_ratio", "shuffled_ratio_ci", "num_videos"} <= set(result)
+    assert "shuffled_ratio" in proc.stdout and "autoregressive:" in proc.stdout
+    shares = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["coarse"], ["fine_1"])]
+    assert len(shares) == 2 and all(0.0 <= float(x) <= 1.0 for row in shares for x in row[1:])
+    image = np.asarray(Image.open(out / "attention.png"))
+    # Up to 8 videos x (frames + coarse + fine rows) of 112 px, 2 px between rows, 8 px between videos.
+    videos = min(8, result["num_videos"])
+    assert image.shape == (videos * (3 * SIZE + 2 * 2) + (videos - 1) * 8, FRAMES * SIZE + 7 * 2, 3)

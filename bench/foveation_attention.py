@@ -1,0 +1,112 @@
+"""Where do the queries look? Attention of every pass on the cued object of the `foveation` task.
+
+    python bench/foveation_attention.py --store S --checkpoint CKPT [--videos 256] [--figure attention.png]
+
+For held-out videos of a store made with `--synthetic-task foveation` (or `foveation_late`), it
+prints, per pass, the mean share of the query attention (CLS token left out) that lands on the
+patches the cued object touches, on the patches the two other objects touch, and the share those
+patches are of the frame (what a uniform attention would give), over the frames after the cue.
+With --figure it writes the attention maps of the first held-out videos laid over their frames
+(the frames, then one row per pass, brighter = more attention; not selected: the first ones in
+the split) as a PNG. The model, frames and split come from the checkpoint, as for `train.py --eval-only`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fvlm_data.dataset import CaptionCollator, FeatureDataset, to_device  # noqa: E402
+from fvlm_data.store import FeatureStore  # noqa: E402
+from fvlm_data.synthetic import FOVEATION_CUE_S, foveation_object_masks  # noqa: E402
+from fvlm_model.visualize import attention_figure, attention_grid, inspect_batch  # noqa: E402
+from train import LM_PRESETS, build_model, check_same_model, load_checkpoint, synthetic_frames  # noqa: E402
+
+PATCH = 14  # DINOv2's patch size: the store's image_size / PATCH patches per side
+
+
+def patch_masks(pixel_masks: np.ndarray, grid: int) -> np.ndarray:
+    """bool [..., S, S] -> bool [..., g, g]: does the object touch the patch?"""
+    s = pixel_masks.shape[-1]
+    cell = s // grid
+    blocks = pixel_masks[..., : grid * cell, : grid * cell].reshape(*pixel_masks.shape[:-2], grid, cell, grid, cell)
+    return blocks.any(axis=(-3, -1))
+
+
+def save_figure(path: str, attrs: dict, items: list[dict], sources: list[str], attention: dict) -> None:
+    """The first videos' attention maps over their frames, one block of pass rows per video (PNG)."""
+    from PIL import Image
+
+    blocks = []
+    for k, item in enumerate(items):
+        frames = synthetic_frames(attrs, sources[k], item["timestamps"].numpy())  # [T, S, S, 3]
+        # The frames as they are on top (2 px white separators, as in attention_figure), then the maps.
+        gap = np.full((frames.shape[1], 2, 3), 255, np.uint8)
+        plain = np.concatenate([x for f in frames for x in (f, gap)][:-1], axis=1).transpose(2, 0, 1)
+        blocks += [plain, np.full((3, 2, plain.shape[2]), 255, np.uint8)]
+        blocks.append(attention_figure({n: attention_grid(a[k]) for n, a in attention.items()}, frames))
+        blocks.append(np.full((3, 8, blocks[-1].shape[2]), 255, np.uint8))  # a gap between videos
+    Image.fromarray(np.concatenate(blocks[:-1], axis=1).transpose(1, 2, 0)).save(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", required=True)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--videos", type=int, default=256, help="Held-out videos measured (the first ones).")
+    ap.add_argument("--figure", default=None, help="Write the first held-out videos' attention maps here (PNG).")
+    ap.add_argument("--figure-videos", type=int, default=3, help="Videos in the figure (the first held-out ones).")
+    opts = ap.parse_args()
+
+    ckpt = load_checkpoint(Path(opts.checkpoint))
+    args = ckpt["args"]
+    store = FeatureStore.open(opts.store)
+    attrs = store.attrs
+    model, tokenizer, config = build_model(args.get("lm") or LM_PRESETS[args["preset"]], attrs, args)
+    check_same_model(ckpt["model_config"], config, Path(opts.checkpoint))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    ds = FeatureDataset(opts.store, args["num_frames"], split="val", val_fraction=args["val_fraction"])
+    seed = int(attrs.get("precompute_args", {}).get("seed", 0))
+    size = int(attrs["image_size"])
+    grid = size // PATCH
+
+    items = [ds[i] for i in range(min(opts.videos, len(ds)))]
+    sources = [store.read_string("source", int(ds.slots[it["index"]])) for it in items]
+    if not items or not all(s.startswith("synthetic:foveation") for s in sources):
+        sys.exit("error: needs held-out videos of --synthetic-task foveation (or foveation_late)")
+    names, sums, count = None, None, 0
+    for start in range(0, len(items), 64):
+        chunk, chunk_sources = items[start : start + 64], sources[start : start + 64]
+        batch = to_device(CaptionCollator(tokenizer, args["max_caption_tokens"])(chunk), torch.device("cpu"),
+                          torch.float32)
+        info = inspect_batch(model, batch["dino"], batch["latents"], batch["input_ids"], batch["labels"])
+        names = list(info["attention"])
+        if start == 0 and opts.figure:
+            save_figure(opts.figure, attrs, chunk[: opts.figure_videos], chunk_sources, info["attention"])
+        for k, (item, source) in enumerate(zip(chunk, chunk_sources, strict=True)):
+            timestamps = item["timestamps"].numpy()
+            after_cue = timestamps >= FOVEATION_CUE_S
+            objects = patch_masks(foveation_object_masks(seed, int(source.rsplit(":", 1)[1]), timestamps, size),
+                                  grid)[:, after_cue]  # [K, T', g, g]
+            cued, others = objects[0], objects[1:].any(axis=0)
+            row = [[float((attention_grid(a[k])[after_cue] * m).sum(axis=(1, 2)).mean()) for m in (cued, others)]
+                   for a in info["attention"].values()]
+            row.append([float(cued.mean()), float(others.mean())])
+            sums = np.asarray(row) if sums is None else sums + np.asarray(row)
+            count += 1
+    shares = sums / count
+    print(f"attention share over frames after the cue, {count} held-out videos, checkpoint step {ckpt['step']}")
+    print(f"{'pass':<16}{'cued object':>12}{'other objects':>15}")
+    for name, (cued, others) in zip([*names, "uniform"], shares, strict=True):
+        print(f"{name:<16}{cued:>12.3f}{others:>15.3f}")
+
+
+if __name__ == "__main__":
+    main()
