@@ -525,17 +525,20 @@ def run(args: dict[str, Any]) -> None:
                 "model_config": model_config, "args": {k: v for k, v in args.items() if v is not None}}
 
     def validate() -> None:
-        metrics = evaluate(model, val_loader, device, dtype, args["val_batches"])
+        metrics = evaluate(model, val_loader, device, dtype, args["val_batches"], shuffled_control=True)
         if writer is not None and metrics:
             for k in ("loss", "cap_fine", "cap_coarse", "cap_ratio", "cap_improvement_pct",
-                      "rec_fine", "rec_coarse", "rec_ratio"):
-                writer.add_scalar(f"val/{k}", metrics[k], step)
+                      "rec_fine", "rec_coarse", "rec_ratio", "cap_fine_shuffled", "shuffled_ratio"):
+                if k in metrics:  # the shuffled control needs a batch of 2 or more videos
+                    writer.add_scalar(f"val/{k}", metrics[k], step)
             if visual_items:
                 batch = to_device(collate(visual_items), device, dtype)
                 log_visuals(writer, model, tokenizer, batch, visual_frames, step, args["max_caption_tokens"])
             lo, hi = metrics["cap_ratio_ci"]
             tqdm.write(f"step {step} val: cap_coarse {metrics['cap_coarse']:.4f} cap_fine {metrics['cap_fine']:.4f} "
-                       f"cap_ratio {metrics['cap_ratio']:.4f} [{lo:.4f}, {hi:.4f}] on {metrics['num_videos']} videos")
+                       f"cap_ratio {metrics['cap_ratio']:.4f} [{lo:.4f}, {hi:.4f}] "
+                       f"shuffled_ratio {metrics.get('shuffled_ratio', float('nan')):.4f} "
+                       f"on {metrics['num_videos']} videos")
 
     data = new_epoch_iter()
     start_time, interval_start = time.time(), time.time()

@@ -25,7 +25,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 TRAIN_TAGS = {"loss", "cap_fine", "cap_coarse", "cap_ratio", "cap_improvement_pct", "rec_fine", "rec_coarse",
               "rec_ratio", "lr", "grad_norm", "samples_per_s", "peak_memory_gb"}
 VAL_TAGS = {f"val/{t}" for t in ("loss", "cap_fine", "cap_coarse", "cap_ratio", "cap_improvement_pct",
-                                 "rec_fine", "rec_coarse", "rec_ratio")}
+                                 "rec_fine", "rec_coarse", "rec_ratio", "cap_fine_shuffled", "shuffled_ratio")}
 
 
 def train_cmd(store: Path, out: Path, *extra: str) -> list[str]:
