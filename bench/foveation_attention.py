@@ -2,7 +2,7 @@
 
     python bench/foveation_attention.py --store S --checkpoint CKPT [--videos 256] [--figure attention.png]
 
-For held-out videos of a store made with `--synthetic-task foveation` (or `foveation_late`), it
+For held-out videos of a store made with `--synthetic-task foveation` (or `foveation_nocue`), it
 prints, per pass, the mean share of the query attention (CLS token left out) that lands on the
 patches the cued object touches, on the patches the two other objects touch, and the share those
 patches are of the frame (what a uniform attention would give), over the frames after the cue.
@@ -80,7 +80,7 @@ def main() -> None:
     items = [ds[i] for i in range(min(opts.videos, len(ds)))]
     sources = [store.read_string("source", int(ds.slots[it["index"]])) for it in items]
     if not items or not all(s.startswith("synthetic:foveation") for s in sources):
-        sys.exit("error: needs held-out videos of --synthetic-task foveation (or foveation_late)")
+        sys.exit("error: needs held-out videos of --synthetic-task foveation (or foveation_nocue)")
     names, sums, count = None, None, 0
     for start in range(0, len(items), 64):
         chunk, chunk_sources = items[start : start + 64], sources[start : start + 64]

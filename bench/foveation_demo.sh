@@ -6,7 +6,7 @@
 # OUT_DIR/eval.json and OUT_DIR/attention.png.
 #
 #   bash bench/foveation_demo.sh [OUT_DIR]                # default OUT_DIR: demo_foveation/
-#   FOVEATION_TASK=foveation_late bash bench/foveation_demo.sh demo_foveation_late   # no cue: the control
+#   FOVEATION_TASK=foveation_nocue bash bench/foveation_demo.sh demo_foveation_nocue   # no cue
 #
 # About 10 minutes on 2 quiet CPU cores (precompute ~3 min, training ~6 min, evaluation ~1 min);
 # no GPU, no network. Re-running continues: precompute skips written videos, training resumes

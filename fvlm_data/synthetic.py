@@ -102,11 +102,11 @@ def _draw(objects: list[dict], background: tuple[int, int, int], timestamps: np.
 # an attention-weighted mean of its patches. The coarse pass's static query cannot know which
 # shape the cue meant, so its tokens mix all three shapes and their three dot colours; a fine
 # query computed from the LM state after the cue can attend to the cued colour and get a token
-# of that shape alone. The cue frame is one flat colour, so every query reads it equally well:
+# of that shape alone. The cue frame is one flat colour, so every query reads it almost alike:
 # the fine pass's own first-frame query `q_init` gives it no edge there.
 #
-# `foveation_late` is the same clip with the cue replaced by the background: nothing says which
-# shape is meant, so neither pass can know its dot (both at chance on it; cap_ratio ~ 1).
+# `foveation_nocue` is the same clip with the cue replaced by the background: the shape to
+# describe is then only "the one that moves", which no single frame shows either.
 FOVEATION_OBJECTS = 3  # the cued mover and two still distractors
 FOVEATION_RADIUS = (0.10, 0.12)  # fraction of the frame side: ~25 px wide at 112 px (about 2 patches)
 DOT_RADIUS = 0.5  # the dot's radius, a fraction of its shape's
@@ -194,7 +194,7 @@ def foveation_object_masks(seed: int, index: int, timestamps: np.ndarray, image_
     return masks
 
 
-def render_foveation_late(seed: int, index: int, timestamps: np.ndarray,
+def render_foveation_nocue(seed: int, index: int, timestamps: np.ndarray,
                           image_size: int) -> tuple[np.ndarray, str]:
     """`foveation`'s clip with the background in place of the cue."""
     objects, background, caption = foveation_scene(seed, index)
@@ -205,9 +205,9 @@ def render_foveation_late(seed: int, index: int, timestamps: np.ndarray,
 
 Task = Callable[[int, int, np.ndarray, int], tuple[np.ndarray, str]]
 TASKS: dict[str, Task] = {"shapes": render_shapes, "foveation": render_foveation,
-                          "foveation_late": render_foveation_late}
+                          "foveation_nocue": render_foveation_nocue}
 TASK_VOCABULARY: dict[str, list[str]] = {"shapes": SHAPES_VOCABULARY, "foveation": FOVEATION_VOCABULARY,
-                                         "foveation_late": FOVEATION_VOCABULARY}
+                                         "foveation_nocue": FOVEATION_VOCABULARY}
 
 
 def get_task(task: str) -> Task:

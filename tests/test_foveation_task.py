@@ -1,5 +1,5 @@
 """The `foveation` synthetic task: a cue colour, then three dotted shapes of which the cued one
-moves; the caption names the cued shape and its dot. `foveation_late`: the same without the cue."""
+moves; the caption names the cued shape and its dot. `foveation_nocue`: the same without the cue."""
 
 from __future__ import annotations
 
@@ -134,11 +134,11 @@ def test_objects_stay_inside_the_frame():
         assert sum(any(v != 0 for v in obj["velocity"]) for obj in objects) == 1
 
 
-def test_late_control_is_the_same_clip_without_the_cue():
-    assert TASK_VOCABULARY["foveation_late"] == TASK_VOCABULARY["foveation"]
+def test_nocue_is_the_same_clip_without_the_cue():
+    assert TASK_VOCABULARY["foveation_nocue"] == TASK_VOCABULARY["foveation"]
     for i in range(6):
         frames, timestamps, caption = render(i)
-        late, late_timestamps, late_caption = render_synthetic("foveation_late", 0, i, FRAMES, SIZE)
+        late, late_timestamps, late_caption = render_synthetic("foveation_nocue", 0, i, FRAMES, SIZE)
         assert late_caption == caption
         np.testing.assert_array_equal(late_timestamps, timestamps)
         cue = timestamps < FOVEATION_CUE_S
