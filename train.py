@@ -189,8 +189,8 @@ def evaluate(model: FoveatedVLM, loader: DataLoader, device: torch.device, dtype
 
     With `shuffled_control`, also the last pass's loss with its queries (frames 2..T) taken from
     another video (`FoveatedVLM.shuffled_query_loss`), as `cap_fine_shuffled` and
-    `shuffled_ratio` = cap_fine_shuffled / cap_fine with its interval: > 1 means the fine pass's edge
-    comes from looking where this video's earlier frames say, i.e. from foveation.
+    `shuffled_ratio` = cap_fine_shuffled / cap_fine with its interval: > 1 means the fine pass
+    gains from where this video's own earlier frames make its queries look.
     """
     model.eval()
     per_video: list[torch.Tensor] = []
@@ -399,15 +399,17 @@ def main(**args: Any) -> None:
     ctx = click.get_current_context()
     given = {k for k in args if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
     try:
+        eval_ckpt = None
         if args["eval_only"] and args["resume"]:
-            args = with_checkpoint_settings(args, given, load_checkpoint(Path(args["resume"])))
-        run(args)
+            eval_ckpt = load_checkpoint(Path(args["resume"]))
+            args = with_checkpoint_settings(args, given, eval_ckpt)
+        run(args, eval_ckpt)
     except (TrainError, StoreError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
 
 
-def run(args: dict[str, Any]) -> None:
+def run(args: dict[str, Any], eval_ckpt: dict[str, Any] | None = None) -> None:
     d = init_distributed()
     if args["device"]:
         device = torch.device(args["device"])
@@ -428,7 +430,7 @@ def run(args: dict[str, Any]) -> None:
     if args["eval_only"]:
         if not args["resume"]:
             raise TrainError("--eval-only needs --resume CHECKPOINT")
-        ckpt = load_checkpoint(Path(args["resume"]))
+        ckpt = eval_ckpt or load_checkpoint(Path(args["resume"]))
         check_same_model(ckpt["model_config"], model_config, Path(args["resume"]))
         model.load_state_dict(ckpt["model"])
         if len(val_ds) == 0:
