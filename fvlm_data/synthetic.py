@@ -195,7 +195,7 @@ def foveation_object_masks(seed: int, index: int, timestamps: np.ndarray, image_
 
 
 def render_foveation_nocue(seed: int, index: int, timestamps: np.ndarray,
-                          image_size: int) -> tuple[np.ndarray, str]:
+                           image_size: int) -> tuple[np.ndarray, str]:
     """`foveation`'s clip with the background in place of the cue."""
     objects, background, caption = foveation_scene(seed, index)
     frames = _draw(objects, background, timestamps, image_size)
