@@ -8,7 +8,7 @@
 #   bash bench/foveation_demo.sh [OUT_DIR]                # default OUT_DIR: demo_foveation/
 #   FOVEATION_TASK=foveation_nocue bash bench/foveation_demo.sh demo_foveation_nocue   # no cue
 #
-# About 10 minutes on 2 quiet CPU cores (precompute ~3 min, training ~6 min, evaluation ~1 min);
+# About 9 minutes on 2 quiet CPU cores (measured: precompute 3.4 min, training 5.5 min, evaluation 20 s);
 # no GPU, no network. Re-running continues: precompute skips written videos, training resumes
 # from OUT_DIR/run (or does nothing once at the last step), evaluation runs again.
 # FOVEATION_VIDEOS / FOVEATION_STEPS / FOVEATION_SEED override the recipe (e.g. a quick smoke run).
@@ -39,8 +39,8 @@ t=$SECONDS
   --image-size 112 --num-frames 8 --workers 0 --batch-videos 16 --quiet
 timings+=("precompute $((SECONDS - t)) s")
 
-# lr 3e-4, not 1e-3: at 1e-3 the attention of both passes locks onto one object within ~300
-# steps, before the fine queries learn to follow the cue, and cap_ratio stays at 1.00.
+# lr 3e-4, not 1e-3: at 1e-3 the attention of both passes locks onto one shape within ~500
+# steps, before the fine queries learn to follow the cue, and cap_ratio ends at 0.99 (README).
 stage "train: $STEPS steps, batch 32, lr 3e-4, one fine pass, caption loss only"
 t=$SECONDS
 "$PY" "$ROOT/train.py" --store "$STORE" --preset tiny --num-frames 8 --fine-iterations 1 --lambda-recon 0 \
