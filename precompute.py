@@ -21,6 +21,7 @@ from fvlm_data.pipeline import run_precompute
 from fvlm_data.sources import list_inputs
 from fvlm_data.store import FeatureStore, StoreError, check_compatible
 from fvlm_data.synthetic import TASKS
+from fvlm_data.video import SEEK_MODES
 
 DEFAULT_SYNTHETIC_VIDEOS = 256
 
@@ -51,7 +52,7 @@ def _default_device() -> str:
               help="Skip videos shorter than this, seconds (the seed used 20).")
 @click.option("--max-duration", type=float, default=None,
               help="Skip videos longer than this, seconds (the seed used 60).")
-@click.option("--seek", type=click.Choice(["exact", "keyframe"]), default="exact",
+@click.option("--seek", type=click.Choice(SEEK_MODES), default="exact",
               help="exact: the frame nearest each uniform target. keyframe: the nearest keyframe, decoding "
                    "keyframes only (several times faster; frames up to half a keyframe interval, 1 s for "
                    "a 2 s GOP, off target; the store keeps the actual times).")
