@@ -206,7 +206,8 @@ def evaluate(model: FoveatedVLM, loader: DataLoader, device: torch.device, dtype
         n = batch["input_ids"].shape[0]
         if shuffled_control:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = model.shuffled_query_loss(batch["dino"], batch["input_ids"], batch["labels"])
+                loss = model.shuffled_query_loss(batch["dino"], out["last_queries"], batch["input_ids"],
+                                                 batch["labels"])
             # A batch of one has no other video to take queries from.
             shuffled.append(loss.float().cpu() if n > 1 else torch.full((n,), float("nan")))
         rec = out["rec_passes"].float().cpu() * n

@@ -174,7 +174,8 @@ class FoveatedVLM(nn.Module):
 
         Returns `loss` (with grad) and detached metrics: cap_coarse, cap_fine, rec_coarse,
         rec_fine (fine = last pass), cap_passes / rec_passes [P], cap_per_sample /
-        rec_per_sample [P, B], attention [P, B, T, N], pred_latents [P, B, T, C, S, S].
+        rec_per_sample [P, B], attention [P, B, T, N], pred_latents [P, B, T, C, S, S],
+        last_queries [B, T, D] (the last pass's queries, for `shuffled_query_loss`).
         """
         batch, frames = dino.shape[:2]
         num_passes = 1 + self.config.fine_iterations
@@ -229,27 +230,25 @@ class FoveatedVLM(nn.Module):
             "rec_per_sample": rec_per_sample.detach(),
             "attention": torch.stack(attention).detach(),
             "pred_latents": pred.detach(),
+            "last_queries": queries.detach(),
         }
 
     # ---- evaluation control -------------------------------------------------------------------
 
     @torch.no_grad()
-    def shuffled_query_loss(self, dino: Tensor, input_ids: Tensor, labels: Tensor) -> Tensor:
+    def shuffled_query_loss(self, dino: Tensor, last_queries: Tensor, input_ids: Tensor, labels: Tensor) -> Tensor:
         """Per-video caption loss [B] of the last pass when its queries for frames 2..T come from
-        ANOTHER video's previous pass (the batch rolled by one; frame 1 keeps q_init).
+        ANOTHER video (the batch rolled by one; frame 1 keeps q_init). `last_queries` [B, T, D] are
+        `forward`'s output of that name for the same batch, so no earlier pass runs again.
 
         The control for "the fine pass uses this video's earlier frames": if cap_fine is lower than
         this, the gain comes from where the queries look, not from the fine pass having its own
         parameters (q_init, the mode token). Needs B >= 2 (with B = 1 the roll is the identity).
         """
-        batch, frames = dino.shape[:2]
+        frames = dino.shape[1]
         dino = dino.to(self.compute_dtype(dino.device))
         caption_embeds = self.lm.get_input_embeddings()(input_ids[:, :-1])
-        queries = self.static_queries(batch, frames)
-        for p in range(self.config.fine_iterations):
-            hidden, _ = self.run_pass(dino, queries, COARSE if p == 0 else FINE, caption_embeds)
-            queries = self.fine_queries(hidden, frames)
-        queries = torch.cat([queries[:, :1], queries[:, 1:].roll(1, dims=0)], dim=1)
+        queries = torch.cat([last_queries[:, :1], last_queries[:, 1:].roll(1, dims=0)], dim=1)
         hidden, _ = self.run_pass(dino, queries, FINE, caption_embeds)
         token_ce = self.caption_token_loss(hidden[:, frames:], labels)
         return token_ce.sum(dim=1) / (labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)

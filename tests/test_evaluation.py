@@ -64,7 +64,7 @@ def test_evaluate_means_interval_and_shuffled_control():
 
     with torch.no_grad():
         per_video = torch.cat([model(*b)["cap_per_sample"] for b in (big, small)], dim=1).numpy()  # [2, 4]
-        shuffled = model.shuffled_query_loss(big[0], big[2], big[3]).numpy()
+        shuffled = model.shuffled_query_loss(big[0], model(*big)["last_queries"], big[2], big[3]).numpy()
     assert m["num_videos"] == 4
     assert m["cap_coarse"] == pytest.approx(per_video[0].mean(), rel=1e-5)
     assert m["cap_fine"] == pytest.approx(per_video[1].mean(), rel=1e-5)

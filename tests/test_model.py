@@ -289,9 +289,9 @@ def test_shuffled_query_control(tokenizer):
     dino, latents, ids, labels = make_batch(tokenizer, captions=[CAPTIONS[0]] * 3)
     same = dino[:1].expand_as(dino).contiguous()
     out = model(same, latents[:1].expand_as(latents), ids, labels)
-    control = model.shuffled_query_loss(same, ids, labels)
+    control = model.shuffled_query_loss(same, out["last_queries"], ids, labels)
     torch.testing.assert_close(control, out["cap_per_sample"][-1], rtol=1e-5, atol=1e-6)
 
     out = model(dino, latents, ids, labels)
-    control = model.shuffled_query_loss(dino, ids, labels)
+    control = model.shuffled_query_loss(dino, out["last_queries"], ids, labels)
     assert control.shape == (3,) and not torch.allclose(control, out["cap_per_sample"][-1])
