@@ -83,10 +83,15 @@ def main(**args) -> None:
     recorded = {k: v for k, v in args.items() if k not in ("quiet", "workers", "device")}
 
     try:
+        recorded_scaling = None
         if os.path.exists(args["out"]):  # refuse a mismatched store before loading any model
             wanted = {"dino": dino, "vae": vae, "num_frames": args["num_frames"], "image_size": args["image_size"],
                       "feature_dtype": args["feature_dtype"]}
-            check_compatible(args["out"], FeatureStore.open(args["out"]).attrs, wanted)
+            existing = FeatureStore.open(args["out"]).attrs
+            check_compatible(args["out"], existing, wanted)
+            # New rows get the latent scale the store already records (a store made before a preset's
+            # factor changed keeps its own): the store's attributes are the one source of the factor.
+            recorded_scaling = existing.get("encoders", {}).get("vae_scaling_factor")
         inputs = list_inputs(videos=args["videos"], webdataset=args["webdataset"], synthetic=args["synthetic"],
                              synthetic_task=args["synthetic_task"], seed=args["seed"])
         if args["limit"]:
@@ -94,7 +99,7 @@ def main(**args) -> None:
         if not inputs:
             raise click.ClickException("no inputs found")
         click.echo(f"{len(inputs)} inputs; encoders dino={dino} vae={vae} on {device}", err=True)
-        encoders = FrozenEncoders(dino=dino, vae=vae, device=device)
+        encoders = FrozenEncoders(dino=dino, vae=vae, device=device, vae_scaling_factor=recorded_scaling)
         summary = run_precompute(
             inputs, args["out"], encoders,
             num_frames=args["num_frames"], image_size=args["image_size"],

@@ -22,6 +22,11 @@ PRESETS = {"default": (DEFAULT_DINO, DEFAULT_VAE), "tiny": (TINY, TINY)}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TINY_SEED = 1234  # fixed, so the tiny preset writes the same arrays on every run
+# SD chose its VAE's 0.18215 so that latents have unit variance; the tiny random VAE's raw latents
+# have std ~0.30, so its own factor is 1 / that std (`raw_latent_std` over 8 videos of each synthetic
+# task, 8 frames at 112 px, seed 0; tests/test_encoders.py re-derives it). With SD's factor the tiny
+# latents had std 0.05 and the next-frame loss was numerically absent from joint training.
+TINY_VAE_SCALING_FACTOR = 3.36
 
 
 class EncoderLoadError(Exception):
@@ -74,6 +79,7 @@ def _load_vae(name: str) -> nn.Module:
                 latent_channels=4,
                 norm_num_groups=4,
                 sample_size=256,
+                scaling_factor=TINY_VAE_SCALING_FACTOR,
             )
     try:
         return AutoencoderKL.from_pretrained(name)
@@ -102,9 +108,13 @@ class FrozenEncoders:
     """
 
     def __init__(self, dino: str = DEFAULT_DINO, vae: str = DEFAULT_VAE, device: str = "cpu",
-                 compile: bool = False) -> None:
+                 compile: bool = False, vae_scaling_factor: float | None = None) -> None:
+        """`vae_scaling_factor` overrides the VAE's own: a run adding rows to an existing store passes the
+        factor that store recorded, so that every row of one store has the same scale."""
         dino_model, dino_kind = _load_dino(dino)
         self._setup(dino_model, dino_kind, _load_vae(vae), dino, vae, device, compile)
+        if vae_scaling_factor is not None:
+            self.vae_scaling_factor = float(vae_scaling_factor)
 
     @classmethod
     def from_modules(cls, dino: nn.Module, vae: nn.Module, device: str = "cpu", *, dino_id: str = "custom",
@@ -170,6 +180,11 @@ class FrozenEncoders:
             vae_in = vae_in.contiguous(memory_format=torch.channels_last)
         latents = (self._vae_mean if _eager else self._vae_fn)(vae_in) * self.vae_scaling_factor
         return EncodedFrames(dino=tokens.float(), latents=latents.float())
+
+    @torch.inference_mode()
+    def raw_latent_std(self, frames: torch.Tensor) -> float:
+        """Std of the VAE's unscaled latents (`latent_dist.mean`) of uint8 frames [B, H, W, 3]."""
+        return float((self.encode(frames, _eager=True).latents / self.vae_scaling_factor).std())
 
     def output_shapes(self, image_size: int) -> tuple[tuple[int, int], tuple[int, int, int]]:
         """(N, D) and (C, h, w) for frames of image_size, found by encoding one blank frame."""
