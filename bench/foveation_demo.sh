@@ -11,7 +11,9 @@
 # About 9 minutes on 2 quiet CPU cores (measured: precompute 3.4 min, training 5.5 min, evaluation 20 s);
 # no GPU, no network. Re-running continues: precompute skips written videos, training resumes
 # from OUT_DIR/run (or does nothing once at the last step), evaluation runs again.
-# FOVEATION_VIDEOS / FOVEATION_STEPS / FOVEATION_SEED override the recipe (e.g. a quick smoke run).
+# FOVEATION_VIDEOS / FOVEATION_STEPS / FOVEATION_SEED / FOVEATION_LAMBDA_RECON / FOVEATION_FINE_ITERATIONS
+# override the recipe (e.g. a quick smoke run, or the joint-loss rows of bench/foveation_joint.sh);
+# FOVEATION_STORE puts the store elsewhere, so that several runs share one.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -20,12 +22,14 @@ TASK=${FOVEATION_TASK:-foveation}
 VIDEOS=${FOVEATION_VIDEOS:-3000}
 STEPS=${FOVEATION_STEPS:-1500}
 SEED=${FOVEATION_SEED:-0}
+LAMBDA_RECON=${FOVEATION_LAMBDA_RECON:-0}
+FINE_ITERATIONS=${FOVEATION_FINE_ITERATIONS:-1}
 PY=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 mkdir -p "$OUT_DIR"
-STORE=$OUT_DIR/store.zarr
+STORE=${FOVEATION_STORE:-$OUT_DIR/store.zarr}
 RUN=$OUT_DIR/run
 EVAL=$OUT_DIR/eval.json
 
@@ -41,9 +45,10 @@ timings+=("precompute $((SECONDS - t)) s")
 
 # lr 3e-4, not 1e-3: at 1e-3 the attention of both passes locks onto one shape within ~500
 # steps, before the fine queries learn to follow the cue, and cap_ratio ends at 0.99 (README).
-stage "train: $STEPS steps, batch 32, lr 3e-4, one fine pass, caption loss only"
+stage "train: $STEPS steps, batch 32, lr 3e-4, $FINE_ITERATIONS fine pass(es), lambda_recon $LAMBDA_RECON"
 t=$SECONDS
-"$PY" "$ROOT/train.py" --store "$STORE" --preset tiny --num-frames 8 --fine-iterations 1 --lambda-recon 0 \
+"$PY" "$ROOT/train.py" --store "$STORE" --preset tiny --num-frames 8 --fine-iterations "$FINE_ITERATIONS" \
+  --lambda-recon "$LAMBDA_RECON" \
   --val-fraction 0.1 --batch-size 32 --grad-accum 1 --workers 0 --seed "$SEED" --out "$RUN" \
   --max-steps "$STEPS" --lr 3e-4 --warmup 50 --val-every 250 --save-every "$STEPS" --log-every 50
 timings+=("train $((SECONDS - t)) s")

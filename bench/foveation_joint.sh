@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Does next-frame reconstruction (the joint loss) make the fine queries follow what moves?
+# Each row is bench/foveation_demo.sh (precompute -> train -> held-out evaluation -> attention share)
+# with its own task, lambda_recon and fine passes; rows of one task share one store, and every row
+# uses the same videos (seed 0) and training seed. Prints one markdown table at the end
+# (bench/foveation_table.py) and keeps each row's eval.json, log and attention picture.
+#
+#   bash bench/foveation_joint.sh [OUT_DIR] [TASK:LAMBDA_RECON:FINE_ITERATIONS ...]
+#
+# Default rows: the moving-object task without a cue (foveation_nocue) with caption loss only, and
+# joint with lambda_recon 0.1 and 1.0 (one fine pass each). Give rows to run others, e.g.
+# `foveation_nocue:1.0:2` (two fine passes) or `foveation:1.0:1` (the cue task, joint).
+# A row takes 6 (caption only) to ~20 (joint) minutes on 2 CPU cores; a finished row is not re-run.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+OUT_DIR=${1:-demo_joint}
+shift || true
+ROWS=("$@")
+[ ${#ROWS[@]} -gt 0 ] || ROWS=(foveation_nocue:0:1 foveation_nocue:0.1:1 foveation_nocue:1.0:1)
+
+mkdir -p "$OUT_DIR"
+for row in "${ROWS[@]}"; do
+  IFS=: read -r task lambda passes <<< "$row"
+  dir=$OUT_DIR/${task}_lambda${lambda}_passes${passes}
+  if [ -f "$dir/eval.json" ] && [ -f "$dir/log.txt" ]; then
+    echo "== $row: done before, kept ($dir)" >&2
+    continue
+  fi
+  mkdir -p "$dir"
+  echo "== $row -> $dir ($(date +%H:%M:%S))" >&2
+  FOVEATION_TASK=$task FOVEATION_STORE=$OUT_DIR/$task.zarr FOVEATION_LAMBDA_RECON=$lambda \
+    FOVEATION_FINE_ITERATIONS=$passes bash "$ROOT/bench/foveation_demo.sh" "$dir" > "$dir/log.tmp" 2>&1
+  mv "$dir/log.tmp" "$dir/log.txt"
+done
+"${PYTHON:-python}" "$ROOT/bench/foveation_table.py" "$OUT_DIR"
