@@ -59,6 +59,7 @@ class FeatureDataset(Dataset):
         self.frame_sampling = frame_sampling
         self.seed = seed
         self.epoch = 0
+        # Opening reads the committed and video_id arrays shard by shard (V/S objects), no per-video files.
         slots = store.committed_slots()
         if split != "all":
             ids = store.read_strings("video_id", slots)
@@ -87,7 +88,17 @@ class FeatureDataset(Dataset):
         return frame_indices(self.stored_frames, self.num_frames, offset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self._store_for_this_process().read_slot(int(self.slots[index]), self.frames_for(index))
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """A whole batch in one store call (the DataLoader uses this when present): shard indexes and
+        captions in one batch of reads, then every frame range in another (concurrent when remote)."""
+        rows = self._store_for_this_process().read_slots([int(self.slots[i]) for i in indices],
+                                                         [self.frames_for(i) for i in indices])
+        return [self._item(row, index) for row, index in zip(rows, indices, strict=True)]
+
+    @staticmethod
+    def _item(row: dict[str, Any], index: int) -> dict[str, Any]:
         item = {
             "dino": torch.from_numpy(row["dino"]),
             "latents": torch.from_numpy(row["latents"]),

@@ -1,0 +1,210 @@
+"""Byte access to a store's objects (Zarr keys such as `dino/c/3/0/0/0`), on a local disk or remote.
+
+The reader needs three things zarr's array API does not give cheaply: the end of a shard (its
+index), byte ranges of many shards at once, and an atomic whole-object write. `LocalObjects`
+does them with `pread` and temp file + rename; `RemoteObjects` goes through zarr's own
+`FsspecStore` (s3://, gs://, ... with credentials and endpoint from the usual environment
+variables) and issues a batch's requests concurrently, so a batch costs a few round trips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+from pathlib import Path
+
+import zarr
+from zarr.abc.store import RangeByteRequest, SuffixByteRequest
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+# (key, offset, buffer to fill): one ranged read.
+ReadRequest = tuple[str, int, memoryview]
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+class LocalObjects:
+    """Objects as files under a folder; reads by `pread` on a small per-process cache of open files."""
+
+    MAX_OPEN_FILES = 64
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(str(root).removeprefix("file://"))
+        self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._pid = os.getpid()
+
+    def __repr__(self) -> str:
+        return str(self.root)
+
+    def zarr_store(self, read_only: bool) -> zarr.storage.LocalStore:
+        return zarr.storage.LocalStore(self.root, read_only=read_only)
+
+    def exists(self) -> bool:
+        return self.root.exists()
+
+    def _fd(self, key: str) -> int:
+        if self._pid != os.getpid():  # a forked DataLoader worker: its own descriptors
+            self._fds, self._pid = collections.OrderedDict(), os.getpid()
+        fd = self._fds.pop(key, None)
+        if fd is None:
+            fd = os.open(self.root / key, os.O_RDONLY)
+            if len(self._fds) >= self.MAX_OPEN_FILES:
+                os.close(self._fds.popitem(last=False)[1])
+        self._fds[key] = fd
+        return fd
+
+    def forget(self, key: str) -> None:
+        """Drop a cached descriptor (after the object was replaced)."""
+        fd = self._fds.pop(key, None)
+        if fd is not None:
+            os.close(fd)
+
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for key in keys:
+            try:
+                out.append((self.root / key).read_bytes())
+            except FileNotFoundError:
+                out.append(None)
+        return out
+
+    def tails(self, keys: list[str], nbytes: int) -> list[tuple[bytes, int] | None]:
+        """The last `nbytes` of each object and its size; None for a missing object."""
+        out: list[tuple[bytes, int] | None] = []
+        for key in keys:
+            try:
+                fd = self._fd(key)
+            except FileNotFoundError:
+                out.append(None)
+                continue
+            size = os.fstat(fd).st_size
+            out.append((os.pread(fd, nbytes, max(size - nbytes, 0)), size))
+        return out
+
+    def read_into(self, requests: list[ReadRequest]) -> list[int]:
+        """Fill each buffer from its object at its offset; returns the byte counts read."""
+        fds = [self._fd(key) for key, _, _ in requests]
+        if len(requests) > 1 and hasattr(os, "posix_fadvise"):
+            # On a cold page cache, announcing every range first lets the kernel queue all the I/O at
+            # once (bench/data_path.py: 1.5x faster cold, ~6% slower warm).
+            for fd, (_, offset, view) in zip(fds, requests, strict=True):
+                os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_WILLNEED)
+        return [os.preadv(fd, [view], offset) for fd, (_, offset, view) in zip(fds, requests, strict=True)]
+
+    def list_names(self, prefix: str) -> list[str]:
+        try:
+            return [e.name for e in os.scandir(self.root / prefix)]
+        except FileNotFoundError:
+            return []
+
+    def put(self, key: str, data: bytes) -> None:
+        """Atomic: a reader sees the old object or the whole new one, never a part."""
+        target = self.root / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not become visible before the bytes (power loss)
+        os.replace(tmp, target)
+        self.forget(key)
+
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+
+class RemoteObjects:
+    """Objects in an fsspec-backed zarr store (s3://bucket/prefix/store.zarr and friends)."""
+
+    # Requests in flight at once: enough to hide latency, few enough for the connection pool.
+    CONCURRENCY = 64
+
+    def __init__(self, url: str, read_only: bool) -> None:
+        self.url = url.rstrip("/")
+        self.store = zarr.storage.FsspecStore.from_url(self.url, read_only=read_only)
+
+    def __repr__(self) -> str:
+        return self.url
+
+    def __getstate__(self) -> dict:
+        return {"url": self.url, "read_only": self.store.read_only}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["url"], state["read_only"])
+
+    def zarr_store(self, read_only: bool) -> zarr.storage.FsspecStore:
+        return self.store if read_only == self.store.read_only else self.store.with_read_only(read_only)
+
+    def exists(self) -> bool:
+        return bool(sync(self.store.exists("zarr.json")))
+
+    async def _gather(self, coros: list) -> list:
+        limit = asyncio.Semaphore(self.CONCURRENCY)
+
+        async def one(coro):
+            async with limit:
+                return await coro
+
+        return await asyncio.gather(*(one(c) for c in coros))
+
+    async def _get(self, key: str, byte_range=None) -> bytes | None:
+        buf = await self.store.get(key, default_buffer_prototype(), byte_range=byte_range)
+        return None if buf is None else buf.to_bytes()
+
+    async def _size(self, key: str) -> int | None:
+        try:
+            return await self.store.getsize(key)
+        except FileNotFoundError:
+            return None
+
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        return sync(self._gather([self._get(k) for k in keys]))
+
+    def tails(self, keys: list[str], nbytes: int) -> list[tuple[bytes, int] | None]:
+        async def tail(key: str) -> tuple[bytes, int] | None:
+            data, size = await asyncio.gather(self._get(key, SuffixByteRequest(nbytes)), self._size(key))
+            return None if data is None or size is None else (data, size)
+
+        return sync(self._gather([tail(k) for k in keys]))
+
+    def read_into(self, requests: list[ReadRequest]) -> list[int]:
+        ranges = [RangeByteRequest(offset, offset + len(view)) for _, offset, view in requests]
+        datas = sync(self._gather([self._get(key, r) for (key, _, _), r in zip(requests, ranges, strict=True)]))
+        counts = []
+        for (_, _, view), data in zip(requests, datas, strict=True):
+            n = min(len(view), len(data or b""))
+            view[:n] = (data or b"")[:n]
+            counts.append(n)
+        return counts
+
+    def list_names(self, prefix: str) -> list[str]:
+        async def names() -> list[str]:
+            return [n async for n in self.store.list_dir(prefix)]
+
+        return sync(names())
+
+    def put(self, key: str, data: bytes) -> None:
+        """One PUT: object stores make a whole object visible at once."""
+        sync(self.store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+
+    def nbytes(self) -> int:
+        async def total() -> int:
+            keys = [k async for k in self.store.list()]
+            return sum(await self._gather([self.store.getsize(k) for k in keys]))
+
+        return sync(total())
+
+    def close(self) -> None:
+        pass
+
+
+def objects_at(path: str | os.PathLike, read_only: bool = True) -> LocalObjects | RemoteObjects:
+    return RemoteObjects(str(path), read_only) if is_remote(path) else LocalObjects(path)
