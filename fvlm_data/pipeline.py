@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import multiprocessing
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -174,7 +175,7 @@ def run_precompute(
         state = store.shard_state(shard)
         problem = store.shard_problem(shard) if state is not None else None
         if problem is not None:
-            tqdm.write(f"recomputing shard {shard}: {problem}")
+            tqdm.write(f"recomputing shard {shard}: {problem}", file=sys.stderr)
             state = None
         done = np.zeros(hi - lo, dtype=bool) if state is None else (state[0] | state[1])[: hi - lo]
         if done.any():
