@@ -143,7 +143,12 @@ class RemoteObjects:
     def zarr_store(self, read_only: bool) -> zarr.storage.FsspecStore:
         return self.store if read_only == self.store.read_only else self.store.with_read_only(read_only)
 
+    def _forget_listings(self) -> None:
+        # fsspec caches listings per filesystem instance; other processes add objects meanwhile.
+        self.store.fs.invalidate_cache(self.store.path)
+
     def exists(self) -> bool:
+        self._forget_listings()
         return bool(sync(self.store.exists("zarr.json")))
 
     async def _gather(self, coros: list) -> list:
@@ -175,17 +180,35 @@ class RemoteObjects:
 
         return sync(self._gather([tail(k) for k in keys]))
 
+    # Ranges of one object closer than this are fetched as one request: a round trip costs more
+    # than a few hundred kB of transfer.
+    MERGE_GAP = 1 << 20
+
     def read_into(self, requests: list[ReadRequest]) -> list[int]:
-        ranges = [RangeByteRequest(offset, offset + len(view)) for _, offset, view in requests]
-        datas = sync(self._gather([self._get(key, r) for (key, _, _), r in zip(requests, ranges, strict=True)]))
-        counts = []
-        for (_, _, view), data in zip(requests, datas, strict=True):
-            n = min(len(view), len(data or b""))
-            view[:n] = (data or b"")[:n]
-            counts.append(n)
+        """All ranges at once, neighbours in one object merged, then scattered into the buffers."""
+        order = sorted(range(len(requests)), key=lambda i: (requests[i][0], requests[i][1]))
+        spans: list[tuple[str, int, int, list[int]]] = []  # key, start, stop, member requests
+        for i in order:
+            key, offset, view = requests[i]
+            if spans and spans[-1][0] == key and offset - spans[-1][2] <= self.MERGE_GAP:
+                last = spans[-1]
+                spans[-1] = (key, last[1], max(last[2], offset + len(view)), [*last[3], i])
+            else:
+                spans.append((key, offset, offset + len(view), [i]))
+        datas = sync(self._gather([self._get(key, RangeByteRequest(a, b)) for key, a, b, _ in spans]))
+        counts = [0] * len(requests)
+        for (_, start, _, members), data in zip(spans, datas, strict=True):
+            data = data or b""
+            for i in members:
+                _, offset, view = requests[i]
+                piece = data[offset - start : offset - start + len(view)]
+                view[: len(piece)] = piece
+                counts[i] = len(piece)
         return counts
 
     def list_names(self, prefix: str) -> list[str]:
+        self._forget_listings()
+
         async def names() -> list[str]:
             return [n async for n in self.store.list_dir(prefix)]
 
@@ -196,6 +219,8 @@ class RemoteObjects:
         sync(self.store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
 
     def nbytes(self) -> int:
+        self._forget_listings()
+
         async def total() -> int:
             keys = [k async for k in self.store.list()]
             return sum(await self._gather([self.store.getsize(k) for k in keys]))
