@@ -470,6 +470,24 @@ class FeatureStore:
     def read_slot(self, slot: int, frames: np.ndarray | None = None) -> dict[str, Any]:
         return self.read_slots([slot], [frames])[0]
 
+    def chunk_location(self, name: str, slot: int) -> tuple[str, int, int]:
+        """(object key, byte offset, byte count) of one video's inner chunk of a frame array."""
+        shard = slot // self.shard_videos
+        offset, nbytes = (int(v) for v in self._indexes([(name, shard)])[(name, shard)][slot % self.shard_videos])
+        return self.shard_key(name, shard), offset, nbytes
+
+    def read_frames(self, name: str, slot: int, frames: np.ndarray | None = None) -> np.ndarray:
+        """Frames of one frame array (dino, dino_scale, latents, timestamps) of one slot."""
+        arr = self._arrays[name]
+        idx = np.arange(arr.shape[1]) if frames is None else np.asarray(frames, dtype=np.int64)
+        out = np.empty((len(idx), *arr.shape[2:]), dtype=np.dtype(arr.dtype))
+        shard = slot // self.shard_videos
+        requests = self._frame_requests(name, slot, self._indexes([(name, shard)])[(name, shard)], idx, out)
+        if requests and self.objects.read_into(requests) != [len(v) for _, _, v in requests]:
+            raise StoreError(f"{self.path}: short read of {requests[0][0]}: the shard is truncated; "
+                             "re-run precompute to recompute it")
+        return out
+
     def read(self, i: int, frames: np.ndarray | None = None) -> dict[str, Any]:
         """The i-th committed video: dino [T', N, D], latents [T', C, h, w] (stored dtypes),
         caption, video_id, timestamps [T'] (float32 seconds). `frames` picks frame indices."""
