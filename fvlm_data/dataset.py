@@ -82,6 +82,10 @@ class FeatureDataset(Dataset):
         """Random frame offsets are a function of (seed, epoch, index), so a resumed run repeats them."""
         self.epoch = epoch
 
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers (spawn) get the path, not this process's open store and its caches.
+        return {**self.__dict__, "_store": None, "_store_pid": -1}
+
     def _store_for_this_process(self) -> FeatureStore:
         if self._store is None or self._store_pid != os.getpid():
             self._store, self._store_pid = FeatureStore.open(self.path), os.getpid()

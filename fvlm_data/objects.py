@@ -23,6 +23,10 @@ from zarr.core.sync import sync
 ReadRequest = tuple[str, int, memoryview]
 
 
+class StoreError(Exception):
+    """A store that cannot be used as asked; the message is one line for the user."""
+
+
 def is_remote(path: str | os.PathLike) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 
@@ -129,7 +133,12 @@ class RemoteObjects:
 
     def __init__(self, url: str, read_only: bool) -> None:
         self.url = url.rstrip("/")
-        self.store = zarr.storage.FsspecStore.from_url(self.url, read_only=read_only)
+        try:
+            self.store = zarr.storage.FsspecStore.from_url(self.url, read_only=read_only)
+        except (ImportError, ValueError) as e:  # fsspec names the package a protocol needs
+            protocol = self.url.split("://")[0]
+            raise StoreError(f"cannot open {self.url}: {str(e).splitlines()[0]} (for s3:// install fvlm's "
+                             f"'remote' extra; other {protocol}:// stores need their fsspec package)") from None
 
     def __repr__(self) -> str:
         return self.url

@@ -38,7 +38,9 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from fvlm_data.objects import LocalObjects, ReadRequest, RemoteObjects, objects_at
+from fvlm_data.objects import LocalObjects, ReadRequest, RemoteObjects, StoreError, objects_at
+
+__all__ = ["FeatureShapes", "FeatureStore", "ShardBuffer", "StoreError", "check_compatible", "quantize_int8"]
 
 FORMAT_NAME = "fvlm-features"
 FORMAT_VERSION = 2
@@ -52,10 +54,6 @@ EMPTY = np.uint64(2**64 - 1)  # a shard index entry for an inner chunk that was 
 
 
 _VLEN_UTF8 = numcodecs.VLenUTF8()
-
-
-class StoreError(Exception):
-    """A store that cannot be used as asked; the message is one line for the user."""
 
 
 def check_compatible(path: str | os.PathLike, existing: dict[str, Any], wanted: dict[str, Any]) -> None:
@@ -324,8 +322,10 @@ class FeatureStore:
             return _decode_vlen_utf8(chunk)
         return np.frombuffer(chunk, dtype=np.dtype(self._arrays[name].dtype).newbyteorder("<"))
 
-    def _small(self, name: str, shards: list[int], cache: bool = False) -> dict[int, Any]:
-        """Per-video values of whole shards of a small array; a shard without an object is left out."""
+    def _small(self, name: str, shards: list[int], cache: bool = False,
+               errors: dict[int, str] | None = None) -> dict[int, Any]:
+        """Per-video values of whole shards of a small array; a shard without an object is left out,
+        and so is a damaged one if `errors` collects the reasons (otherwise it raises StoreError)."""
         out: dict[int, Any] = {}
         todo = []
         for shard in dict.fromkeys(shards):
@@ -337,7 +337,13 @@ class FeatureStore:
         for shard, data in zip(todo, datas, strict=True):
             if data is None:
                 continue
-            out[shard] = self._decode_small(name, shard, data)
+            try:
+                out[shard] = self._decode_small(name, shard, data)
+            except StoreError as e:
+                if errors is None:
+                    raise
+                errors.setdefault(shard, str(e))
+                continue
             if cache:
                 self._small_cache[(name, shard)] = out[shard]
                 if len(self._small_cache) > self.SMALL_CACHE:
@@ -349,32 +355,51 @@ class FeatureStore:
         n = self.num_shard_objects
         return sorted(int(s) for s in self.objects.list_names(f"{name}/c") if s.isdigit() and int(s) < n)
 
-    def shard_problem(self, shard: int) -> str | None:
-        """Why committed shard `shard` cannot be trusted (a missing, truncated or damaged object of any
-        array, or a committed video without its features), or None. Reads only the shard indexes."""
-        try:
-            committed = self._small("committed", [shard]).get(shard)
-            if committed is None:
-                return f"shard {shard} is not committed"
-            small = [n for n in self._arrays if n not in FRAME_ARRAYS and n != "committed"]
-            for name, got in zip(small, self.objects.tails([self.shard_key(n, shard) for n in small], 20),
-                                 strict=True):
+    def shard_states(self, shards: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray] | str | None]:
+        """For each shard: None if it is not committed; else its (committed, failed) slot flags if every
+        array's object of it exists, has an intact index (size, crc32c) and holds the features of each
+        committed video; else the one-line reason it cannot be trusted. Reads objects' ends only,
+        a few batches of requests for all the shards together."""
+        errors: dict[int, str] = {}
+        committed = self._small("committed", shards, errors=errors)
+        ok = [s for s in committed if s not in errors]
+        small = [n for n in self._arrays if n not in FRAME_ARRAYS and n != "committed"]
+        frames = [n for n in self._arrays if n in FRAME_ARRAYS]
+        for names, inner in ((small, 1), (frames, self.shard_videos)):
+            wanted = [(n, s) for s in ok for n in names]
+            tails = self.objects.tails([self.shard_key(n, s) for n, s in wanted], 16 * inner + 4)
+            for (name, shard), got in zip(wanted, tails, strict=True):
+                if shard in errors:
+                    continue
                 if got is None:
-                    raise self._missing(name, shard)
-                self._parse_index(name, shard, *got)
-            frames = [n for n in self._arrays if n in FRAME_ARRAYS]
-            self._forget_shard(shard)
-            indexes = self._indexes([(n, shard) for n in frames])
-            n_slots = min(self.shard_videos, self.capacity - shard * self.shard_videos)
-            for (name, _), index in indexes.items():
-                want = self._chunk_nbytes(name)
-                bad = (committed[:n_slots] == 1) & (index[:n_slots, 1] != want)
-                if bad.any():
-                    return (f"shard {shard} of {name!r} lacks the features of committed slot "
-                            f"{shard * self.shard_videos + int(np.flatnonzero(bad)[0])}")
-        except StoreError as e:
-            return str(e)
-        return None
+                    errors[shard] = str(self._missing(name, shard))
+                    continue
+                try:
+                    index = self._parse_index(name, shard, *got)
+                except StoreError as e:
+                    errors[shard] = str(e)
+                    continue
+                if name in frames:
+                    n_slots = min(self.shard_videos, self.capacity - shard * self.shard_videos)
+                    bad = (committed[shard][:n_slots] == 1) & (index[:n_slots, 1] != self._chunk_nbytes(name))
+                    if bad.any():
+                        errors[shard] = (f"{self.path}: shard {shard} of {name!r} lacks the features of committed "
+                                         f"slot {shard * self.shard_videos + int(np.flatnonzero(bad)[0])}")
+        failure = self._small("failure", [s for s in ok if s not in errors], errors=errors)
+        out: dict[int, tuple[np.ndarray, np.ndarray] | str | None] = {}
+        for shard in shards:
+            if shard in errors:
+                out[shard] = errors[shard]
+            elif shard not in committed:
+                out[shard] = None
+            else:
+                out[shard] = (committed[shard] == 1, np.array([bool(r) for r in failure[shard]]))
+        return out
+
+    def shard_problem(self, shard: int) -> str | None:
+        """Why shard `shard` cannot be trusted (see `shard_states`), or None."""
+        state = self.shard_states([shard])[shard]
+        return state if isinstance(state, str) else None
 
     def _forget_shard(self, shard: int) -> None:
         for cache in (self._index_cache, self._small_cache):
