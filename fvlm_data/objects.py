@@ -68,12 +68,23 @@ class LocalObjects:
             os.close(fd)
 
     def get_many(self, keys: list[str]) -> list[bytes | None]:
+        # os.open/os.read on string paths: a third of the cost of Path.read_bytes for small objects,
+        # which is what opening a 1M-video store reads (2 x V / S of them).
+        root = str(self.root)
         out: list[bytes | None] = []
         for key in keys:
             try:
-                out.append((self.root / key).read_bytes())
+                fd = os.open(os.path.join(root, key), os.O_RDONLY)
             except FileNotFoundError:
                 out.append(None)
+                continue
+            try:
+                parts = [os.read(fd, 1 << 20)]
+                while len(parts[-1]) == 1 << 20:
+                    parts.append(os.read(fd, 1 << 20))
+            finally:
+                os.close(fd)
+            out.append(b"".join(parts) if len(parts) > 1 else parts[0])
         return out
 
     def tails(self, keys: list[str], nbytes: int) -> list[tuple[bytes, int] | None]:

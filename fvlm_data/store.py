@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -314,10 +315,14 @@ class FeatureStore:
         return {w: self._index_cache[w] for w in wanted}
 
     def _decode_small(self, name: str, shard: int, data: bytes) -> np.ndarray | list[str]:
-        off, nbytes = (int(v) for v in self._parse_index(name, shard, data, len(data))[0])
-        if off == int(EMPTY):
+        # A shard of a small array is one inner chunk: its index is 20 bytes (offset, nbytes, crc32c).
+        tail = data[-20:]
+        offset, nbytes = struct.unpack_from("<QQ", tail)
+        if (len(data) < 20 or google_crc32c.value(tail[:16]) != int.from_bytes(tail[16:], "little")
+                or offset + nbytes > len(data) - 20):
+            self._parse_index(name, shard, data, len(data))  # raises the precise one-line error
             raise StoreError(f"{self.path}: shard {shard} of {name!r} holds no data: re-run precompute")
-        chunk = data[off : off + nbytes]
+        chunk = data[offset : offset + nbytes]
         if name in STRING_ARRAYS:
             return _decode_vlen_utf8(chunk)
         return np.frombuffer(chunk, dtype=np.dtype(self._arrays[name].dtype).newbyteorder("<"))
