@@ -331,26 +331,32 @@ class FeatureStore:
                errors: dict[int, str] | None = None) -> dict[int, Any]:
         """Per-video values of whole shards of a small array; a shard without an object is left out,
         and so is a damaged one if `errors` collects the reasons (otherwise it raises StoreError)."""
-        out: dict[int, Any] = {}
+        return self._small_many((name,), shards, cache, errors)[name]
+
+    def _small_many(self, names: tuple[str, ...], shards: list[int], cache: bool = False,
+                    errors: dict[int, str] | None = None) -> dict[str, dict[int, Any]]:
+        """`_small` of several arrays, with one batch of reads for all of them."""
+        out: dict[str, dict[int, Any]] = {name: {} for name in names}
         todo = []
-        for shard in dict.fromkeys(shards):
-            if cache and (name, shard) in self._small_cache:
-                out[shard] = self._small_cache[(name, shard)]
-            else:
-                todo.append(shard)
-        datas = self.objects.get_many([self.shard_key(name, s) for s in todo]) if todo else []
-        for shard, data in zip(todo, datas, strict=True):
+        for name in names:
+            for shard in dict.fromkeys(shards):
+                if cache and (name, shard) in self._small_cache:
+                    out[name][shard] = self._small_cache[(name, shard)]
+                else:
+                    todo.append((name, shard))
+        datas = self.objects.get_many([self.shard_key(n, s) for n, s in todo]) if todo else []
+        for (name, shard), data in zip(todo, datas, strict=True):
             if data is None:
                 continue
             try:
-                out[shard] = self._decode_small(name, shard, data)
+                out[name][shard] = self._decode_small(name, shard, data)
             except StoreError as e:
                 if errors is None:
                     raise
                 errors.setdefault(shard, str(e))
                 continue
             if cache:
-                self._small_cache[(name, shard)] = out[shard]
+                self._small_cache[(name, shard)] = out[name][shard]
                 if len(self._small_cache) > self.SMALL_CACHE:
                     self._small_cache.popitem(last=False)
         return out
@@ -472,8 +478,8 @@ class FeatureStore:
         frame_names = [n for n in FRAME_ARRAYS if n in self._arrays]
         shards = [s // self.shard_videos for s in slots]
         indexes = self._indexes([(n, sh) for sh in shards for n in frame_names])
-        captions = self._small("caption", shards, cache=True)
-        ids = self._small("video_id", shards, cache=True)
+        strings = self._small_many(("caption", "video_id"), shards, cache=True)
+        captions, ids = strings["caption"], strings["video_id"]
         rows, requests = [], []
         for slot, shard, want in zip(slots, shards, frames, strict=True):
             if shard not in captions or shard not in ids:

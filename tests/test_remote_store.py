@@ -168,7 +168,7 @@ def test_a_batch_costs_a_few_round_trips_not_one_per_sample(s3):
 
     latency = 0.2
     base, slow = timed_batch(0.0), timed_batch(latency)
-    # Index, caption, video_id and frame requests: four rounds, not 32 (or 32 x 3 x 8).
+    # Shard indexes, then captions and ids, then frame ranges: three rounds, not 32 (or 32 x 3 x 8).
     assert slow - base < 6 * latency, f"{slow - base:.2f} s of added latency for one batch"
 
 
