@@ -120,7 +120,9 @@ class LocalObjects:
         """Atomic: a reader sees the old object or the whole new one, never a part."""
         target = self.root / key
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        # One fixed temp name per object: only its shard's owner writes it, and a temp file left by a
+        # killed run is overwritten and renamed by the run that redoes the shard.
+        tmp = target.with_name(f".{target.name}.tmp")
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()

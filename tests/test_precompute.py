@@ -114,7 +114,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(reference_store, tmp_path
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     markers = out / "committed" / "c"  # one object per published shard of 3 videos
     deadline = time.time() + 120
-    while time.time() < deadline and not (markers.exists() and len(os.listdir(markers)) >= 2):
+    while time.time() < deadline and not (markers.exists() and sum(n.isdigit() for n in os.listdir(markers)) >= 2):
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
