@@ -6,7 +6,8 @@
     python precompute.py --out store.zarr --webdataset 'shards/{00000..00009}.tar'
 
 Re-running the same command continues where it stopped. K processes (or machines sharing a
-file system) fill one store together with --num-shards K --shard-index I.
+file system or an object store such as --out s3://bucket/prefix/store.zarr) fill one store
+together with --num-shards K --shard-index I: process I owns store shards I, I+K, ...
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from fvlm_data.encoders import PRESETS, EncoderLoadError, FrozenEncoders
 from fvlm_data.pipeline import run_precompute
 from fvlm_data.sources import list_inputs
-from fvlm_data.store import FeatureStore, StoreError, check_compatible
+from fvlm_data.store import DEFAULT_SHARD_VIDEOS, FeatureStore, StoreError, check_compatible
 from fvlm_data.synthetic import TASKS
 from fvlm_data.video import SEEK_MODES
 
@@ -31,7 +32,7 @@ def _default_device() -> str:
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Zarr store to create or continue.")
+@click.option("--out", required=True, help="Zarr store to create or continue: a folder or a URL (s3://bucket/prefix/s.zarr).")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="default",
               help="Encoder preset: the real hub models, or 'tiny' random-initialised offline ones.")
 @click.option("--dino", default=None, help="DINO encoder: hub id or local path, or timm:NAME (overrides the preset).")
@@ -59,8 +60,13 @@ def _default_device() -> str:
 @click.option("--feature-dtype", type=click.Choice(["float16", "int8"]), default="float16",
               help="DINO token storage: float16, or int8 with a float16 scale per token (half the bytes).")
 @click.option("--device", default=None, help="Encoder device [default: cuda if available, else cpu].")
-@click.option("--num-shards", type=click.IntRange(min=1), default=1, help="Split the inputs among K processes.")
-@click.option("--shard-index", type=click.IntRange(min=0), default=0, help="Which of the K shares this process takes.")
+@click.option("--num-shards", type=click.IntRange(min=1), default=1,
+              help="Split the work among K processes (by whole store shards).")
+@click.option("--shard-index", type=click.IntRange(min=0), default=0,
+              help="This process is I of K: it fills store shards I, I+K, ...")
+@click.option("--shard-videos", type=click.IntRange(min=1), default=None,
+              help=f"Videos per store shard (one object per array per shard; a writer buffers one shard) "
+                   f"[default: {DEFAULT_SHARD_VIDEOS} for a new store, an existing store's own].")
 @click.option("--workers", type=click.IntRange(min=0), default=min(8, os.cpu_count() or 1),
               help="Decode worker processes (0: decode in this process).")
 @click.option("--batch-videos", type=click.IntRange(min=1), default=8, help="Videos encoded together in one batch.")
@@ -84,9 +90,9 @@ def main(**args) -> None:
 
     try:
         recorded_scaling = None
-        if os.path.exists(args["out"]):  # refuse a mismatched store before loading any model
+        if FeatureStore.exists(args["out"]):  # refuse a mismatched store before loading any model
             wanted = {"dino": dino, "vae": vae, "num_frames": args["num_frames"], "image_size": args["image_size"],
-                      "feature_dtype": args["feature_dtype"]}
+                      "feature_dtype": args["feature_dtype"], "shard_videos": args["shard_videos"]}
             existing = FeatureStore.open(args["out"]).attrs
             check_compatible(args["out"], existing, wanted)
             # New rows get the latent scale the store already records (a store made before a preset's
@@ -106,7 +112,8 @@ def main(**args) -> None:
             min_duration=args["min_duration"], max_duration=args["max_duration"],
             num_shards=args["num_shards"], shard_index=args["shard_index"],
             workers=args["workers"], batch_videos=args["batch_videos"],
-            feature_dtype=args["feature_dtype"], seek=args["seek"], preset=args["preset"], args=recorded,
+            feature_dtype=args["feature_dtype"], shard_videos=args["shard_videos"], seek=args["seek"],
+            preset=args["preset"], args=recorded,
             progress=not args["quiet"],
         )
     except (StoreError, EncoderLoadError, ValueError, FileNotFoundError) as e:

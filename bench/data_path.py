@@ -9,7 +9,7 @@ SD-VAE latents 24 x 4 x 32 x 32) with a DINO-like value distribution (not zeros,
 - seed: `{"dino_features": bf16, "latents": bf16, "caption": str}` per video via torch.save; a
   sample = torch.load of the whole file (weights_only=True), convert to float32, keep 16 of 24
   frames (what the reference did).
-- ours: `FeatureStore.write_row` (float16, and the int8 variant); a sample =
+- ours: a format-2 store written shard by shard (float16, and the int8 variant); a sample =
   `FeatureStore.read_slot(slot, 16 uniformly spaced frames)` + caption, features stay float16.
 
 Formats are timed ALTERNATING in one process (the order rotates each round), pinned to one core
@@ -241,29 +241,22 @@ def pread_frames_into(store: FeatureStore, name: str, slot: int, idx: np.ndarray
     frame_bytes = out[0].nbytes
     view = memoryview(out.reshape(-1).view(np.uint8))
     runs = frame_runs(idx)
-    fd = os.open(store._chunk_path(name, slot), os.O_RDONLY)
+    key, base, _ = store.chunk_location(name, slot)  # the video's inner chunk inside its shard object
+    fd = os.open(Path(store.path) / key, os.O_RDONLY)
     try:
         if willneed:
             for _, first, count in runs:
-                os.posix_fadvise(fd, first * frame_bytes, count * frame_bytes, os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(fd, base + first * frame_bytes, count * frame_bytes, os.POSIX_FADV_WILLNEED)
         for pos, first, count in runs:
             want = count * frame_bytes
-            if os.preadv(fd, [view[pos * frame_bytes : pos * frame_bytes + want]], first * frame_bytes) != want:
+            if os.preadv(fd, [view[pos * frame_bytes : pos * frame_bytes + want]], base + first * frame_bytes) != want:
                 raise OSError(f"short read in {name} slot {slot}")
     finally:
         os.close(fd)
 
 
 class WillNeedStore(FeatureStore):
-    """Proposed: `_read_frames` with POSIX_FADV_WILLNEED hints before the preads."""
-
-    def _read_frames(self, name: str, slot: int, frames: np.ndarray | None) -> np.ndarray:
-        if frames is None or not self._raw_ok[name]:
-            return super()._read_frames(name, slot, frames)
-        arr = self._arrays[name]
-        out = np.empty((len(frames), *arr.shape[2:]), dtype=np.dtype(arr.dtype))
-        pread_frames_into(self, name, slot, np.asarray(frames, dtype=np.int64), out, willneed=True)
-        return out
+    """Formerly proposed, now what FeatureStore itself does: POSIX_FADV_WILLNEED hints before the preads."""
 
 
 def shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -330,15 +323,20 @@ def write_datasets(root: Path, videos: int, with_int8: bool, seed: int = 0) -> d
         attrs = dict(dino="bench-synthetic", vae="bench-synthetic", num_frames=T, image_size=256, feature_dtype=dt)
         stores[dt] = FeatureStore.create_or_open(root / f"store_{dt}.zarr", attrs, SHAPES, capacity=videos)
     paths = []
+    buffers: dict[str, Any] = {}
     for i in range(videos):
         dino, latents, caption = synthetic_features(rng), synthetic_latents(rng), synthetic_caption(rng)
         path = seed_dir / f"video_{i:06d}.pt"
         torch.save({"dino_features": torch.from_numpy(dino).to(torch.bfloat16),
                     "latents": torch.from_numpy(latents).to(torch.bfloat16), "caption": caption}, path)
         paths.append(path)
-        for store in stores.values():
-            store.write_row(i, dino=dino, latents=latents, caption=caption, video_id=f"video_{i:06d}",
-                            source=str(path), timestamps=(np.arange(T) + 0.5) * 1.5, duration=36.0)
+        for dt, store in stores.items():
+            if dt not in buffers or buffers[dt].shard != i // store.shard_videos:
+                buffers[dt] = store.shard_buffer(i // store.shard_videos)
+            buffers[dt].add_row(i, dino=dino, latents=latents, caption=caption, video_id=f"video_{i:06d}",
+                                source=str(path), timestamps=(np.arange(T) + 0.5) * 1.5, duration=36.0)
+            if buffers[dt].complete():
+                buffers.pop(dt).publish()
     os.sync()  # dirty pages cannot be evicted: make every file clean before any cold read
     return {"seed": paths, **{dt: root / f"store_{dt}.zarr" for dt in dtypes}}
 
@@ -354,12 +352,21 @@ def read_seed(path: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
 OURS_FRAMES = frame_indices(T, WANT)
 
 
+def fill_store(store: FeatureStore, rows: list[dict[str, Any]]) -> None:
+    """Row i into slot i, shard by shard (each shard published whole, as precompute does)."""
+    for shard in range(-(-len(rows) // store.shard_videos)):
+        buf = store.shard_buffer(shard)
+        for slot in range(buf.start, min(buf.stop, len(rows))):
+            buf.add_row(slot, **rows[slot])
+        buf.publish()
+
+
 def store_files(store: FeatureStore, slot: int) -> list[Path]:
-    """The chunk files one read_slot touches."""
+    """The shard objects one read_slot touches."""
     names = ["dino", "latents", "timestamps", "caption", "video_id"]
     if "dino_scale" in store._arrays:
         names.append("dino_scale")
-    return [store._chunk_path(name, slot) for name in names]
+    return [Path(store.path) / store.shard_key(name, slot // store.shard_videos) for name in names]
 
 
 class Method:

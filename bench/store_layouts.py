@@ -100,15 +100,14 @@ def write_layouts(root: Path, feats: list[np.ndarray]) -> dict[str, Any]:
     attrs = dict(dino="bench", vae="bench", num_frames=dp.T, image_size=256, feature_dtype="float16")
     store = FeatureStore.create_or_open(root / "ours.zarr", attrs, dp.SHAPES, capacity=videos)
     latents = np.zeros((dp.T, *dp.LATENT), dtype=np.float32)
-    for i, f in enumerate(feats):
-        store.write_row(i, dino=f, latents=latents, caption="", video_id=str(i), source="", timestamps=np.zeros(dp.T),
-                        duration=1.0)
+    dp.fill_store(store, [dict(dino=f, latents=latents, caption="", video_id=str(i), source="",
+                               timestamps=np.zeros(dp.T), duration=1.0) for i, f in enumerate(feats)])
     store = FeatureStore.open(root / "ours.zarr")
     generic = zarr.open_array(str(root / "ours.zarr" / "dino"), mode="r")
     ours_bytes = sum(f.stat().st_size for f in (root / "ours.zarr" / "dino").rglob("*") if f.is_file()) / videos
     out: dict[str, Any] = {
         "ours": ("a. ours: raw, one chunk per video; FeatureStore pread of 16 frames",
-                 lambda i: store._read_frames("dino", i, dp.OURS_FRAMES), ours_bytes),
+                 lambda i: store.read_frames("dino", i, dp.OURS_FRAMES), ours_bytes),
         "zarr_raw": ("b. same raw chunks; zarr `arr[slot, frames]`", index_read(generic), ours_bytes),
         "zarr_raw_whole": ("b. same raw chunks; zarr `arr[slot]`, then frames in numpy", whole_read(generic),
                            ours_bytes),

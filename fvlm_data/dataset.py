@@ -21,6 +21,13 @@ def is_validation(video_id: str, val_fraction: float) -> bool:
     return bucket < val_fraction * 1_000_000
 
 
+def validation_mask(video_ids: list[str], val_fraction: float) -> np.ndarray:
+    """`is_validation` of many ids at once (the same hash; 1M ids in about a second)."""
+    sha1 = hashlib.sha1
+    digests = b"".join([sha1(v.encode("utf-8")).digest()[:8] for v in video_ids])
+    return np.frombuffer(digests, dtype="<u8") % 1_000_000 < val_fraction * 1_000_000
+
+
 def frame_indices(stored: int, wanted: int, offset: float = 0.5) -> np.ndarray:
     """`wanted` of `stored` frames, evenly spaced; offset in [0, 1) shifts within each stride."""
     stride = stored / wanted
@@ -59,11 +66,11 @@ class FeatureDataset(Dataset):
         self.frame_sampling = frame_sampling
         self.seed = seed
         self.epoch = 0
+        # Opening reads the committed and video_id arrays shard by shard (V/S objects), no per-video files.
         slots = store.committed_slots()
         if split != "all":
-            ids = store.read_strings("video_id", slots)
-            keep = [is_validation(v, val_fraction) == (split == "val") for v in ids]
-            slots = slots[np.asarray(keep, dtype=bool)] if len(slots) else slots
+            is_val = validation_mask(store.read_strings("video_id", slots), val_fraction)
+            slots = slots[is_val == (split == "val")]
         self.slots = slots
         self._store: FeatureStore | None = None
         self._store_pid = -1
@@ -74,6 +81,10 @@ class FeatureDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Random frame offsets are a function of (seed, epoch, index), so a resumed run repeats them."""
         self.epoch = epoch
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers (spawn) get the path, not this process's open store and its caches.
+        return {**self.__dict__, "_store": None, "_store_pid": -1}
 
     def _store_for_this_process(self) -> FeatureStore:
         if self._store is None or self._store_pid != os.getpid():
@@ -87,7 +98,17 @@ class FeatureDataset(Dataset):
         return frame_indices(self.stored_frames, self.num_frames, offset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self._store_for_this_process().read_slot(int(self.slots[index]), self.frames_for(index))
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """A whole batch in one store call (the DataLoader uses this when present): shard indexes and
+        captions in one batch of reads, then every frame range in another (concurrent when remote)."""
+        rows = self._store_for_this_process().read_slots([int(self.slots[i]) for i in indices],
+                                                         [self.frames_for(i) for i in indices])
+        return [self._item(row, index) for row, index in zip(rows, indices, strict=True)]
+
+    @staticmethod
+    def _item(row: dict[str, Any], index: int) -> dict[str, Any]:
         item = {
             "dino": torch.from_numpy(row["dino"]),
             "latents": torch.from_numpy(row["latents"]),

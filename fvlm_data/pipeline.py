@@ -1,15 +1,17 @@
 """Precompute: inputs -> decoded frames (worker processes) -> frozen encoders (batched) -> store rows.
 
-Slot j of the store belongs to input j, so a re-run, or K processes started with
-`num_shards=K, shard_index=I` (each taking every K-th input), write disjoint slots of one store.
-A slot that is committed or recorded as failed is skipped; an interrupted slot is redone.
+Slot j of the store belongs to input j, and the store's shards (S consecutive slots each) are the
+unit of work: process I of K (`num_shards=K, shard_index=I`) owns shards I, I+K, ..., buffers each
+shard's rows in memory and publishes the shard whole once every slot of it is written or recorded
+as failed. A re-run skips committed shards (after checking their objects' indexes) and redoes the
+rest, so a kill loses at most the shard each process had in progress.
 """
 
 from __future__ import annotations
 
 import collections
 import multiprocessing
-import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ from tqdm import tqdm
 
 from fvlm_data.encoders import FrozenEncoders
 from fvlm_data.sources import DecodedVideo, InputError, VideoInput, load_frames
-from fvlm_data.store import FeatureShapes, FeatureStore, StoreError
+from fvlm_data.store import FeatureShapes, FeatureStore, ShardBuffer, StoreError
 from fvlm_data.video import SEEK_MODES
 
 
@@ -138,12 +140,15 @@ def run_precompute(
     workers: int = 2,
     batch_videos: int = 8,
     feature_dtype: str = "float16",
+    shard_videos: int | None = None,
     seek: str = "exact",
     preset: str | None = None,
     args: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> PrecomputeSummary:
-    """Fill (or continue filling) the store at `out` with this shard's share of `inputs`."""
+    """Fill (or continue filling) the store at `out` with this process's shards of `inputs`.
+
+    `shard_videos` (S) applies to a new store; an existing store keeps its own (asking for another is refused)."""
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"--shard-index must be in 0..{num_shards - 1}, got {shard_index}")
     if seek not in SEEK_MODES:
@@ -152,30 +157,57 @@ def run_precompute(
     shapes = FeatureShapes(num_frames, n_tokens, dim, latent_shape)
     attrs = store_attributes(encoders, shapes, image_size=image_size, feature_dtype=feature_dtype,
                              preset=preset, args=args or {}, seek=seek)
-    if num_shards > 1 and os.path.exists(out):
+    if num_shards > 1 and FeatureStore.exists(out):
         # Growing a store while other processes write it would race on the array metadata.
         capacity = FeatureStore.open(out).capacity
         if capacity < len(inputs):
             raise StoreError(f"{out} has {capacity} slots but this run lists {len(inputs)} inputs: "
                              "grow it with a single process (--num-shards 1) first")
-    store = FeatureStore.create_or_open(out, attrs, shapes, capacity=len(inputs))
+    store = FeatureStore.create_or_open(out, attrs, shapes, capacity=len(inputs), shard_videos=shard_videos)
+    size = store.shard_videos
 
     summary = PrecomputeSummary()
-    todo = []
-    for slot in range(shard_index, len(inputs), num_shards):
-        item = inputs[slot]
-        state = store.slot_state(slot)
-        if state != "empty":
-            stored_id = store.read_string("video_id", slot)
-            if stored_id != item.video_id:
-                raise StoreError(f"{out} slot {slot} holds video {stored_id!r} but this run's input {slot} is "
-                                 f"{item.video_id!r}: the input list changed; use a new --out")
-            summary.already_done += 1
-        else:
-            todo.append((slot, item))
+    todo: list[tuple[int, VideoInput]] = []
+    keep_existing: dict[int, bool] = {}  # shard -> start from its stored rows
+    buffers: dict[int, ShardBuffer] = {}  # created on first use, dropped once published: ~1-2 shards live
+    done_slots: list[np.ndarray] = []  # committed or failed slots, skipped
+    owned = list(range(shard_index, -(-len(inputs) // size), num_shards))
+    states = {}
+    for i in range(0, len(owned), 1024):  # committed shards are checked (object ends only), in batches
+        states.update(store.shard_states(owned[i : i + 1024]))
+    for shard in owned:
+        lo, hi = shard * size, min(shard * size + size, len(inputs))
+        state = states[shard]
+        if isinstance(state, str):
+            tqdm.write(f"recomputing shard {shard}: {state}", file=sys.stderr)
+            state = None
+        done = np.zeros(hi - lo, dtype=bool) if state is None else (state[0] | state[1])[: hi - lo]
+        done_slots.append(np.flatnonzero(done) + lo)
+        if done.all():
+            continue
+        # A committed shard that grew (more inputs) keeps its rows; a broken or unpublished one starts empty.
+        keep_existing[shard] = state is not None
+        todo += [(slot, inputs[slot]) for slot in range(lo, hi) if not done[slot - lo]]
+    skipped = np.concatenate(done_slots) if done_slots else np.zeros(0, dtype=np.int64)
+    for slot, stored_id in zip(skipped.tolist(), store.read_strings("video_id", skipped), strict=True):
+        if stored_id != inputs[slot].video_id:
+            raise StoreError(f"{out} slot {slot} holds video {stored_id!r} but this run's input {slot} is "
+                             f"{inputs[slot].video_id!r}: the input list changed; use a new --out")
+    summary.already_done = len(skipped)
+
+    def buffer(slot: int) -> ShardBuffer:
+        shard = slot // size
+        if shard not in buffers:
+            buffers[shard] = store.shard_buffer(shard, keep_existing=keep_existing[shard])
+        return buffers[shard]
+
+    def publish_if_complete(slot: int) -> None:
+        if buffer(slot).complete(until=len(inputs)):
+            buffers.pop(slot // size).publish()
 
     def on_failure(slot: int, item: VideoInput, reason: str) -> None:
-        store.write_failure(slot, video_id=item.video_id, source=item.source, reason=reason)
+        buffer(slot).add_failure(slot, video_id=item.video_id, source=item.source, reason=reason)
+        publish_if_complete(slot)
         summary.failed += 1
         summary.failure_reasons[reason.split(":")[0]] += 1
         bar.update(1)
@@ -196,9 +228,10 @@ def run_precompute(
             dino = encoded.dino.view(len(batch), num_frames, *encoded.dino.shape[1:]).cpu().numpy()
             latents = encoded.latents.view(len(batch), num_frames, *encoded.latents.shape[1:]).cpu().numpy()
             for k, (slot, item, video) in enumerate(batch):
-                store.write_row(slot, dino=dino[k], latents=latents[k], caption=item.caption or "",
-                                video_id=item.video_id, source=item.source,
-                                timestamps=video.timestamps, duration=video.duration)
+                buffer(slot).add_row(slot, dino=dino[k], latents=latents[k], caption=item.caption or "",
+                                     video_id=item.video_id, source=item.source,
+                                     timestamps=video.timestamps, duration=video.duration)
+                publish_if_complete(slot)
                 summary.written += 1
             bar.update(len(batch))
     finally:

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 
-from fvlm_data import FeatureStore
+from fvlm_data import FeatureStore, StoreError
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a hub lookup fails at once instead of retrying
-SMALL = ["--preset", "tiny", "--image-size", "56", "--num-frames", "6", "--quiet"]
+SMALL = ["--preset", "tiny", "--image-size", "56", "--num-frames", "6", "--shard-videos", "3", "--quiet"]
 
 
 def precompute(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -36,6 +37,18 @@ def store_contents(path: Path) -> dict[str, tuple]:
         row = store.read(i)
         out[row["video_id"]] = (row["dino"], row["latents"], row["timestamps"], row["caption"])
     return out
+
+
+def shard_objects(path: Path) -> dict[str, bytes]:
+    """Every array's shard objects (not metadata), keyed by their path in the store."""
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.glob("*/c/**/*"))
+            if f.is_file() and not f.name.startswith(".")}
+
+
+def assert_same_bytes(a: Path, b: Path) -> None:
+    oa, ob = shard_objects(a), shard_objects(b)
+    assert sorted(oa) == sorted(ob)
+    assert [k for k in oa if oa[k] != ob[k]] == []
 
 
 def assert_same_stores(a: Path, b: Path) -> None:
@@ -64,6 +77,17 @@ def test_synthetic_store_rows_attrs_and_rerun_is_a_no_op(reference_store):
     assert a["num_frames"] == 6 and a["image_size"] == 56
     assert (a["dino_tokens"], a["dino_dim"], a["latent_shape"]) == (17, 384, [4, 7, 7])  # 4x4 patches + CLS
     assert a["precompute_args"]["synthetic"] == 12
+    assert (a["format_version"], a["shard_videos"]) == (2, 3)
+    # 12 videos in shards of 3: four objects per array, whatever the array.
+    for name in ("dino", "latents", "timestamps", "caption", "video_id", "committed", "failure"):
+        assert len([f for f in (reference_store / name).rglob("*") if f.is_file()]) == 4 + 1  # + zarr.json
+    # The byte-range reader returns what zarr-python's own reader returns.
+    z = zarr.open_group(str(reference_store), mode="r")
+    for name in ("dino", "latents", "timestamps"):
+        whole = z[name][:]
+        for i in range(12):
+            np.testing.assert_array_equal(store.read(i, frames=[0, 2, 3, 5])[name], whole[i][[0, 2, 3, 5]])
+    assert store.read_strings("caption") == z["caption"][:].tolist()
     row = store.read(3)
     assert row["dino"].shape == (6, 17, 384) and row["dino"].dtype == np.float16
     assert row["latents"].shape == (6, 4, 7, 7) and row["latents"].dtype == np.float16
@@ -88,17 +112,33 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(reference_store, tmp_path
     cmd = [sys.executable, str(ROOT / "precompute.py"), "--out", str(out), "--synthetic", "12",
            "--workers", "0", "--batch-videos", "1", *SMALL]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    markers = out / "committed" / "c"
+    markers = out / "committed" / "c"  # one object per published shard of 3 videos
     deadline = time.time() + 120
-    while time.time() < deadline and not (markers.exists() and len(os.listdir(markers)) >= 3):
+    while time.time() < deadline and not (markers.exists() and sum(n.isdigit() for n in os.listdir(markers)) >= 2):
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     partial = len(FeatureStore.open(out))
-    assert 3 <= partial < 12, f"the kill came too late to test anything ({partial} rows)"
+    assert 6 <= partial < 12 and partial % 3 == 0, f"the kill came too late to test anything ({partial} rows)"
     rerun = precompute("--out", str(out), "--synthetic", "12", "--workers", "0", *SMALL)
     assert f"skipped {partial} already in the store" in rerun.stdout
     assert_same_stores(reference_store, out)
+    assert_same_bytes(reference_store, out)
+
+
+def test_truncated_shard_is_reported_on_read_and_recomputed(reference_store, tmp_path):
+    out = tmp_path / "damaged.zarr"
+    shutil.copytree(reference_store, out)
+    victim = out / "dino" / "c" / "1" / "0" / "0" / "0"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    store = FeatureStore.open(out)
+    assert store.read(0)["caption"]  # other shards still read
+    with pytest.raises(StoreError, match=r"shard 1 of 'dino' \(dino/c/1/0/0/0\).*re-run precompute"):
+        store.read(4)
+    rerun = precompute("--out", str(out), "--synthetic", "12", "--workers", "0", *SMALL)
+    assert "recomputing shard 1" in rerun.stderr
+    assert "written 3 videos, skipped 9 already in the store" in rerun.stdout
+    assert_same_bytes(reference_store, out)
 
 
 def test_two_shards_fill_one_store_like_one_process(reference_store, tmp_path):
@@ -111,6 +151,7 @@ def test_two_shards_fill_one_store_like_one_process(reference_store, tmp_path):
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
     assert_same_stores(reference_store, out)
+    assert_same_bytes(reference_store, out)
 
 
 def test_refuses_other_encoders_sizes_and_foreign_stores(reference_store, tmp_path):

@@ -1,0 +1,184 @@
+"""Stores on object storage: a real S3-compatible server (moto in server mode) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fvlm_data import FeatureDataset, FeatureStore
+from fvlm_data.dataset import frame_indices
+from fvlm_data.store import FeatureShapes
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--synthetic", "6", "--preset", "tiny", "--image-size", "56", "--num-frames", "6", "--shard-videos", "2",
+         "--workers", "0", "--quiet"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """Start moto's S3 server, point the standard AWS variables at it, make a bucket; stop it after."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")  # noqa: SIM115 (closed below)
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1).close()
+            break
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError(f"moto server did not start on {endpoint}") from None
+            time.sleep(0.2)
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        import s3fs
+
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir("fvlm")
+        yield {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
+
+
+def precompute(env: dict, out: str, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "precompute.py"), "--out", out, *SMALL, *args],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def remote_objects(url: str) -> dict[str, bytes]:
+    """Every array's shard objects in a remote store, keyed by their path in it."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    root = url.removeprefix("s3://")
+    keys = [k for k in fs.find(root) if "/c/" in k]
+    return {k[len(root) + 1 :]: fs.cat_file(k) for k in keys}
+
+
+def local_objects(path: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(path)): f.read_bytes() for f in path.glob("*/c/**/*") if f.is_file()}
+
+
+@pytest.fixture(scope="module")
+def local_reference(s3, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("local") / "s.zarr"
+    precompute(s3, str(out))
+    return out
+
+
+def test_precompute_into_s3_reads_back_like_the_local_store(s3, local_reference):
+    url = "s3://fvlm/runs/a/s.zarr"
+    precompute(s3, url)
+    assert remote_objects(url) == local_objects(local_reference)
+    remote, local = FeatureStore.open(url), FeatureStore.open(local_reference)
+    assert len(remote) == 6 and remote.attrs["shard_videos"] == 2 and remote.nbytes_on_disk() > 0
+    for i in range(6):
+        a, b = remote.read(i, frames=[0, 2, 3]), local.read(i, frames=[0, 2, 3])
+        np.testing.assert_array_equal(a["dino"], b["dino"])
+        np.testing.assert_array_equal(a["latents"], b["latents"])
+        assert a["caption"] == b["caption"]
+    ds = FeatureDataset(url, num_frames=4, split="all")
+    items = ds.__getitems__([5, 0, 3])
+    assert [it["video_id"] for it in items] == [local.read(i)["video_id"] for i in (5, 0, 3)]
+
+
+def test_kill_9_then_rerun_on_s3_equals_the_local_store(s3, local_reference):
+    url = "s3://fvlm/runs/killed/s.zarr"
+    cmd = [sys.executable, str(ROOT / "precompute.py"), "--out", url, *SMALL, "--batch-videos", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=s3, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    first_shard = url.removeprefix("s3://") + "/committed/c/0"
+    deadline = time.time() + 120
+    while time.time() < deadline and not fs.exists(first_shard):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = len(FeatureStore.open(url))
+    assert partial in (2, 4), f"the kill came too late to test anything ({partial} rows)"
+    rerun = precompute(s3, url)
+    assert f"skipped {partial} already in the store" in rerun.stdout
+    assert remote_objects(url) == local_objects(local_reference)
+
+
+def test_two_writer_processes_fill_one_s3_store(s3, local_reference):
+    url = "s3://fvlm/runs/two/s.zarr"
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "precompute.py"), "--out", url, *SMALL,
+                               "--num-shards", "2", "--shard-index", str(i)], cwd=ROOT, env=s3,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    assert remote_objects(url) == local_objects(local_reference)
+
+
+def test_a_batch_costs_a_few_round_trips_not_one_per_sample(s3):
+    """With a fixed added latency per request, 32 samples of 16 frames take a few latencies."""
+    from zarr.testing.store import LatencyStore
+
+    url = "s3://fvlm/runs/latency/s.zarr"
+    shapes = FeatureShapes(num_frames=24, dino_tokens=5, dino_dim=8, latent_shape=(4, 2, 2))
+    attrs = dict(dino="tiny", vae="tiny", num_frames=24, image_size=28, feature_dtype="float16")
+    store = FeatureStore.create_or_open(url, attrs, shapes, capacity=64, shard_videos=16)
+    rng = np.random.default_rng(0)
+    for shard in range(4):
+        buf = store.shard_buffer(shard)
+        for slot in range(buf.start, buf.stop):
+            buf.add_row(slot, dino=rng.standard_normal((24, 5, 8)), latents=rng.standard_normal((24, 4, 2, 2)),
+                        caption=f"c{slot}", video_id=f"v{slot}", source="s", timestamps=np.arange(24), duration=24.0)
+        buf.publish()
+    slots = rng.permutation(64)[:32].tolist()
+    frames = [frame_indices(24, 16)] * 32  # runs of 1-2 frames: 8 ranges per video and array
+
+    def timed_batch(latency: float) -> float:
+        reader = FeatureStore.open(url)
+        reader.objects.store = LatencyStore(reader.objects.store, get_latency=latency)
+        start = time.perf_counter()
+        rows = reader.read_slots(slots, frames)
+        elapsed = time.perf_counter() - start
+        assert [r["caption"] for r in rows] == [f"c{s}" for s in slots]
+        return elapsed
+
+    latency = 0.2
+    base, slow = timed_batch(0.0), timed_batch(latency)
+    # Shard indexes, then captions and ids, then frame ranges: three rounds, not 32 (or 32 x 3 x 8).
+    assert slow - base < 6 * latency, f"{slow - base:.2f} s of added latency for one batch"
+
+
+def test_train_reads_an_s3_store_in_dataloader_workers(s3, tmp_path):
+    url = "s3://fvlm/runs/a/s.zarr"  # written by the first test (or now)
+    if not FeatureStore.exists(url):
+        precompute(s3, url)
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--store", url, "--preset", "tiny",
+                           "--batch-size", "2", "--grad-accum", "1", "--num-frames", "4", "--workers", "2",
+                           "--val-fraction", "0.34", "--max-steps", "3", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, cwd=ROOT, env=s3, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoint_latest.pt").exists()
