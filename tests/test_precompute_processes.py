@@ -1,0 +1,200 @@
+"""precompute.py as processes: torchrun ranks, decode workers that die with their parent, a full disk.
+
+Real processes throughout: torchrun (gloo, CPU) with two ranks, spawn decode workers found with
+psutil, a real tmpfs too small for the store (needs root to mount; skipped otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from fvlm_data import FeatureStore
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+SMALL = ["--preset", "tiny", "--image-size", "64", "--num-frames", "8", "--quiet"]
+PRECOMPUTE = [sys.executable, str(ROOT / "precompute.py")]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def summary_lines(stdout: str, out: str) -> list[str]:
+    """The summary block (from 'store: OUT' on), with the store name taken out for comparing runs."""
+    lines = stdout.splitlines()
+    assert lines.count(f"store: {out}") == 1, stdout  # exactly one summary
+    return [line for line in lines[lines.index(f"store: {out}") + 1:] if not line.startswith("store size")]
+
+
+def assert_same_arrays(a: str | Path, b: str | Path) -> None:
+    sa, sb = FeatureStore.open(a), FeatureStore.open(b)
+    rows_a = {sa.read(i)["video_id"]: sa.read(i) for i in range(len(sa))}
+    rows_b = {sb.read(i)["video_id"]: sb.read(i) for i in range(len(sb))}
+    assert sorted(rows_a) == sorted(rows_b)
+    for vid, row in rows_a.items():
+        for key in ("dino", "latents", "timestamps"):
+            np.testing.assert_array_equal(row[key], rows_b[vid][key], err_msg=f"{vid} {key}")
+        assert row["caption"] == rows_b[vid]["caption"]
+    assert sorted((f["video_id"], f["reason"]) for f in sa.failures) == \
+        sorted((f["video_id"], f["reason"]) for f in sb.failures)
+
+
+@pytest.fixture(scope="module")
+def videos(video_folder, tmp_path_factory) -> Path:
+    """Three real clips and two broken files, so that both ranks meet a failure."""
+    root = tmp_path_factory.mktemp("mixed")
+    shutil.copytree(video_folder, root, dirs_exist_ok=True)
+    (root / "empty.mp4").write_bytes(b"")
+    (root / "empty.txt").write_text("nothing here")
+    (root / "noise.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
+    (root / "noise.txt").write_text("random bytes")
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(videos, tmp_path_factory) -> tuple[Path, list[str]]:
+    """One process, no decode workers: the store and summary every other way of running must match."""
+    out = tmp_path_factory.mktemp("ref") / "ref.zarr"
+    proc = run([*PRECOMPUTE, "--out", str(out), "--videos", str(videos), "--workers", "0", *SMALL])
+    lines = summary_lines(proc.stdout, str(out))
+    assert lines[0] == "written 3 videos, skipped 0 already in the store, 2 failed"
+    return out, lines
+
+
+@pytest.fixture
+def out_url(tmp_path) -> str:
+    """Where the torchrun test writes its store (a local path here; add URLs of other stores here)."""
+    return str(tmp_path / "torchrun.zarr")
+
+
+def test_torchrun_two_ranks_fill_one_store_like_one_process(videos, reference, out_url):
+    ref_store, ref_lines = reference
+    proc = run([*TORCHRUN, str(ROOT / "precompute.py"), "--out", out_url, "--videos", str(videos),
+                "--workers", "1", "--batch-videos", "2", *SMALL])
+    # One summary, printed by rank 0, with every rank's rows and failures.
+    assert summary_lines(proc.stdout, out_url) == ref_lines
+    assert "rank 0 of 2:" in proc.stderr and "rank 1 of 2:" in proc.stderr
+    assert_same_arrays(ref_store, out_url)
+    assert FeatureStore.open(out_url).attrs["precompute_args"]["num_shards"] == 2
+    again = run([*TORCHRUN, str(ROOT / "precompute.py"), "--out", out_url, "--videos", str(videos),
+                 "--workers", "0", *SMALL])
+    assert summary_lines(again.stdout, out_url)[0] == "written 0 videos, skipped 5 already in the store, 0 failed"
+
+
+def test_torchrun_refuses_contradicting_shard_flags(tmp_path):
+    # The variables torchrun sets; the flags are checked before any process group or model.
+    env = {**ENV, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    for flags in (["--num-shards", "3"], ["--shard-index", "0"]):
+        proc = subprocess.run([*PRECOMPUTE, "--out", str(tmp_path / "x.zarr"), "--synthetic", "2", *flags, *SMALL],
+                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+        assert proc.returncode != 0 and "contradicts torchrun's rank layout" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.zarr").exists()
+
+
+# ---------------------------------------------------------------------------- decode workers
+
+
+def start_with_workers(out: Path, stderr) -> tuple[subprocess.Popen, list[psutil.Process]]:
+    """Start a precompute with two decode workers and far more inputs than it gets through in the
+    test; return it once both workers run, with every process it has started."""
+    cmd = [*PRECOMPUTE, "--out", str(out), "--synthetic", "2000", "--workers", "2", "--batch-videos", "2", *SMALL]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr)
+    parent = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            kids = parent.children(recursive=True)
+            workers = [k for k in kids if "spawn_main" in " ".join(k.cmdline())]
+            if len(workers) == 2 and all(w.cpu_times().user > 0.5 for w in workers):  # past their imports
+                return proc, kids
+        assert proc.poll() is None, "precompute ended before its workers started"
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("the decode workers did not start within 120 s")
+
+
+def still_running(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """Those still running (a zombie has exited; only its parent, possibly pid 1, has yet to reap it)."""
+    alive = []
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+    return alive
+
+
+def wait_all_gone(procs: list[psutil.Process], seconds: float) -> list[psutil.Process]:
+    deadline = time.monotonic() + seconds
+    while still_running(procs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return still_running(procs)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "kill-9"])
+def test_decode_workers_end_with_the_run(tmp_path, sig):
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as stderr:
+        proc, descendants = start_with_workers(tmp_path / "s.zarr", stderr)
+        os.kill(proc.pid, sig)
+        try:
+            code = proc.wait(timeout=10)
+        finally:
+            left = wait_all_gone(descendants, 10)
+            for p in left:  # do not leave them to the next test
+                p.kill()
+    assert not left, f"left running 10 s after {sig.name}: {[p.cmdline() for p in left]}"
+    if sig == signal.SIGTERM:  # a clean stop: one line, no traceback
+        text = err.read_text()
+        assert code == 128 + signal.SIGTERM, text
+        assert "Traceback" not in text
+        assert text.strip().splitlines()[-1].startswith("stopped by SIGTERM: ")
+
+
+# ---------------------------------------------------------------------------- full disk
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A real 256 KiB filesystem (room for about two rows); root only."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_ends_with_one_line_and_a_rerun_with_space_completes(videos, reference, tiny_tmpfs):
+    out = tiny_tmpfs / "s.zarr"
+    cmd = [*PRECOMPUTE, "--out", str(out), "--videos", str(videos), "--workers", "0", "--batch-videos", "1", *SMALL]
+    full = run(cmd, check=False)
+    assert full.returncode == 1, full.stderr
+    assert "Traceback" not in full.stderr
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"Error: cannot write to the store {out}: No space left on device; it holds "), last
+    held = len(FeatureStore.open(out))
+    assert 0 < held < 3 and f"it holds {held} finished videos, " in last, last
+    subprocess.run(["mount", "-o", "remount,size=8m", str(tiny_tmpfs)], check=True)
+    rerun = run(cmd)
+    assert f"skipped {held} already in the store" in rerun.stdout
+    assert_same_arrays(reference[0], out)
