@@ -56,7 +56,8 @@ def _store_write_failed(out: str, error: OSError) -> str:
     reason = error.strerror or (str(error).splitlines() or [type(error).__name__])[0]
     try:
         store = FeatureStore.open(out)
-        holds = f"it holds {len(store)} finished videos, {store.nbytes_on_disk() / 1e6:.1f} MB"
+        rows = len(store)
+        holds = f"it holds {rows} finished video{'' if rows == 1 else 's'}, {store.nbytes_on_disk() / 1e6:.1f} MB"
     except (StoreError, OSError):
         holds = "it holds nothing yet"
     return (f"cannot write to the store {out}: {reason}; {holds}. Free space (or fix access) and run "

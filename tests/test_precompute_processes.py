@@ -203,7 +203,7 @@ def test_full_disk_ends_with_one_line_and_a_rerun_with_space_completes(videos, r
     last = full.stderr.strip().splitlines()[-1]
     assert last.startswith(f"Error: cannot write to the store {out}: No space left on device; it holds "), last
     held = len(FeatureStore.open(out))
-    assert 0 < held < 3 and f"it holds {held} finished videos, " in last, last
+    assert 0 < held < 3 and f"it holds {held} finished video{'' if held == 1 else 's'}, " in last, last
     subprocess.run(["mount", "-o", "remount,size=8m", str(tiny_tmpfs)], check=True)
     rerun = run(cmd)
     assert f"skipped {held} already in the store" in rerun.stdout
