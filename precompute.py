@@ -22,7 +22,7 @@ import click
 import torch
 from click.core import ParameterSource
 
-from fvlm_data.distributed import Launch, RankGroup, rank_device, torchrun_launch
+from fvlm_data.distributed import Launch, RankGroup, torchrun_launch
 from fvlm_data.encoders import PRESETS, EncoderLoadError, FrozenEncoders
 from fvlm_data.pipeline import PrecomputeSummary, run_precompute
 from fvlm_data.sources import list_inputs
@@ -39,7 +39,7 @@ def _default_device() -> str:
 
 
 def _take_torchrun_ranks(launch: Launch, args: dict) -> None:
-    """Under torchrun this process is shard RANK of WORLD_SIZE; refuse contradicting flags."""
+    """Under torchrun this process is shard RANK of WORLD_SIZE, on GPU LOCAL_RANK; refuse contradicting flags."""
     ctx = click.get_current_context()
     for name, value in (("num_shards", launch.world_size), ("shard_index", launch.rank)):
         if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT and args[name] != value:
@@ -47,6 +47,12 @@ def _take_torchrun_ranks(launch: Launch, args: dict) -> None:
             raise click.UsageError(f"{flag} {args[name]} contradicts torchrun's rank layout "
                                    f"(rank {launch.rank} of {launch.world_size}): leave {flag} out under torchrun")
         args[name] = value
+    if args["device"] in (None, "cuda") and torch.cuda.is_available():  # an explicit cuda:N is kept
+        gpus = torch.cuda.device_count()
+        if launch.local_rank >= gpus:
+            raise click.UsageError(f"local rank {launch.local_rank} has no GPU of its own (this machine has {gpus}): "
+                                   f"start at most {gpus} processes per machine (--nproc_per_node)")
+        args["device"] = f"cuda:{launch.local_rank}"
     if ctx.get_parameter_source("workers") is ParameterSource.DEFAULT:  # share the cores among local ranks
         args["workers"] = max(1, min(8, (os.cpu_count() or 1) // launch.local_world_size))
 
@@ -112,13 +118,13 @@ def main(**args) -> None:
         _take_torchrun_ranks(launch, args)
     if args["shard_index"] >= args["num_shards"]:
         raise click.UsageError(f"--shard-index must be below --num-shards ({args['num_shards']})")
-    device = rank_device(launch, args["device"]) if launch else args["device"] or _default_device()
+    device = args["device"] or _default_device()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise click.UsageError(f"--device {device}: no CUDA device is available here")
     preset_dino, preset_vae = PRESETS[args["preset"]]
     dino, vae = args["dino"] or preset_dino, args["vae"] or preset_vae
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(torch.device(device))  # so that no library touches cuda:0 from every rank
     recorded = {k: v for k, v in args.items() if k not in ("quiet", "workers", "device")}
     # Only the first rank of each machine draws a progress bar; every rank's summary is printed as one.
     progress = not args["quiet"] and (launch is None or launch.local_rank == 0)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 # Ranks wait for each other twice: while rank 0 loads models and creates the store, and at the end
@@ -39,15 +38,6 @@ def torchrun_launch(env: Mapping[str, str] = os.environ) -> Launch | None:
     world = int(env["WORLD_SIZE"])
     return Launch(rank=int(env["RANK"]), world_size=world, local_rank=int(env["LOCAL_RANK"]),
                   local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)))
-
-
-def rank_device(launch: Launch, requested: str | None) -> str:
-    """cuda:LOCAL_RANK when CUDA is there (or `--device cuda` asks for it); an explicit index is kept."""
-    if requested is None:
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
-        return f"cuda:{launch.local_rank}"
-    return requested
 
 
 class RankGroup:
