@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import psutil
 import pytest
 
 from fvlm_data import FeatureStore
+from fvlm_data.pipeline import PrecomputeSummary
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -84,7 +86,21 @@ def out_url(tmp_path) -> str:
     return str(tmp_path / "torchrun.zarr")
 
 
+def test_summaries_of_ranks_merge_into_one():
+    a = PrecomputeSummary(written=3, already_done=1, failed=1, failure_reasons=Counter({"truncated": 1}),
+                          store_bytes=500)
+    b = PrecomputeSummary(written=2, failed=2, failure_reasons=Counter({"truncated": 1, "no caption": 1}),
+                          store_bytes=700)
+    total = PrecomputeSummary.merge([a, b, PrecomputeSummary()])  # a rank with nothing to do
+    assert (total.written, total.already_done, total.failed) == (5, 1, 3)
+    assert total.failure_reasons == Counter({"truncated": 2, "no caption": 1})
+    assert total.store_bytes == 700  # the last rank to finish measured the whole store
+
+
 def test_torchrun_two_ranks_fill_one_store_like_one_process(videos, reference, out_url):
+    # With one slot per shard of ownership, 'empty' (slot 2) is rank 0's and 'noise' (slot 3) rank 1's,
+    # so the one summary must hold failures from both ranks. (With larger shards of ownership, pass
+    # a shard size small enough that both ranks own a broken input.)
     ref_store, ref_lines = reference
     proc = run([*TORCHRUN, str(ROOT / "precompute.py"), "--out", out_url, "--videos", str(videos),
                 "--workers", "1", "--batch-videos", "2", *SMALL])
