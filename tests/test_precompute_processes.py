@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -109,9 +110,20 @@ def test_torchrun_two_ranks_fill_one_store_like_one_process(videos, reference, o
     assert "rank 0 of 2:" in proc.stderr and "rank 1 of 2:" in proc.stderr
     assert_same_arrays(ref_store, out_url)
     assert FeatureStore.open(out_url).attrs["precompute_args"]["num_shards"] == 2
-    again = run([*TORCHRUN, str(ROOT / "precompute.py"), "--out", out_url, "--videos", str(videos),
-                 "--workers", "0", *SMALL])
-    assert summary_lines(again.stdout, out_url)[0] == "written 0 videos, skipped 5 already in the store, 0 failed"
+    # The same command on two "machines" (two launchers meeting at a rendezvous) continues the store.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "t",
+                               str(ROOT / "precompute.py"), "--out", out_url, "--videos", str(videos), "--workers", "0",
+                               *SMALL], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs
+    printed = [o for o, _ in outs if f"store: {out_url}" in o]
+    assert len(printed) == 1  # one summary, from the machine that has rank 0
+    assert summary_lines(printed[0], out_url)[0] == "written 0 videos, skipped 5 already in the store, 0 failed"
 
 
 def test_torchrun_refuses_contradicting_shard_flags(tmp_path):
