@@ -93,10 +93,10 @@ class InlineExecutor(Executor):
 @contextlib.contextmanager
 def _main_script_not_rerun() -> Iterator[None]:
     """Spawn re-runs the parent's main script in every new worker (for objects pickled from
-    __main__). For precompute.py that imports torch and transformers: 3.3 s and 535 MB per worker,
-    against 0.3 s and 47 MB for this module alone. The workers need nothing from the script, and
-    spawn leaves a main module that calls itself "__main__" alone, so it is named that way while
-    workers start (in this thread; `submit` is where ProcessPoolExecutor starts them)."""
+    __main__). For precompute.py that imports torch and transformers: 535 MB per worker instead
+    of 47 MB, and seconds more to start (bench/decode_workers.py). The workers need nothing from
+    the script, and spawn leaves a main module that calls itself "__main__" alone, so it is named
+    that way while workers start (in this thread; `submit` is where ProcessPoolExecutor starts them)."""
     main = sys.modules["__main__"]
     spec = getattr(main, "__spec__", None)
     main.__spec__ = importlib.machinery.ModuleSpec("__main__", None)
