@@ -4,10 +4,11 @@ A `ProcessPoolExecutor` worker blocks on its task queue forever once its parent 
 queue's other end stays open in its siblings), so a precompute stopped by SIGTERM or `kill -9`
 used to leave its workers running for as long as anyone let them. Here every worker:
 
-- asks Linux to SIGKILL it when its parent dies (`prctl(PR_SET_PDEATHSIG)`), and
+- asks Linux to SIGKILL it when its parent dies (`prctl(PR_SET_PDEATHSIG)`),
 - polls its parent pid once a second (portable fallback, and the case prctl misses: a parent
   that died before the worker got to set it up),
-- ignores SIGINT, so Ctrl-C in a terminal stops the parent, which then stops its workers.
+- ignores SIGINT from its start, so Ctrl-C in a terminal stops the parent, which then stops its
+  workers (and no worker prints a KeyboardInterrupt traceback).
 
 `stop_decode_workers` ends the pool on every way out of a run (normal end, error, Ctrl-C,
 SIGTERM turned into `Stopped` by `stop_on_sigterm`). This module imports no torch, and workers
@@ -67,6 +68,8 @@ def decode_one(item: VideoInput, num_frames: int, image_size: int, min_duration:
 def _exit_with_parent(parent_pid: int) -> None:
     """Worker initializer: die with the parent, leave Ctrl-C to the parent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # blocked since birth (see _inherited_by_new_workers)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -91,24 +94,35 @@ class InlineExecutor(Executor):
 
 
 @contextlib.contextmanager
-def _main_script_not_rerun() -> Iterator[None]:
-    """Spawn re-runs the parent's main script in every new worker (for objects pickled from
-    __main__). For precompute.py that imports torch and transformers: 535 MB per worker instead
-    of 47 MB, and seconds more to start (bench/decode_workers.py). The workers need nothing from
-    the script, and spawn leaves a main module that calls itself "__main__" alone, so it is named
-    that way while workers start (in this thread; `submit` is where ProcessPoolExecutor starts them)."""
+def _inherited_by_new_workers() -> Iterator[None]:
+    """What a spawn worker inherits from this thread while `submit` starts it (ProcessPoolExecutor
+    starts workers on demand, in the submitting thread):
+
+    - SIGINT blocked, so that Ctrl-C cannot interrupt a worker still importing, before its
+      initializer ignores it. Blocked rather than ignored: a Ctrl-C in this window stays pending
+      here and is delivered when the block ends.
+    - The main module named "__main__", which spawn does not re-run in the worker. Otherwise every
+      worker re-runs the main script, for precompute.py importing torch and transformers: 535 MB
+      per worker instead of 47 MB and seconds more to start (bench/decode_workers.py); the workers
+      need nothing from it.
+    """
     main = sys.modules["__main__"]
     spec = getattr(main, "__spec__", None)
     main.__spec__ = importlib.machinery.ModuleSpec("__main__", None)
+    can_mask = hasattr(signal, "pthread_sigmask")
+    if can_mask:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
         main.__spec__ = spec
+        if can_mask:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 class _DecodePool(ProcessPoolExecutor):
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
-        with _main_script_not_rerun():
+        with _inherited_by_new_workers():
             return super().submit(fn, *args, **kwargs)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -40,7 +41,7 @@ def run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
 
 
 def summary_lines(stdout: str, out: str) -> list[str]:
-    """The summary block (from 'store: OUT' on), with the store name taken out for comparing runs."""
+    """The summary after its "store: OUT" line, less the size line, for comparing runs."""
     lines = stdout.splitlines()
     assert lines.count(f"store: {out}") == 1, stdout  # exactly one summary
     return [line for line in lines[lines.index(f"store: {out}") + 1:] if not line.startswith("store size")]
@@ -139,27 +140,30 @@ def test_torchrun_refuses_contradicting_shard_flags(tmp_path):
 # ---------------------------------------------------------------------------- decode workers
 
 
-def start_with_workers(out: Path, stderr) -> tuple[subprocess.Popen, list[psutil.Process]]:
+def start_with_workers(out: Path, stderr: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:
     """Start a precompute with two decode workers and far more inputs than it gets through in the
-    test; return it once both workers have run a while, with every process it has started."""
-    cmd = [*PRECOMPUTE, "--out", str(out), "--synthetic", "2000", "--workers", "2", "--batch-videos", "2", *SMALL]
+    test; return it once its progress bar shows decoded videos, with every process it has started."""
+    cmd = [*PRECOMPUTE, "--out", str(out), "--synthetic", "2000", "--workers", "2", "--batch-videos", "2",
+           *[a for a in SMALL if a != "--quiet"]]
     # Its own session (so Ctrl-C can go to its process group) and the default SIGINT action.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     parent = psutil.Process(proc.pid)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        with contextlib.suppress(psutil.NoSuchProcess):
+        done = [int(n) for n in re.findall(r"(\d+)/2000 ", stderr.read_text())]
+        if done and done[-1] >= 4:  # the workers have started and decoded
             kids = parent.children(recursive=True)
             workers = [k for k in kids if "spawn_main" in " ".join(k.cmdline())]
-            if len(workers) == 2 and all(time.time() - w.create_time() > 1 for w in workers):
-                # Workers do not re-run precompute.py, so they never load torch (~0.5 GB each).
-                assert not [m.path for w in workers for m in w.memory_maps() if "libtorch" in m.path]
-                return proc, kids
-        assert proc.poll() is None, "precompute ended before its workers started"
+            assert len(workers) == 2
+            # Workers do not re-run precompute.py, so they never load torch (~0.5 GB each).
+            assert not [m.path for w in workers for m in w.memory_maps() if "libtorch" in m.path]
+            return proc, kids
+        assert proc.poll() is None, "precompute ended early:\n" + stderr.read_text()
         time.sleep(0.1)
     proc.kill()
-    raise AssertionError("the decode workers did not start within 120 s")
+    raise AssertionError("no video was decoded within 120 s")
 
 
 def still_running(procs: list[psutil.Process]) -> list[psutil.Process]:
@@ -185,18 +189,17 @@ STOPS = {"SIGTERM": signal.SIGTERM, "kill-9": signal.SIGKILL, "Ctrl-C": signal.S
 @pytest.mark.parametrize("how", list(STOPS))
 def test_decode_workers_end_with_the_run(tmp_path, how):
     err = tmp_path / "stderr.txt"
-    with open(err, "w") as stderr:
-        proc, descendants = start_with_workers(tmp_path / "s.zarr", stderr)
-        if how == "Ctrl-C":  # a terminal sends it to the whole foreground process group
-            os.killpg(proc.pid, signal.SIGINT)
-        else:
-            os.kill(proc.pid, STOPS[how])
-        try:
-            code = proc.wait(timeout=10)
-        finally:
-            left = wait_all_gone(descendants, 10)
-            for p in left:  # do not leave them to the next test
-                p.kill()
+    proc, descendants = start_with_workers(tmp_path / "s.zarr", err)
+    if how == "Ctrl-C":  # a terminal sends it to the whole foreground process group
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, STOPS[how])
+    try:
+        code = proc.wait(timeout=10)
+    finally:
+        left = wait_all_gone(descendants, 10)
+        for p in left:  # do not leave them to the next test
+            p.kill()
     assert not left, f"left running 10 s after {how}: {[p.cmdline() for p in left]}"
     if how != "kill-9":  # a clean stop: one line, no traceback (none from the workers either)
         text = err.read_text()
