@@ -5,30 +5,70 @@
     python precompute.py --out store.zarr --videos clips/      # a folder or a CSV/JSONL manifest
     python precompute.py --out store.zarr --webdataset 'shards/{00000..00009}.tar'
 
-Re-running the same command continues where it stopped. K processes (or machines sharing a
-file system or an object store such as --out s3://bucket/prefix/store.zarr) fill one store
-together with --num-shards K --shard-index I: process I owns store shards I, I+K, ...
+Re-running the same command continues where it stopped. Several GPUs and machines fill one store
+together under torchrun (each rank uses GPU LOCAL_RANK and is process RANK of WORLD_SIZE), or as K
+processes started by hand or by a Slurm array with --num-shards K --shard-index I (process I owns
+store shards I, I+K, ...). --out may be a folder or an object-store URL such as s3://bucket/prefix/store.zarr.
+
+    torchrun --nproc_per_node 8 precompute.py --out store.zarr --videos clips/
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import sys
 
 import click
 import torch
+from click.core import ParameterSource
 
+from fvlm_data.distributed import Launch, RankGroup, torchrun_launch
 from fvlm_data.encoders import PRESETS, EncoderLoadError, FrozenEncoders
-from fvlm_data.pipeline import run_precompute
+from fvlm_data.pipeline import PrecomputeSummary, run_precompute
 from fvlm_data.sources import list_inputs
 from fvlm_data.store import DEFAULT_SHARD_VIDEOS, FeatureStore, StoreError, check_compatible
 from fvlm_data.synthetic import TASKS
 from fvlm_data.video import SEEK_MODES
+from fvlm_data.workers import Stopped, stop_on_sigterm
 
 DEFAULT_SYNTHETIC_VIDEOS = 256
 
 
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _take_torchrun_ranks(launch: Launch, args: dict) -> None:
+    """Under torchrun this process is shard RANK of WORLD_SIZE, on GPU LOCAL_RANK; refuse contradicting flags."""
+    ctx = click.get_current_context()
+    for name, value in (("num_shards", launch.world_size), ("shard_index", launch.rank)):
+        if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT and args[name] != value:
+            flag = "--" + name.replace("_", "-")
+            raise click.UsageError(f"{flag} {args[name]} contradicts torchrun's rank layout "
+                                   f"(rank {launch.rank} of {launch.world_size}): leave {flag} out under torchrun")
+        args[name] = value
+    if args["device"] in (None, "cuda") and torch.cuda.is_available():  # an explicit cuda:N is kept
+        gpus = torch.cuda.device_count()
+        if launch.local_rank >= gpus:
+            raise click.UsageError(f"local rank {launch.local_rank} has no GPU of its own (this machine has {gpus}): "
+                                   f"start at most {gpus} processes per machine (--nproc_per_node)")
+        args["device"] = f"cuda:{launch.local_rank}"
+    if ctx.get_parameter_source("workers") is ParameterSource.DEFAULT:  # share the cores among local ranks
+        args["workers"] = max(1, min(8, (os.cpu_count() or 1) // launch.local_world_size))
+
+
+def _store_write_failed(out: str, error: OSError) -> str:
+    """One line for a store that could not be written: a full disk, a quota, a refused object write."""
+    reason = error.strerror or (str(error).splitlines() or [type(error).__name__])[0]
+    try:
+        store = FeatureStore.open(out)
+        rows = len(store)
+        holds = f"it holds {rows} finished video{'' if rows == 1 else 's'}, {store.nbytes_on_disk() / 1e6:.1f} MB"
+    except (StoreError, OSError):
+        holds = "it holds nothing yet"
+    return (f"cannot write to the store {out}: {reason}; {holds}. Free space (or fix access) and run "
+            "the same command again to continue.")
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
@@ -79,6 +119,9 @@ def main(**args) -> None:
         raise click.UsageError("give at most one of --videos, --webdataset, --synthetic")
     if not sources:
         args["synthetic"] = DEFAULT_SYNTHETIC_VIDEOS  # the embedded default source
+    launch = torchrun_launch()
+    if launch is not None:
+        _take_torchrun_ranks(launch, args)
     if args["shard_index"] >= args["num_shards"]:
         raise click.UsageError(f"--shard-index must be below --num-shards ({args['num_shards']})")
     device = args["device"] or _default_device()
@@ -86,8 +129,14 @@ def main(**args) -> None:
         raise click.UsageError(f"--device {device}: no CUDA device is available here")
     preset_dino, preset_vae = PRESETS[args["preset"]]
     dino, vae = args["dino"] or preset_dino, args["vae"] or preset_vae
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(torch.device(device))  # so that no library touches cuda:0 from every rank
     recorded = {k: v for k, v in args.items() if k not in ("quiet", "workers", "device")}
+    # Only the first rank of each machine draws a progress bar; every rank's summary is printed as one.
+    progress = not args["quiet"] and (launch is None or launch.local_rank == 0)
+    stop_on_sigterm()  # a SIGTERM stops the decode workers and ends with one line, like Ctrl-C
 
+    group = RankGroup(launch) if launch else None
     try:
         recorded_scaling = None
         if FeatureStore.exists(args["out"]):  # refuse a mismatched store before loading any model
@@ -104,20 +153,37 @@ def main(**args) -> None:
             inputs = inputs[: args["limit"]]
         if not inputs:
             raise click.ClickException("no inputs found")
-        click.echo(f"{len(inputs)} inputs; encoders dino={dino} vae={vae} on {device}", err=True)
+        rank = f"rank {launch.rank} of {launch.world_size}: " if launch else ""
+        click.echo(f"{rank}{len(inputs)} inputs; encoders dino={dino} vae={vae} on {device}", err=True)
         encoders = FrozenEncoders(dino=dino, vae=vae, device=device, vae_scaling_factor=recorded_scaling)
-        summary = run_precompute(
-            inputs, args["out"], encoders,
-            num_frames=args["num_frames"], image_size=args["image_size"],
-            min_duration=args["min_duration"], max_duration=args["max_duration"],
-            num_shards=args["num_shards"], shard_index=args["shard_index"],
-            workers=args["workers"], batch_videos=args["batch_videos"],
-            feature_dtype=args["feature_dtype"], shard_videos=args["shard_videos"], seek=args["seek"],
-            preset=args["preset"], args=recorded,
-            progress=not args["quiet"],
-        )
+        try:
+            summary = run_precompute(
+                inputs, args["out"], encoders,
+                num_frames=args["num_frames"], image_size=args["image_size"],
+                min_duration=args["min_duration"], max_duration=args["max_duration"],
+                num_shards=args["num_shards"], shard_index=args["shard_index"],
+                workers=args["workers"], batch_videos=args["batch_videos"],
+                feature_dtype=args["feature_dtype"], shard_videos=args["shard_videos"], seek=args["seek"],
+                preset=args["preset"], args=recorded,
+                progress=progress, barrier=group.barrier if group else None,
+            )
+        except OSError as e:  # writing the store failed; inputs are read (and fail) in the workers
+            raise click.ClickException(_store_write_failed(args["out"], e)) from None
+        if group is not None:
+            parts = group.gather(summary)
+            if parts is None:
+                return  # rank 0 prints the one summary of the run
+            summary = PrecomputeSummary.merge(parts)
     except (StoreError, EncoderLoadError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
+    except (Stopped, KeyboardInterrupt) as e:
+        name = "SIGTERM" if isinstance(e, Stopped) else "Ctrl-C"
+        click.echo(f"stopped by {name}: {args['out']} keeps every finished video; run the same command again "
+                   "to continue", err=True)
+        sys.exit(128 + (signal.SIGTERM if isinstance(e, Stopped) else signal.SIGINT))
+    finally:
+        if group is not None:
+            group.close()
     for line in summary.lines(args["out"]):
         click.echo(line)
 

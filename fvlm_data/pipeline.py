@@ -10,10 +10,9 @@ rest, so a kill loses at most the shard each process had in progress.
 from __future__ import annotations
 
 import collections
-import multiprocessing
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +21,10 @@ import torch
 from tqdm import tqdm
 
 from fvlm_data.encoders import FrozenEncoders
-from fvlm_data.sources import DecodedVideo, InputError, VideoInput, load_frames
+from fvlm_data.sources import DecodedVideo, VideoInput
 from fvlm_data.store import FeatureShapes, FeatureStore, ShardBuffer, StoreError
 from fvlm_data.video import SEEK_MODES
+from fvlm_data.workers import decode_executor, decode_one, stop_decode_workers
 
 
 @dataclass
@@ -45,25 +45,17 @@ class PrecomputeSummary:
         lines.append(f"store size on disk: {self.store_bytes / 1e6:.1f} MB")
         return lines
 
-
-def decode_one(item: VideoInput, num_frames: int, image_size: int, min_duration: float,
-               max_duration: float | None, seek: str = "exact") -> DecodedVideo | str:
-    """Decode one input in a worker; a bad input comes back as its one-line reason, never raises."""
-    try:
-        return load_frames(item, num_frames, image_size, min_duration, max_duration, seek=seek)
-    except InputError as e:
-        return str(e)
-    except Exception as e:  # a decoder crash on one odd file must not end a long run
-        return f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-
-
-class _InlineExecutor(Executor):
-    """Runs tasks in the calling process (workers=0): for debugging and tiny runs."""
-
-    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
-        fut: Future = Future()
-        fut.set_result(fn(*args, **kwargs))
-        return fut
+    @classmethod
+    def merge(cls, parts: Iterable[PrecomputeSummary]) -> PrecomputeSummary:
+        """One summary for several processes filling one store (counts and reasons add up)."""
+        total = cls()
+        for part in parts:
+            total.written += part.written
+            total.already_done += part.already_done
+            total.failed += part.failed
+            total.failure_reasons.update(part.failure_reasons)
+            total.store_bytes = max(total.store_bytes, part.store_bytes)  # one store, measured by each
+        return total
 
 
 def _decoded_in_order(executor: Executor, items: list[tuple[int, VideoInput]], window: int,
@@ -145,10 +137,14 @@ def run_precompute(
     preset: str | None = None,
     args: dict[str, Any] | None = None,
     progress: bool = True,
+    barrier: Callable[[], None] | None = None,
 ) -> PrecomputeSummary:
     """Fill (or continue filling) the store at `out` with this process's shards of `inputs`.
 
-    `shard_videos` (S) applies to a new store; an existing store keeps its own (asking for another is refused)."""
+    `shard_videos` (S) applies to a new store; an existing store keeps its own (asking for another is
+    refused). `barrier` (all `num_shards` processes call it once, e.g. a torch.distributed barrier)
+    makes process 0 create or grow the store before the others open it.
+    """
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"--shard-index must be in 0..{num_shards - 1}, got {shard_index}")
     if seek not in SEEK_MODES:
@@ -157,12 +153,16 @@ def run_precompute(
     shapes = FeatureShapes(num_frames, n_tokens, dim, latent_shape)
     attrs = store_attributes(encoders, shapes, image_size=image_size, feature_dtype=feature_dtype,
                              preset=preset, args=args or {}, seek=seek)
-    if num_shards > 1 and FeatureStore.exists(out):
+    if num_shards > 1 and barrier is None and FeatureStore.exists(out):
         # Growing a store while other processes write it would race on the array metadata.
         capacity = FeatureStore.open(out).capacity
         if capacity < len(inputs):
             raise StoreError(f"{out} has {capacity} slots but this run lists {len(inputs)} inputs: "
                              "grow it with a single process (--num-shards 1) first")
+    if barrier is not None:  # process 0 creates (or grows) the store while the others wait
+        if shard_index == 0:
+            FeatureStore.create_or_open(out, attrs, shapes, capacity=len(inputs), shard_videos=shard_videos)
+        barrier()
     store = FeatureStore.create_or_open(out, attrs, shapes, capacity=len(inputs), shard_videos=shard_videos)
     size = store.shard_videos
 
@@ -213,11 +213,7 @@ def run_precompute(
         bar.update(1)
 
     decode_args = (num_frames, image_size, min_duration, max_duration, seek)
-    if workers > 0:
-        # spawn, not fork: the parent holds torch's thread pools, which fork does not copy safely.
-        executor: Executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-    else:
-        executor = _InlineExecutor()
+    executor = decode_executor(workers)
     bar = tqdm(total=len(todo), unit="video", disable=not progress, dynamic_ncols=True)
     try:
         results = _decoded_in_order(executor, todo, window=max(2 * workers, 1) * batch_videos,
@@ -236,6 +232,6 @@ def run_precompute(
             bar.update(len(batch))
     finally:
         bar.close()
-        executor.shutdown(wait=False, cancel_futures=True)
+        stop_decode_workers(executor)  # also on errors, Ctrl-C and SIGTERM: no orphaned workers
     summary.store_bytes = store.nbytes_on_disk()
     return summary

@@ -1,7 +1,7 @@
 """The bench/ scripts run end to end at their smallest settings and print their tables.
 
 They run as separate processes (they pin themselves to one core and set torch's thread count),
-all four at once to stay within a few seconds; the figures they print are not checked.
+all at once to stay within a few seconds; the figures they print are not checked.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ RUNS = {
     "layouts": (["store_layouts.py", "--videos", "2", "--rounds", "1", "--samples", "2", "--sources", "synthetic"],
                 ["### Features: synthetic", "| a. ours: raw", "| b. same raw chunks",
                  "| c. zstd-3, one chunk per video; zarr `arr[slot]`", "| d. one shard per video"]),
+    "decode workers": (["decode_workers.py", "--rounds", "1", "--workers", "1"],
+                       ["### Decode worker start-up", "| plain spawn ProcessPoolExecutor", "fvlm / plain: start "]),
     "int8": (["int8_quality.py", "--no-train", "--sources", "random-normal,synthetic", "--videos", "1"],
              ["### int8 reconstruction error", "| random-normal", "| synthetic", "int8 + fp16 scale per token"]),
 }
@@ -33,7 +35,8 @@ def test_bench_scripts_print_their_tables(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     procs = {}
     for name, (argv, _) in RUNS.items():
-        workdir = ["--workdir", str(tmp_path / name)] if argv[0] != "int8_quality.py" else []
+        writes_files = argv[0] not in ("int8_quality.py", "decode_workers.py")
+        workdir = ["--workdir", str(tmp_path / name)] if writes_files else []
         procs[name] = subprocess.Popen([sys.executable, str(REPO / "bench" / argv[0]), *argv[1:], *workdir],
                                        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                        text=True)

@@ -139,6 +139,17 @@ def test_two_writer_processes_fill_one_s3_store(s3, local_reference):
     assert remote_objects(url) == local_objects(local_reference)
 
 
+def test_torchrun_two_ranks_fill_one_s3_store(s3, local_reference):
+    url = "s3://fvlm/runs/torchrun/s.zarr"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "precompute.py"), "--out", url, *SMALL], capture_output=True, text=True,
+                          cwd=ROOT, env=s3, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(f"store: {url}") == 1  # one summary for both ranks
+    assert "written 6 videos, skipped 0 already in the store, 0 failed" in proc.stdout
+    assert remote_objects(url) == local_objects(local_reference)
+
+
 def test_a_batch_costs_a_few_round_trips_not_one_per_sample(s3):
     """With a fixed added latency per request, 32 samples of 16 frames take a few latencies."""
     from zarr.testing.store import LatencyStore

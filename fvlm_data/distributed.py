@@ -1,0 +1,61 @@
+"""Precompute under torchrun: each rank is process RANK of WORLD_SIZE, on its own GPU.
+
+    torchrun --nproc_per_node 8 precompute.py --out S ...            # one machine, 8 GPUs
+    torchrun --nnodes N --nproc_per_node 8 --rdzv-endpoint HOST:PORT ... precompute.py --out S ...
+
+The process group (gloo: it needs no GPU and no NCCL) carries only two things: the barrier
+that lets rank 0 create the store before the others open it, and the gathering of every rank's
+summary so that rank 0 prints one. The store itself is shared through its path or URL.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+# Ranks wait for each other twice: while rank 0 loads models and creates the store, and at the end
+# until the slowest rank finishes its share, which on a large run can be hours after the fastest.
+GROUP_TIMEOUT = timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class Launch:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+
+def torchrun_launch(env: Mapping[str, str] = os.environ) -> Launch | None:
+    """The rank layout when started by torchrun (or any launcher that sets its variables), else None."""
+    if not all(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")):
+        return None
+    world = int(env["WORLD_SIZE"])
+    return Launch(rank=int(env["RANK"]), world_size=world, local_rank=int(env["LOCAL_RANK"]),
+                  local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)))
+
+
+class RankGroup:
+    """The gloo process group of one precompute run."""
+
+    def __init__(self, launch: Launch) -> None:
+        self.launch = launch
+        dist.init_process_group("gloo", timeout=GROUP_TIMEOUT)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj` on rank 0 (in rank order); None on the other ranks."""
+        out: list[Any] | None = [None] * self.launch.world_size if self.launch.rank == 0 else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
