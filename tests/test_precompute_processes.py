@@ -248,7 +248,9 @@ def small_disk(tmp_path):
 
 def test_full_disk_ends_with_one_line_and_a_rerun_with_space_completes(videos, reference, small_disk):
     out = small_disk.folder / "s.zarr"
-    cmd = [*PRECOMPUTE, "--out", str(out), "--videos", str(videos), "--workers", "0", "--batch-videos", "1", *SMALL]
+    # One video per store shard, so that some shards are published before the disk is full.
+    cmd = [*PRECOMPUTE, "--out", str(out), "--videos", str(videos), "--workers", "0", "--batch-videos", "1",
+           "--shard-videos", "1", *SMALL]
     full = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=small_disk.env, timeout=300)
     assert full.returncode == 1, full.stderr
     assert "Traceback" not in full.stderr
