@@ -65,7 +65,7 @@ def bootstrap_ratio_ci(
 
 
 def _pct(ratio: float, ci: tuple[float, float] | list[float]) -> str:
-    return f"{(ratio - 1) * 100:.1f}% [{(ci[0] - 1) * 100:.1f}, {(ci[1] - 1) * 100:.1f}]"
+    return f"{(ratio - 1) * 100:.2f}% [{(ci[0] - 1) * 100:.2f}, {(ci[1] - 1) * 100:.2f}]"
 
 
 def verdict(m: dict[str, Any]) -> str:

@@ -133,9 +133,9 @@ class FoveatedVLM(nn.Module):
         """
         if features is None:
             features = dino.to(self.compute_dtype(dino.device))
-        q = self.w_q(queries)
         with torch.autocast(dino.device.type, enabled=False):
-            scores = (dino.float() @ q.float().unsqueeze(-1)).squeeze(-1) * dino.shape[-1] ** -0.5
+            q = F.linear(queries.float(), self.w_q.weight.float())
+            scores = (dino.float() @ q.unsqueeze(-1)).squeeze(-1) * dino.shape[-1] ** -0.5
             attn = scores.softmax(dim=-1)
         z = (attn.to(features.dtype).unsqueeze(-2) @ features).squeeze(-2)
         return z, attn
@@ -217,8 +217,11 @@ class FoveatedVLM(nn.Module):
             scored = p in (0, num_passes - 1) or score_all_passes
             hidden, attn = self.run_pass(dino, queries, COARSE if p == 0 else FINE,
                                          caption_embeds if scored else no_caption, features)
-            if scored:
+            if p in (0, num_passes - 1):
                 token_ce.append(self.caption_token_loss(hidden[:, frames:], labels))
+            elif scored:  # reported only: no graph
+                with torch.no_grad():
+                    token_ce.append(self.caption_token_loss(hidden[:, frames:].detach(), labels))
             else:
                 token_ce.append(torch.full(labels.shape, float("nan"), device=labels.device))
             rec_hidden.append(hidden[:, :frames])  # position t-1 precedes frame t's token
