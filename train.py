@@ -62,6 +62,8 @@ COMPILE_PAD = 16  # with --compile, captions are padded to a multiple of this (a
               help="With --eval-only: print generated captions (every mode) for this many held-out videos.")
 @click.option("--other-split", is_flag=True, help="With --eval-only: evaluate on the split --val-fraction gives "
               "even though it is not the checkpoint's held-out split (labelled, with the videos seen in training).")
+@click.option("--other-store", is_flag=True, help="With --eval-only: evaluate on a store made with other encoders "
+              "or settings than the checkpoint's training store (labelled, the differences in the JSON).")
 @click.option("--workers", type=click.IntRange(min=0), default=default_workers(), show_default=True,
               help="DataLoader worker processes (cores - 1, at most 4).")
 @click.option("--device", default=None, help="Device [default: cuda if available, else cpu].")
@@ -69,7 +71,8 @@ COMPILE_PAD = 16  # with --compile, captions are padded to a multiple of this (a
               f"(captions padded to a multiple of {COMPILE_PAD} tokens) [default: on for CUDA, off for CPU].")
 @click_options
 def main(store: str, out: str | None, resume: str | None, eval_only: bool, json_path: str | None, captions: int,
-         other_split: bool, workers: int, device: str | None, compile_model: bool | None, **given: Any) -> None:
+         other_split: bool, other_store: bool, workers: int, device: str | None, compile_model: bool | None,
+         **given: Any) -> None:
     """Train (or with --eval-only, evaluate) the foveated VLM on precomputed features."""
     try:
         d = init_distributed()
@@ -79,7 +82,8 @@ def main(store: str, out: str | None, resume: str | None, eval_only: bool, json_
         if eval_only:
             if not resume:
                 raise TrainError("--eval-only needs --resume CHECKPOINT")
-            evaluate_checkpoint(store, Path(resume), given, dev, workers, json_path, captions, other_split)
+            evaluate_checkpoint(store, Path(resume), given, dev, workers, json_path, captions, other_split,
+                                other_store)
         else:
             run_dir = Path(out) if out else default_run_dir(store, given)
             train(store, run_dir, Path(resume) if resume else None, given, d, dev, workers, compile_model)
@@ -94,23 +98,25 @@ def default_run_dir(store: str, given: dict[str, Any]) -> Path:
     return Path("runs") / f"{Path(store).stem}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
-def prepare(store_path: str, config: RunConfig, saved: RunConfig | None) -> tuple[Any, FeatureDataset, dict, list]:
-    """The store (checked against the checkpoint's), its held-out split and that split's fingerprint."""
+def prepare(store_path: str, config: RunConfig, saved: RunConfig | None,
+            other_store: bool = False) -> tuple[Any, FeatureDataset, list[str], list[str]]:
+    """The store (checked against the checkpoint's: the differences allowed), its held-out split
+    and that split's video ids."""
     store = open_store(store_path, config.num_frames)
-    if saved is not None:
-        check_store(saved, store.attrs, store_path)
+    differences = check_store(saved, store.attrs, store_path, other_store) if saved is not None else []
     config.store = store_provenance(store.attrs)
     val_ds = FeatureDataset(store_path, config.num_frames, split="val", val_fraction=config.val_fraction)
     val_ids = store.read_strings("video_id", val_ds.slots) if len(val_ds) else []
-    return store, val_ds, held_out_fingerprint(val_ids, config.val_fraction), val_ids
+    return store, val_ds, differences, val_ids
 
 
 def evaluate_checkpoint(store_path: str, path: Path, given: dict[str, Any], device: torch.device, workers: int,
-                        json_path: str | None, captions: int, other_split: bool) -> None:
+                        json_path: str | None, captions: int, other_split: bool, other_store: bool) -> None:
     ckpt = load_checkpoint(path)
     saved = saved_config(ckpt)
     config = resolve(given, saved)
-    _, val_ds, held_out, val_ids = prepare(store_path, config, saved)
+    _, val_ds, differences, val_ids = prepare(store_path, config, saved, other_store)
+    held_out = held_out_fingerprint(val_ids, config.val_fraction)
     same_split = held_out == saved.held_out
     if not same_split and not other_split:
         check_split(saved, held_out, "; add --other-split to evaluate on this split anyway (it is labelled so)")
@@ -127,6 +133,7 @@ def evaluate_checkpoint(store_path: str, path: Path, given: dict[str, Any], devi
                   "checkpoint_val_fraction": saved.val_fraction}
     evaluated = val_ids[: m["num_videos"]]
     m["seen_in_training"] = sum(not is_validation(v, saved.val_fraction) for v in evaluated)
+    m["store_differences"] = differences
     print_eval_table(m)
     if captions:
         batch = to_device(collate([val_ds[i] for i in range(min(captions, len(val_ds)))]), device)
@@ -153,7 +160,8 @@ def train(store_path: str, run_dir: Path, resume: Path | None, given: dict[str, 
     saved = saved_config(ckpt) if ckpt else None
     config = resolve(given, saved)
     torch.manual_seed(config.seed)
-    store, val_ds, held_out, _ = prepare(store_path, config, saved)
+    store, val_ds, _, val_ids = prepare(store_path, config, saved)
+    held_out = held_out_fingerprint(val_ids, config.val_fraction)
     if saved is not None:
         check_split(saved, held_out, "")
     config.held_out = held_out

@@ -20,6 +20,7 @@ LM_PRESETS = {"default": "HuggingFaceTB/SmolLM2-135M-Instruct", "tiny": "tiny"}
 # The store's attributes that change what the features are.
 STORE_KEYS = ("dino", "vae", "preset", "num_frames", "image_size", "feature_dtype", "dino_tokens", "dino_dim",
               "latent_shape")
+SHAPE_KEYS = ("dino_tokens", "dino_dim", "latent_shape")  # a model cannot even load on other shapes
 
 
 def option(default: Any, help: str, type: Any = None) -> Any:  # noqa: A002 (click's own word)
@@ -106,13 +107,9 @@ def resolve(given: dict[str, Any], saved: RunConfig | None) -> RunConfig:
     return config
 
 
-def describe(config: RunConfig, name: str) -> Any:
-    return getattr(config, name)
-
-
 def check_same(saved: RunConfig, now: RunConfig, names: tuple[str, ...], what: str) -> None:
-    diffs = [f"{n.removesuffix('_id')}: checkpoint {describe(saved, n)!r}, now {describe(now, n)!r}"
-             for n in names if describe(saved, n) != describe(now, n)]
+    diffs = [f"{n.removesuffix('_id')}: checkpoint {getattr(saved, n)!r}, now {getattr(now, n)!r}"
+             for n in names if getattr(saved, n) != getattr(now, n)]
     if diffs:
         raise TrainError(f"the checkpoint was trained with another {what} ({'; '.join(diffs)})")
 
@@ -121,14 +118,19 @@ def store_provenance(attrs: dict[str, Any]) -> dict[str, Any]:
     return {k: attrs.get(k) for k in STORE_KEYS}
 
 
-def check_store(saved: RunConfig, attrs: dict[str, Any], path: str) -> None:
-    """A checkpoint only runs on features made the way its training store's were."""
+def check_store(saved: RunConfig, attrs: dict[str, Any], path: str, allow_other: bool = False) -> list[str]:
+    """A checkpoint runs on features made the way its training store's were; `allow_other` (evaluation
+    only, asked for explicitly) lets other encoders or settings through but never other shapes.
+    Returns the differences."""
     now = store_provenance(attrs)
     diffs = [f"{k}: checkpoint's store {saved.store.get(k)!r}, {path} {now[k]!r}"
              for k in STORE_KEYS if saved.store and saved.store.get(k) != now[k]]
-    if diffs:
+    shapes_differ = any(saved.store.get(k) != now[k] for k in SHAPE_KEYS) if saved.store else False
+    if diffs and (shapes_differ or not allow_other):
+        hint = "" if shapes_differ else "; add --other-store to evaluate on it anyway (it is labelled so)"
         raise TrainError(f"{path} was made with other encoders or settings than the checkpoint's store "
-                         f"({'; '.join(diffs)})")
+                         f"({'; '.join(diffs)}){hint}")
+    return diffs
 
 
 def held_out_fingerprint(video_ids: list[str], val_fraction: float) -> dict[str, Any]:

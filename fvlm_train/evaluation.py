@@ -93,6 +93,8 @@ def print_eval_table(m: dict[str, Any]) -> None:
         lo, hi = m["shuffled_ratio_ci"]
         rows += [("cap_fine_shuffled", f"{m['cap_fine_shuffled']:.4f}"),
                  ("shuffled_ratio", f"{m['shuffled_ratio']:.4f}  95% CI [{lo:.4f}, {hi:.4f}]")]
+    if m.get("store_differences"):
+        rows.append(("store", "OTHER than the checkpoint's: " + "; ".join(m["store_differences"])))
     rows.append(("verdict", m["verdict"]))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -180,7 +180,13 @@ def test_eval_on_a_store_of_other_encoders_is_refused(store, full_run, tmp_path)
                 str(full_run / "checkpoint_latest.pt"), "--eval-only", "--workers", "0"], check=False)
     one_line_error(proc, "was made with other encoders or settings than the checkpoint's store (dino: checkpoint's "
                          "store 'tiny'")
-    assert "'facebook/dinov2-small'" in proc.stderr
+    assert "'facebook/dinov2-small'" in proc.stderr and "--other-store" in proc.stderr
+    out_json = tmp_path / "other.json"
+    run([sys.executable, str(ROOT / "train.py"), "--store", str(other), "--resume",
+         str(full_run / "checkpoint_latest.pt"), "--eval-only", "--workers", "0", "--other-store", "--json",
+         str(out_json)])
+    assert json.loads(out_json.read_text())["store_differences"] == [
+        f"dino: checkpoint's store 'tiny', {other} 'facebook/dinov2-small'"]
 
 
 def one_line_error(proc: subprocess.CompletedProcess, text: str) -> None:
