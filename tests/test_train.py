@@ -83,7 +83,7 @@ def test_run_writes_every_tag_checkpoints_and_visuals(full_run):
     ckpt = torch.load(full_run / "checkpoint_latest.pt", weights_only=True)
     assert ckpt["step"] == 16 and ckpt["config"]["fine_iterations"] == 2
     assert ckpt["config"]["store"]["dino"] == "tiny" and ckpt["config"]["held_out"]["val_fraction"] == 0.25
-    assert "val/verdict" in acc.Tags()["tensors"]
+    assert any(t.startswith("val/verdict") for t in acc.Tags()["tensors"])
     assert set(tags["nonfinite_steps"]) == {2, 4, 6, 8, 10, 12, 14, 16}  # once per log, not per skipped step
     losses = tags["loss"]
     assert all(np.isfinite(v) for v in losses.values())
@@ -135,7 +135,9 @@ def test_eval_only_prints_table_and_writes_json(store, full_run, tmp_path):
     assert lo <= result["cap_ratio"] <= hi
     lo, hi = result["shuffled_ratio_ci"]
     assert lo <= result["shuffled_ratio"] <= hi
-    assert result["shuffled_ratio"] == pytest.approx(result["cap_fine_shuffled"] / result["cap_fine"], rel=1e-6)
+    # The control leaves out batches of one video (no other video's queries), so cap_fine over the
+    # same videos differs a little from cap_fine over all of them.
+    assert result["shuffled_ratio"] == pytest.approx(result["cap_fine_shuffled"] / result["cap_fine"], rel=2e-2)
     assert result["num_videos"] == len(FeatureDataset(str(store), 4, split="val", val_fraction=0.25)) > 0
     assert len(result["cap_passes"]) == 3  # the checkpoint's two fine iterations
     assert "cap_ratio" in proc.stdout and "shuffled_ratio" in proc.stdout
@@ -194,7 +196,9 @@ def one_line_error(proc: subprocess.CompletedProcess, text: str) -> None:
     assert "Traceback" not in proc.stderr, proc.stderr
     assert text in proc.stderr, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 or lines[-1].startswith("Error:"), proc.stderr  # click usage errors add a usage line
+    if "%|" not in proc.stderr:  # before any training: the error alone (click usage errors add a usage line)
+        assert len(lines) == 1 or lines[-1].startswith("Error:"), proc.stderr
+    assert lines[-1].startswith(("error: ", "Error: ")) and text in lines[-1], proc.stderr
 
 
 def test_bad_input_is_a_one_line_error(store, tmp_path):
@@ -281,8 +285,8 @@ def test_torchrun_two_cpu_processes_default_grad_accum(store, tmp_path):
     assert set(tags["loss"]) == {3, 6}  # logged once per step, by rank 0 only
     ckpt = torch.load(out / "checkpoint_latest.pt", weights_only=True)
     assert ckpt["step"] == 6 and ckpt["config"]["grad_accum"] == 2
-    # 2 processes x 2 micro-batches of 4 per step: every video of the 3 steps counted once
-    assert ckpt["micro_in_epoch"] == 6 and all(np.isfinite(v) for v in tags["loss"].values())
+    # 31 training videos: 15 per rank, 3 micro-batches of 4 per epoch; 6 steps x 2 = 12 micro-batches.
+    assert (ckpt["epoch"], ckpt["micro_in_epoch"]) == (3, 3) and all(np.isfinite(v) for v in tags["loss"].values())
 
 
 def test_schedule_and_ratio_arithmetic():
