@@ -72,3 +72,18 @@ def test_store_and_split_checks_name_both_values():
     check_split(saved, held_out_fingerprint(["b", "a"], 0.25), "")  # the same ids in another order
     with pytest.raises(TrainError, match=r"checkpoint val_fraction 0.25 \(2 videos.*now 0.25 \(3 videos"):
         check_split(saved, held_out_fingerprint(["a", "b", "c"], 0.25), "")
+
+
+def test_unreachable_hub_fails_fast(monkeypatch):
+    """A hub model that is not cached, with the hub unreachable: one line with what to do, at once
+    (the hub client alone retries for ~45 s). The endpoint is a closed local port."""
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    start = time.time()
+    with pytest.raises(ValueError, match="not in the local Hugging Face cache and the hub cannot be reached") as e:
+        load_lm("fvlm-tests/no-such-model")
+    assert time.time() - start < 10 and "--lm PATH" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="no such folder"):
+        load_lm("./no/such/folder")
