@@ -26,10 +26,10 @@ def train_step(model: torch.nn.Module, fn: Callable[..., dict[str, torch.Tensor]
     (this step's loss on this rank's share) and `finite`.
     """
     device = micro_batches[0]["labels"].device
-    counts = torch.stack([torch.stack([(b["labels"] != -100).sum(), torch.tensor(b["labels"].shape[0], device=device)])
-                          for b in micro_batches]).sum(0).float()
+    tokens = sum((b["labels"] != -100).sum() for b in micro_batches).float()
+    videos = torch.tensor(float(sum(b["labels"].shape[0] for b in micro_batches)), device=device)
     # DDP averages gradients over ranks: each rank normalises by the global totals / world.
-    tokens, videos = (all_sum(counts, world) / world).unbind()
+    tokens, videos = (all_sum(torch.stack([tokens, videos]), world) / world).unbind()
     sums = torch.zeros(len(SUMS), device=device, dtype=torch.float64)
     loss = torch.zeros((), device=device)
     use_bf16 = device.type == "cuda"

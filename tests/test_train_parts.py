@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
+import click
 import pytest
 import torch
+from click.testing import CliRunner
 
 from fvlm_data.dataset import CaptionCollator, FeatureDataset, to_device
 from fvlm_model import FoveatedVLM, load_lm
 from fvlm_train import TrainError
-from fvlm_train.config import RunConfig, check_split, check_store, held_out_fingerprint, resolve
+from fvlm_train.checkpoint import load_checkpoint
+from fvlm_train.config import RunConfig, check_split, check_store, click_options, held_out_fingerprint, resolve
+from fvlm_train.data import TrainBatches
 from fvlm_train.optim import decays, make_optimizer
 from tests.test_dataset import build_store
 
@@ -87,3 +93,39 @@ def test_unreachable_hub_fails_fast(monkeypatch):
     assert time.time() - start < 10 and "--lm PATH" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ValueError, match="no such folder"):
         load_lm("./no/such/folder")
+
+
+def test_bad_checkpoint_files_say_what_they_are(tmp_path):
+    cases = {"empty.pt": (b"", "is empty (0 bytes)"),
+             "notes.pt": (b"these are my notes\n", "is not a checkpoint (not a file torch.save writes)"),
+             "random.pt": (bytes(range(256)) * 16, "is not a checkpoint (not a file torch.save writes)")}
+    for name, (data, text) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(TrainError, match=re.escape(text)) as e:
+            load_checkpoint(tmp_path / name)
+        assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(TrainError, match="is not an fvlm checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    torch.save({"format": "fvlm-checkpoint", "version": 1}, tmp_path / "old.pt")
+    with pytest.raises(TrainError, match="checkpoint version 1"):
+        load_checkpoint(tmp_path / "old.pt")
+
+
+def test_options_are_checked_by_click_and_all_have_help():
+    @click.command()
+    @click_options
+    def cli(**given):
+        click.echo(repr(given["val_fraction"]))
+
+    result = CliRunner().invoke(cli, ["--val-fraction", "1.5"])
+    assert result.exit_code == 2 and "1.5 is not in the range 0.0<=x<=1.0" in result.output
+    assert CliRunner().invoke(cli, []).output.strip() == "None"  # not given: the checkpoint's, else the default
+    assert all(p.help for p in cli.params)
+
+
+def test_no_training_videos_is_one_line(tmp_path):
+    _, tokenizer = load_lm("tiny")
+    ds = FeatureDataset(build_store(tmp_path / "s.zarr", n=4), num_frames=4, split="train", val_fraction=1.0)
+    with pytest.raises(TrainError, match="0 training videos over 1 process"):
+        TrainBatches(ds, CaptionCollator(tokenizer), 2, 0, seed=0, rank=0, world=1, pin=False)
