@@ -26,7 +26,11 @@ from fvlm_data.dataset import CaptionCollator, FeatureDataset, to_device  # noqa
 from fvlm_data.store import FeatureStore  # noqa: E402
 from fvlm_data.synthetic import FOVEATION_CUE_S, foveation_object_masks  # noqa: E402
 from fvlm_model.visualize import attention_figure, attention_grid, inspect_batch  # noqa: E402
-from train import LM_PRESETS, build_model, check_same_model, load_checkpoint, synthetic_frames  # noqa: E402
+from fvlm_train import TrainError  # noqa: E402
+from fvlm_train.build import build_model  # noqa: E402
+from fvlm_train.checkpoint import load_checkpoint, saved_config  # noqa: E402
+from fvlm_train.config import check_store  # noqa: E402
+from fvlm_train.visuals import synthetic_frames  # noqa: E402
 
 PATCH = 14  # DINOv2's patch size: the store's image_size / PATCH patches per side
 
@@ -64,15 +68,18 @@ def main() -> None:
     ap.add_argument("--figure-videos", type=int, default=3, help="Videos in the figure (the first held-out ones).")
     opts = ap.parse_args()
 
-    ckpt = load_checkpoint(Path(opts.checkpoint))
-    args = ckpt["args"]
-    store = FeatureStore.open(opts.store)
+    try:
+        ckpt = load_checkpoint(Path(opts.checkpoint))
+        config = saved_config(ckpt)
+        store = FeatureStore.open(opts.store)
+        check_store(config, store.attrs, opts.store)
+        model, tokenizer = build_model(config, store.attrs)
+    except TrainError as e:
+        sys.exit(f"error: {e}")
     attrs = store.attrs
-    model, tokenizer, config = build_model(args.get("lm") or LM_PRESETS[args["preset"]], attrs, args)
-    check_same_model(ckpt["model_config"], config, Path(opts.checkpoint))
     model.load_state_dict(ckpt["model"])
     model.eval()
-    ds = FeatureDataset(opts.store, args["num_frames"], split="val", val_fraction=args["val_fraction"])
+    ds = FeatureDataset(opts.store, config.num_frames, split="val", val_fraction=config.val_fraction)
     seed = int(attrs.get("precompute_args", {}).get("seed", 0))
     size = int(attrs["image_size"])
     grid = size // PATCH
@@ -84,8 +91,7 @@ def main() -> None:
     names, sums, count = None, None, 0
     for start in range(0, len(items), 64):
         chunk, chunk_sources = items[start : start + 64], sources[start : start + 64]
-        batch = to_device(CaptionCollator(tokenizer, args["max_caption_tokens"])(chunk), torch.device("cpu"),
-                          torch.float32)
+        batch = to_device(CaptionCollator(tokenizer, config.max_caption_tokens)(chunk), torch.device("cpu"))
         info = inspect_batch(model, batch["dino"], batch["latents"], batch["input_ids"], batch["labels"])
         names = list(info["attention"])
         if start == 0 and opts.figure:

@@ -5,9 +5,8 @@
 #   FVLM_BENCH_BUDGET_S=600 bash bench/gpu.sh   # more time: nothing is skipped for lack of it
 #   FVLM_BENCH_SMOKE=1 bash bench/gpu.sh        # tiny shapes on the CPU: checks the script itself
 #
-# Needs only torch + transformers (diffusers is used for the VAE if installed, else an identical
-# plain-torch SD-VAE encoder); installs nothing, downloads nothing (every model is random-initialised
-# from its config). Stages, most important first, each under `timeout` within the overall budget;
+# Needs torch, transformers and diffusers (the project's dependencies); installs nothing, downloads
+# nothing (every model is random-initialised from its config). Stages, most important first, each under `timeout` within the overall budget;
 # every benchmark writes its JSON after each row, so a stage cut short keeps what it measured:
 #   1. training step, batch 32 (the issue's reference: 83 samples/s, 16.8 GB): eager, compiled + CUDA graphs
 #   2. frozen encoders (reference: 14.4 videos/s; VAE ~550 frames/s, DINO ~12,000): DINOv2-small and
@@ -40,7 +39,7 @@ else
   B32=32; B64=64
 fi
 "$PY" -c "import torch, transformers, importlib.util as u; print('torch', torch.__version__, '| transformers', \
-transformers.__version__, '| diffusers', 'yes' if u.find_spec('diffusers') else 'no (plain-torch SD-VAE encoder)')"
+transformers.__version__, '| diffusers', 'yes' if u.find_spec('diffusers') else 'MISSING (pip install diffusers)')"
 
 left() { echo $(( BUDGET - (SECONDS - START) )); }
 # stage NAME MAX_SECONDS CMD...: run under the smaller of MAX_SECONDS and the budget left; log to OUT_DIR.

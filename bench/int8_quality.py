@@ -139,7 +139,7 @@ def run_training(args: argparse.Namespace, work: Path) -> None:
     evals = {f"eval_{name}": name for name in store}
     ckpt = "run_f16/checkpoint_latest.pt"
     ev = [py, str(REPO / "train.py"), "--preset", "tiny", "--num-frames", "8", "--batch-size", "8", "--workers", "0",
-          "--resume", ckpt, "--eval-only", "--val-fraction", "1.0"]
+          "--resume", ckpt, "--eval-only", "--val-fraction", "1.0", "--other-split", "--other-store"]
     stages = [
         [(f"precompute_{k}", [*pre, "--out", v, "--feature-dtype", "float16" if k == "f16" else "int8"])
          for k, v in store.items()],

@@ -8,9 +8,8 @@ Encoders (part `encoders`): DINOv2-small (transformers `Dinov2Config`: 384 wide,
 MLP x4, patch 14, 518 px position grid interpolated to 18x18 at 256 px) and the SD-VAE encoder of
 `stabilityai/sd-vae-ft-mse` (block_out_channels 128/256/512/512, 2 layers per block, 32 norm
 groups, 4 latent channels), both random-initialised from their configs (no network). The VAE is
-diffusers' AutoencoderKL when diffusers is installed, otherwise a plain-torch replica of its
-encoder + quant_conv (`SDVAEEncoder`, same parameter names, checked equal to diffusers' on CPU);
-only the encoder runs, never the decoder. Frames are 256x256, batches of --videos x --frames-per-video
+diffusers' AutoencoderKL (a dependency); only its encoder runs, never the decoder. Frames are
+256x256, batches of --videos x --frames-per-video
 (the precompute default: 8 videos x 24 frames). bf16 on CUDA, fp32 on CPU. Variants:
   dino eager / compiled; vae eager NCHW / eager channels-last / compiled channels-last;
   pipeline: FrozenEncoders.encode end to end (uint8 frames from the CPU, results back to the CPU),
@@ -29,10 +28,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,15 +55,8 @@ def dinov2_small(seed: int = 0) -> nn.Module:
         return Dinov2Model(cfg)
 
 
-def have_diffusers() -> bool:
-    try:
-        import diffusers  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def sd_vae_diffusers(seed: int = 1, **overrides) -> nn.Module:
+def sd_vae(seed: int = 1, **overrides) -> nn.Module:
+    """stabilityai/sd-vae-ft-mse's architecture (diffusers AutoencoderKL), random-initialised."""
     from diffusers import AutoencoderKL
 
     cfg = {**SD_VAE, **overrides}
@@ -75,128 +65,6 @@ def sd_vae_diffusers(seed: int = 1, **overrides) -> nn.Module:
         torch.manual_seed(seed)
         return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
                              up_block_types=("UpDecoderBlock2D",) * blocks, sample_size=256, **cfg)
-
-
-class _Resnet(nn.Module):
-    def __init__(self, cin: int, cout: int, groups: int):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
-
-    def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
-
-
-class _Down(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
-
-    def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # diffusers' asymmetric padding
-
-
-class _Attention(nn.Module):
-    """diffusers' single-head VAE mid-block attention (GroupNorm, q/k/v/out linears, residual)."""
-
-    def __init__(self, channels: int, groups: int):
-        super().__init__()
-        self.group_norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.to_q, self.to_k, self.to_v = (nn.Linear(channels, channels) for _ in range(3))
-        self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Dropout(0.0)])
-
-    def forward(self, x):
-        b, c, h, w = x.shape
-        t = self.group_norm(x).reshape(b, c, h * w).transpose(1, 2)
-        q, k, v = (f(t).unsqueeze(1) for f in (self.to_q, self.to_k, self.to_v))
-        o = F.scaled_dot_product_attention(q, k, v).squeeze(1)
-        return x + self.to_out[0](o).transpose(1, 2).reshape(b, c, h, w)
-
-
-class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, layers: int, groups: int, down: bool):
-        super().__init__()
-        self.resnets = nn.ModuleList([_Resnet(cin if i == 0 else cout, cout, groups) for i in range(layers)])
-        self.downsamplers = nn.ModuleList([_Down(cout)]) if down else None
-
-    def forward(self, x):
-        for r in self.resnets:
-            x = r(x)
-        return self.downsamplers[0](x) if self.downsamplers is not None else x
-
-
-class _Mid(nn.Module):
-    def __init__(self, channels: int, groups: int):
-        super().__init__()
-        self.resnets = nn.ModuleList([_Resnet(channels, channels, groups), _Resnet(channels, channels, groups)])
-        self.attentions = nn.ModuleList([_Attention(channels, groups)])
-
-    def forward(self, x):
-        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
-
-
-class _Encoder(nn.Module):
-    def __init__(self, channels: tuple[int, ...], layers: int, latent: int, groups: int):
-        super().__init__()
-        self.conv_in = nn.Conv2d(3, channels[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList([
-            _Block(channels[max(i - 1, 0)], c, layers, groups, down=i < len(channels) - 1)
-            for i, c in enumerate(channels)])
-        self.mid_block = _Mid(channels[-1], groups)
-        self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(channels[-1], 2 * latent, 3, padding=1)
-
-    def forward(self, x):
-        x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
-
-
-class SDVAEEncoder(nn.Module):
-    """The encoder half of diffusers' AutoencoderKL in plain torch (for machines without diffusers).
-
-    Parameter names equal diffusers' (`encoder.*`, `quant_conv.*`), so its state dict loads here;
-    `encode(x).latent_dist.mean` and `config.scaling_factor` mirror its interface.
-    """
-
-    def __init__(self, block_out_channels=SD_VAE["block_out_channels"], layers_per_block=SD_VAE["layers_per_block"],
-                 latent_channels=SD_VAE["latent_channels"], norm_num_groups=SD_VAE["norm_num_groups"],
-                 scaling_factor=SD_VAE["scaling_factor"], seed: int = 1):
-        super().__init__()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.encoder = _Encoder(tuple(block_out_channels), layers_per_block, latent_channels, norm_num_groups)
-            self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
-        self.latent_channels = latent_channels
-        self.config = SimpleNamespace(scaling_factor=scaling_factor)
-
-    def encode(self, x):
-        moments = self.quant_conv(self.encoder(x))
-        return SimpleNamespace(latent_dist=SimpleNamespace(mean=moments[:, : self.latent_channels]))
-
-
-def sd_vae(impl: str = "auto") -> tuple[nn.Module, str]:
-    if impl == "diffusers" or (impl == "auto" and have_diffusers()):
-        return sd_vae_diffusers(), "diffusers AutoencoderKL"
-    return SDVAEEncoder(), "plain-torch SD-VAE encoder replica" + ("" if have_diffusers() else " (no diffusers)")
-
-
-def check_replica() -> float:
-    """Max |replica - diffusers| of the mean latent, real config, same weights, 64 px, fp32 CPU."""
-    ref = sd_vae_diffusers().eval()
-    rep = SDVAEEncoder().eval()
-    state = {k: v for k, v in ref.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
-    rep.load_state_dict(state, strict=True)
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        a, b = ref.encode(x).latent_dist.mean, rep.encode(x).latent_dist.mean
-    return float((a - b).abs().max() / a.abs().max())
 
 
 # ----------------------------------------------------------------------------- encoder timing
@@ -265,7 +133,7 @@ def encoder_rows(args, device: torch.device, rows: list[dict], emit) -> None:
     run("dino-eager", "DINOv2-small", dino_fn, x, dflops)
     run("dino-compiled", "DINOv2-small", torch.compile(dino_fn, dynamic=False), x, dflops)
 
-    vae, vae_name = sd_vae(args.vae_impl)
+    vae, vae_name = sd_vae(), "diffusers AutoencoderKL"
     vae = vae.eval().requires_grad_(False).to(device, dtype)
     vae_fn = lambda t: vae.encode(t).latent_dist.mean  # noqa: E731
     vflops = flops_per_frame(vae_fn, x) if not args.no_flops else None
@@ -393,9 +261,6 @@ def main() -> None:
     p.add_argument("--variants", default="dino,vae,pipeline",
                    help="Encoder variants to run (substrings of: dino-eager, dino-compiled, vae-eager-nchw, "
                         "vae-eager-cl, vae-compiled-cl, pipeline-eager, pipeline-compiled).")
-    p.add_argument("--vae-impl", choices=["auto", "diffusers", "replica"], default="auto")
-    p.add_argument("--check-replica", action="store_true",
-                   help="Check the plain-torch VAE encoder against diffusers' (needs diffusers) and exit.")
     p.add_argument("--no-flops", action="store_true")
     p.add_argument("--clips", default="/tmp/clips", help="Folder of .mp4 clips for the decode part.")
     p.add_argument("--seek", default="exact,keyframe")
@@ -404,11 +269,6 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
-    if args.check_replica:
-        if not have_diffusers():
-            raise SystemExit("--check-replica needs diffusers")
-        print(f"SD-VAE replica vs diffusers, max relative difference of the latent mean: {check_replica():.2e}")
-        return
     parts = set(args.part.split(","))
     rows: list[dict] = []
 
@@ -422,7 +282,7 @@ def main() -> None:
         dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
         frames = args.frames_per_batch or args.videos * args.frames_per_video
         print(f"# encoders on {dev}, {frames} frames of {args.image_size}px per batch, "
-              f"{'bf16' if device.type == 'cuda' else 'fp32'}; diffusers {'yes' if have_diffusers() else 'no'}",
+              f"{'bf16' if device.type == 'cuda' else 'fp32'}",
               flush=True)
         encoder_rows(args, device, rows, emit)
     if "decode" in parts:

@@ -7,8 +7,9 @@
 The LM is random-initialised from its config (no network): `smollm2` is SmolLM2-135M's shape
 (width 576, 30 layers, 9 heads, 3 KV heads, vocab 49152, tied embeddings), `tiny` the 2-layer test
 preset. Inputs are synthetic tensors of the given shape, already on the device (data loading is
-not timed). The step is train.py's: fp32 weights, bf16 autocast on CUDA (fp32 on CPU), the loss's
-backward, gradient clipping at 1.0, AdamW (fused on CUDA) with train.py's parameter groups.
+not timed). The step is the trainer's own `fvlm_train.step.train_step` with the trainer's optimiser
+(`fvlm_train.optim.make_optimizer`): fp32 weights, bf16 autocast on CUDA (fp32 on CPU), backward,
+gradient clipping at 1.0, AdamW (fused on CUDA).
 
 Variants (comma-separated --variants):
   eager          the plain module
@@ -19,7 +20,8 @@ Variants (comma-separated --variants):
 
 Prints, per variant: samples/s (batch / median step time after --warmup steps), the first step's
 time (compilation included), peak memory (CUDA: max_memory_allocated; CPU: the process's peak
-RSS so far), FLOPs per sample (FlopCounterMode over one eager forward+backward, / batch) and the
+RSS so far), FLOPs per sample (FlopCounterMode over one eager forward+backward, / batch; printed
+before the table also with the intermediate fine passes fed the caption, as before they ran without it) and the
 achieved fraction of the chip's dense bf16 matrix rate ('n/a' on CPU or an unknown GPU). With
 --json the rows are also written as JSON (gpu.sh collects them into one table).
 """
@@ -44,6 +46,8 @@ if str(ROOT) not in sys.path:
 
 from fvlm_model import FoveatedVLM  # noqa: E402
 from fvlm_model.lm import smollm2_135m_config, tiny_llama_config  # noqa: E402
+from fvlm_train.optim import make_optimizer  # noqa: E402
+from fvlm_train.step import train_step  # noqa: E402
 
 VARIANTS = {
     "eager": None,
@@ -101,14 +105,6 @@ def synthetic_batch(model: FoveatedVLM, batch: int, frames: int, tokens: int, ca
     }
 
 
-def make_optimizer(model: FoveatedVLM, device: torch.device, lr: float = 1e-4) -> torch.optim.Optimizer:
-    """train.py's optimiser: AdamW, no weight decay on embeddings/vectors, fused on CUDA."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-
-
 def wrap(model: FoveatedVLM, variant: str) -> torch.nn.Module:
     """The callable module of a variant (eager: the model itself)."""
     if variant not in VARIANTS:
@@ -120,29 +116,17 @@ def wrap(model: FoveatedVLM, variant: str) -> torch.nn.Module:
     return torch.compile(model, dynamic=False, **opts)
 
 
-def train_step(fn: torch.nn.Module, model: FoveatedVLM, optimizer: torch.optim.Optimizer,
-               batch: dict[str, torch.Tensor], clip: float = 1.0) -> dict[str, torch.Tensor]:
-    """One optimiser step as train.py takes it; returns the (detached) losses and the grad norm."""
-    device = batch["dino"].device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        out = fn(batch["dino"], batch["latents"], batch["input_ids"], batch["labels"])
-    out["loss"].backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    # Clone: with CUDA graphs the outputs live in memory the next replay overwrites.
-    keep = ("loss", "cap_coarse", "cap_fine", "rec_coarse", "rec_fine", "cap_passes", "rec_passes")
-    return {**{k: out[k].detach().clone() for k in keep}, "grad_norm": grad_norm.detach().clone()}
-
-
 # ----------------------------------------------------------------------------- measuring
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def count_flops(model: FoveatedVLM, batch: dict[str, torch.Tensor]) -> float:
-    """FLOPs of one forward + backward (eager), per sample. The optimiser step is not counted."""
+def count_flops(model: FoveatedVLM, batch: dict[str, torch.Tensor], caption_in_every_pass: bool = False) -> float:
+    """FLOPs of one forward + backward (eager), per sample. The optimiser step is not counted.
+
+    `caption_in_every_pass`: the intermediate fine passes also run over the caption (and score it),
+    as the model did before they ran without it."""
     from torch.utils import flop_counter
 
     aten = torch.ops.aten
@@ -156,7 +140,8 @@ def count_flops(model: FoveatedVLM, batch: dict[str, torch.Tensor]) -> float:
     device = batch["dino"].device
     counter = flop_counter.FlopCounterMode(display=False, custom_mapping=custom)
     with counter, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        out = model(batch["dino"], batch["latents"], batch["input_ids"], batch["labels"])
+        out = model(batch["dino"], batch["latents"], batch["input_ids"], batch["labels"],
+                    score_all_passes=caption_in_every_pass)
         out["loss"].backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch["dino"].shape[0]
@@ -177,16 +162,16 @@ def measure(variant: str, args: argparse.Namespace, device: torch.device, flops_
     model = build_model(args.lm, args.fine_iterations, args.dim, args.seed).to(device)
     if args.channels_last:
         model.head.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, device)
+    optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.01, device=device)
     batch = synthetic_batch(model, args.batch_size, args.frames, args.tokens, args.caption_tokens, device, args.seed)
     fn = wrap(model, variant)
     counters = torch._dynamo.utils.counters
     counters.clear()
-    times, first, losses = [], None, None
+    times, first, result = [], None, None
     for i in range(args.warmup + args.steps):
         sync(device)
         t0 = time.perf_counter()
-        losses = train_step(fn, model, optimizer, batch)
+        result = train_step(model, fn, optimizer, [batch], clip=1.0)
         sync(device)
         dt = time.perf_counter() - t0
         if i == 0:
@@ -201,7 +186,7 @@ def measure(variant: str, args: argparse.Namespace, device: torch.device, flops_
         "samples_per_s": args.batch_size / median, "step_ms_median": median * 1e3,
         "step_ms_min": min(times) * 1e3, "first_step_s": first, "steps": len(times),
         "peak_memory_gb": peak_memory_gb(device), "flops_per_sample": flops_per_sample,
-        "loss": float(losses["loss"]),
+        "loss": result["loss"],
         # Compilation health: graphs compiled, graph breaks, and steps CUDA graphs were skipped for.
         "graphs": int(counters["stats"]["unique_graphs"]),
         "graph_breaks": int(sum(counters["graph_break"].values())),
@@ -266,9 +251,14 @@ def main() -> None:
     flops = None
     if not args.no_flops:
         model = build_model(args.lm, args.fine_iterations, args.dim, args.seed).to(device)
-        flops = count_flops(model, synthetic_batch(model, args.batch_size, args.frames, args.tokens,
-                                                   args.caption_tokens, device, args.seed))
-        del model
+        batch = synthetic_batch(model, args.batch_size, args.frames, args.tokens, args.caption_tokens, device,
+                                args.seed)
+        flops = count_flops(model, batch)
+        before = count_flops(model, batch, caption_in_every_pass=True)
+        print(f"# GFLOP/sample: {flops / 1e9:.1f} (intermediate fine passes without the caption); "
+              f"{before / 1e9:.1f} with the caption in every pass, as before ({100 * (flops / before - 1):+.1f}%)",
+              flush=True)
+        del model, batch
     print(f"# {device_name(device)}; torch {torch.__version__}; lm={args.lm} batch={args.batch_size} "
           f"frames={args.frames} tokens={args.tokens}x{args.dim} caption={args.caption_tokens} "
           f"fine_iterations={args.fine_iterations} steps={args.steps} warmup={args.warmup}", flush=True)

@@ -162,12 +162,16 @@ class CaptionCollator:
         return batch
 
 
-def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Move a batch to the device, then convert features there (int8 is dequantised here)."""
+def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Move a batch to the device; int8 features are dequantised there.
+
+    Features keep their stored half precision unless `dtype` is given: the model converts them to
+    its compute dtype itself (an fp32 copy here would only double the bytes moved and converted).
+    """
     out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-    dino = out["dino"].to(dtype)
     if "dino_scale" in out:
-        dino = dino * out.pop("dino_scale").to(dtype).unsqueeze(-1)
-    out["dino"] = dino
-    out["latents"] = out["latents"].to(dtype)
+        scale = out.pop("dino_scale")
+        out["dino"] = out["dino"].to(scale.dtype) * scale.unsqueeze(-1)
+    if dtype is not None:
+        out["dino"], out["latents"] = out["dino"].to(dtype), out["latents"].to(dtype)
     return out

@@ -5,7 +5,10 @@ so tests, CI and demos run with no network. Both are deterministic: the same wor
 vocabulary and the same weights.
 """
 
+import os
+import socket
 import string
+from urllib.parse import urlparse
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -123,6 +126,51 @@ def _ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     model.config.pad_token_id = tokenizer.pad_token_id
 
 
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name and os.sep != "/"
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One TCP connection to the hub's host: fails in milliseconds without DNS, instead of the
+    hub client's ~45 s of retries."""
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_pretrained(name: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """From a local folder, the local hub cache, or the hub; ValueError with what to do otherwise."""
+    def load(local_only: bool) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+        # Explicit float32: training runs the weights in fp32 under bf16 autocast.
+        return tokenizer, AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, local_files_only=local_only)
+
+    if _looks_like_path(name) and not os.path.isdir(os.path.expanduser(name)):
+        raise ValueError(f"cannot load language model {name!r}: no such folder (give a local model folder or a "
+                         "hub id such as HuggingFaceTB/SmolLM2-135M-Instruct)")
+    try:
+        return load(local_only=True)
+    except Exception as e:  # not cached (or not a model folder): try the hub below
+        cached_error = e
+    if os.path.isdir(os.path.expanduser(name)):
+        reason = (str(cached_error).strip().splitlines() or [type(cached_error).__name__])[0]
+        raise ValueError(f"cannot load language model {name!r}: {reason}") from None
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or not _hub_reachable():
+        where = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") else \
+            "the hub cannot be reached from here"
+        raise ValueError(f"cannot load language model {name!r}: it is not in the local Hugging Face cache and "
+                         f"{where}; download it once where there is network (then HF_HUB_OFFLINE=1 uses the "
+                         "cache), or give --lm PATH to a local copy") from None
+    try:
+        return load(local_only=False)
+    except Exception as e:  # hub/network/format errors come in many types
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"cannot load language model {name!r}: {reason}") from None
+
+
 def load_lm(
     name_or_preset: str = DEFAULT_LM, words: list[str] | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -144,13 +192,7 @@ def load_lm(
             model = LlamaForCausalLM(config)
         return model, tokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_preset)
-        # Explicit float32: training runs the weights in fp32 under bf16 autocast.
-        model = AutoModelForCausalLM.from_pretrained(name_or_preset, dtype=torch.float32)
-    except Exception as e:  # hub/network/format errors come in many types
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"cannot load language model {name_or_preset!r}: {reason}") from e
+    tokenizer, model = _load_pretrained(name_or_preset)
     tokenizer.padding_side = "right"
     _ensure_pad_token(model, tokenizer)
     return model, tokenizer

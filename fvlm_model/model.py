@@ -8,7 +8,9 @@ query from the previous pass's LM hidden state at frame t-1. Every pass runs the
   - next-frame reconstruction: the hidden state before frame t's token predicts the VAE latent
     x_t through a FiLM head conditioned on x_{t-1}.
 
-loss = (cap_fine + l_rec * rec_fine) + l_coarse * (cap_coarse + l_rec * rec_coarse)
+loss = (cap_fine + l_rec * rec_fine) + l_coarse * (cap_coarse + l_rec * rec_coarse)   (`joint_loss`)
+where cap_* are caption-loss sums over tokens divided by the number of caption tokens and rec_* are
+per-video mean squared errors summed over videos divided by the number of videos.
 
 Shapes: B batch, T frames, N DINO tokens per frame, D DINO width, H LM width, L caption length,
 P = 1 + fine_iterations passes, latents [C, S, S].
@@ -49,6 +51,12 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def joint_loss(config: ModelConfig, cap_coarse: Any, cap_fine: Any, rec_coarse: Any, rec_fine: Any) -> Any:
+    """The training objective from the passes' losses (tensors or floats): the one place it is written."""
+    lr, lc = config.lambda_recon, config.lambda_coarse
+    return (cap_fine + lr * rec_fine) + lc * (cap_coarse + lr * rec_coarse)
 
 
 class FoveatedVLM(nn.Module):
@@ -115,16 +123,21 @@ class FoveatedVLM(nn.Module):
         first = self.q_init.to(rest.dtype).expand(hidden.shape[0], 1, -1)
         return torch.cat([first, rest], dim=1)
 
-    def encode_frames(self, dino: Tensor, queries: Tensor) -> tuple[Tensor, Tensor]:
+    def encode_frames(self, dino: Tensor, queries: Tensor, features: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One token per frame: z_t = softmax(W_q q_t . P_t^T / sqrt(D)) P_t, all frames at once.
 
-        dino [B, T, N, D], queries [B, T, D] -> (z [B, T, D], attention [B, T, N]).
+        dino [B, T, N, D], queries [B, T, D] -> (z [B, T, D], attention [B, T, N]). The scores and
+        the softmax are computed in fp32 (bf16 scores would shift a sharp attention by percents);
+        the weighted sum runs in the compute dtype on `features` (dino converted to it; pass it
+        when calling once per pass, so the conversion happens once).
         """
-        dino = dino.to(self.compute_dtype(dino.device))
-        q = self.w_q(queries)
-        scores = (dino @ q.unsqueeze(-1).to(dino.dtype)).squeeze(-1) * dino.shape[-1] ** -0.5
-        attn = scores.softmax(dim=-1)
-        z = (attn.to(dino.dtype).unsqueeze(-2) @ dino).squeeze(-2)
+        if features is None:
+            features = dino.to(self.compute_dtype(dino.device))
+        with torch.autocast(dino.device.type, enabled=False):
+            q = F.linear(queries.float(), self.w_q.weight.float())
+            scores = (dino.float() @ q.unsqueeze(-1)).squeeze(-1) * dino.shape[-1] ** -0.5
+            attn = scores.softmax(dim=-1)
+        z = (attn.to(features.dtype).unsqueeze(-2) @ features).squeeze(-2)
         return z, attn
 
     def project_visual(self, z: Tensor) -> Tensor:
@@ -134,14 +147,14 @@ class FoveatedVLM(nn.Module):
         return F.rms_norm(v, (v.shape[-1],), eps=1e-6) * self.visual_scale.to(v.dtype)
 
     def run_pass(
-        self, dino: Tensor, queries: Tensor, mode: int, caption_embeds: Tensor
+        self, dino: Tensor, queries: Tensor, mode: int, caption_embeds: Tensor, features: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """One pass of the LM over `[mode_token, v_1..v_T, caption_embeds]`.
 
         caption_embeds [B, L', H] may have L' = 0. Returns the last layer's hidden state (after
         the final norm) [B, 1 + T + L', H] and the query attention [B, T, N].
         """
-        z, attn = self.encode_frames(dino, queries)
+        z, attn = self.encode_frames(dino, queries, features)
         dtype = caption_embeds.dtype
         mode_token = self.mode_embed[mode].to(dtype).expand(dino.shape[0], 1, -1)
         seq = torch.cat([mode_token, self.project_visual(z).to(dtype), caption_embeds], dim=1)
@@ -168,42 +181,58 @@ class FoveatedVLM(nn.Module):
 
     # ---- training forward ---------------------------------------------------------------------
 
-    def forward(self, dino: Tensor, latents: Tensor, input_ids: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        """dino [B, T, N, D], latents [B, T, C, S, S], input_ids and labels [B, L] (labels -100 on
-        padding, EOS included as a real label).
+    def forward(
+        self, dino: Tensor, latents: Tensor, input_ids: Tensor, labels: Tensor, *,
+        cap_tokens: Tensor | None = None, num_videos: Tensor | None = None, score_all_passes: bool = False,
+    ) -> dict[str, Tensor]:
+        """dino [B, T, N, D] (any float dtype; fp16 as stored is best), latents [B, T, C, S, S],
+        input_ids and labels [B, L] (labels -100 on padding, EOS included as a real label).
+
+        The caption losses are divided by `cap_tokens` and the reconstruction losses by
+        `num_videos` (default: this batch's caption tokens and videos). A step over several
+        micro-batches passes the totals of the whole step, so its summed gradient is the gradient
+        of one batch of all of them.
 
         Returns `loss` (with grad) and detached metrics: cap_coarse, cap_fine, rec_coarse,
-        rec_fine (fine = last pass), cap_passes / rec_passes [P], cap_per_sample /
-        rec_per_sample [P, B], attention [P, B, T, N], pred_latents [P, B, T, C, S, S],
-        last_queries [B, T, D] (the last pass's queries, for `shuffled_query_loss`).
+        rec_fine (fine = last pass; normalised as the loss is), cap_passes / rec_passes [P],
+        cap_sum [P, B] (caption loss summed over each video's tokens), cap_tokens [B],
+        cap_per_sample = cap_sum / cap_tokens and rec_per_sample [P, B], attention [P, B, T, N],
+        pred_latents [P, B, T, C, S, S], last_queries [B, T, D] (the last pass's queries, for
+        `shuffled_query_loss`). The intermediate fine passes only make the next queries, so they
+        run without the caption (their visual hidden states do not depend on it: causal) and
+        their caption losses are NaN unless `score_all_passes` (evaluation) asks for them.
         """
         batch, frames = dino.shape[:2]
         num_passes = 1 + self.config.fine_iterations
         latents = latents.to(self.latent_init.dtype)
-        # Convert the features once, not once per pass (encode_frames' own cast is then a no-op).
-        dino = dino.to(self.compute_dtype(dino.device))
+        # Convert the features once, not once per pass.
+        features = dino.to(self.compute_dtype(dino.device))
         # The last caption token predicts nothing, so it is never fed.
         caption_embeds = self.lm.get_input_embeddings()(input_ids[:, :-1])
+        no_caption = caption_embeds[:, :0]
 
         token_ce, rec_hidden, attention = [], [], []
         queries = self.static_queries(batch, frames)
         for p in range(num_passes):
-            hidden, attn = self.run_pass(dino, queries, COARSE if p == 0 else FINE, caption_embeds)
+            scored = p in (0, num_passes - 1) or score_all_passes
+            hidden, attn = self.run_pass(dino, queries, COARSE if p == 0 else FINE,
+                                         caption_embeds if scored else no_caption, features)
             if p in (0, num_passes - 1):
                 token_ce.append(self.caption_token_loss(hidden[:, frames:], labels))
-            else:
-                # Intermediate passes are not in the loss: score them without keeping a graph.
+            elif scored:  # reported only: no graph
                 with torch.no_grad():
                     token_ce.append(self.caption_token_loss(hidden[:, frames:].detach(), labels))
+            else:
+                token_ce.append(torch.full(labels.shape, float("nan"), device=labels.device))
             rec_hidden.append(hidden[:, :frames])  # position t-1 precedes frame t's token
             attention.append(attn)
             if p < num_passes - 1:
                 queries = self.fine_queries(hidden, frames)
 
-        token_ce = torch.stack(token_ce)  # [P, B, L]
-        counts = (labels != IGNORE_INDEX).sum(dim=1)  # [B]
-        cap_per_sample = token_ce.sum(dim=2) / counts.clamp(min=1)
-        cap_passes = token_ce.sum(dim=(1, 2)) / counts.sum().clamp(min=1)
+        tokens = (labels != IGNORE_INDEX).sum(dim=1)  # [B]
+        cap_sum = torch.stack(token_ce).float().sum(dim=2)  # [P, B]
+        cap_norm = tokens.sum().clamp(min=1) if cap_tokens is None else cap_tokens
+        cap_passes = cap_sum.sum(dim=1) / cap_norm
 
         # One head call for all passes; the previous-latent encoder runs once.
         if self.config.lambda_recon == 0.0:
@@ -214,10 +243,9 @@ class FoveatedVLM(nn.Module):
         else:
             pred = self.predict_latents(torch.stack(rec_hidden), latents)  # [P, B, T, C, S, S]
         rec_per_sample = (pred.float() - latents).pow(2).mean(dim=(2, 3, 4, 5))
-        rec_passes = rec_per_sample.mean(dim=1)
+        rec_passes = rec_per_sample.sum(dim=1) / (batch if num_videos is None else num_videos)
 
-        lr, lc = self.config.lambda_recon, self.config.lambda_coarse
-        loss = (cap_passes[-1] + lr * rec_passes[-1]) + lc * (cap_passes[0] + lr * rec_passes[0])
+        loss = joint_loss(self.config, cap_passes[0], cap_passes[-1], rec_passes[0], rec_passes[-1])
         return {
             "loss": loss,
             "cap_coarse": cap_passes[0].detach(),
@@ -226,7 +254,9 @@ class FoveatedVLM(nn.Module):
             "rec_fine": rec_passes[-1].detach(),
             "cap_passes": cap_passes.detach(),
             "rec_passes": rec_passes.detach(),
-            "cap_per_sample": cap_per_sample.detach(),
+            "cap_sum": cap_sum.detach(),
+            "cap_tokens": tokens,
+            "cap_per_sample": (cap_sum / tokens.clamp(min=1)).detach(),
             "rec_per_sample": rec_per_sample.detach(),
             "attention": torch.stack(attention).detach(),
             "pred_latents": pred.detach(),
@@ -237,19 +267,17 @@ class FoveatedVLM(nn.Module):
 
     @torch.no_grad()
     def shuffled_query_loss(self, dino: Tensor, last_queries: Tensor, input_ids: Tensor, labels: Tensor) -> Tensor:
-        """Per-video caption loss [B] of the last pass when its queries for frames 2..T come from
-        ANOTHER video (the batch rolled by one; frame 1 keeps q_init). `last_queries` [B, T, D] are
-        `forward`'s output of that name for the same batch, so no earlier pass runs again.
+        """Per-video caption loss, summed over the caption's tokens [B] (as `cap_sum`), of the last
+        pass when its queries for frames 2..T come from ANOTHER video (the batch rolled by one;
+        frame 1 keeps q_init). `last_queries` [B, T, D] are `forward`'s output of that name for
+        the same batch, so no earlier pass runs again.
 
         The control for "the fine pass uses this video's earlier frames": if cap_fine is lower than
         this, the gain comes from where the queries look, not from the fine pass having its own
         parameters (q_init, the mode token). Needs B >= 2 (with B = 1 the roll is the identity).
         """
         frames = dino.shape[1]
-        dino = dino.to(self.compute_dtype(dino.device))
         caption_embeds = self.lm.get_input_embeddings()(input_ids[:, :-1])
         queries = torch.cat([last_queries[:, :1], last_queries[:, 1:].roll(1, dims=0)], dim=1)
         hidden, _ = self.run_pass(dino, queries, FINE, caption_embeds)
-        token_ce = self.caption_token_loss(hidden[:, frames:], labels)
-        return token_ce.sum(dim=1) / (labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-
+        return self.caption_token_loss(hidden[:, frames:], labels).float().sum(dim=1)

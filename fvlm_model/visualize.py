@@ -193,7 +193,7 @@ def inspect_batch(
     model.eval()
     try:
         with torch.no_grad():
-            out = model(dino, latents, input_ids, labels)
+            out = model(dino, latents, input_ids, labels, score_all_passes=True)
             attention = out["attention"]  # [P, B, T, N]
             # The visual token is project_visual(attention @ P_t) (see `encode_frames`): no need
             # to rebuild the queries of every pass to get it.

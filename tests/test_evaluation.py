@@ -1,5 +1,6 @@
-"""The evaluation's arithmetic: cap_ratio, its bootstrap interval, and the shuffled-query control,
-on inputs whose answers are known."""
+"""The evaluation's arithmetic: cap_ratio, its bootstrap interval, the shuffled-query control and
+the verdict, on inputs whose answers are known; and that training and validation report the same
+numbers for the same videos and weights (one metric definition)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import pytest
 import torch
 
 from fvlm_model import load_lm
-from fvlm_model.evaluation import bootstrap_ratio_ci, caption_ratio
+from fvlm_model.evaluation import bootstrap_ratio_ci, caption_ratio, pass_metrics, verdict
+from fvlm_train.evaluation import evaluate
+from fvlm_train.optim import make_optimizer
+from fvlm_train.step import SUMS, train_step
 from tests.test_model import CAPTIONS, make_batch, make_model
-from train import evaluate
 
 
-def test_ratio_is_of_the_means():
+def test_ratio_is_of_the_sums():
     assert caption_ratio(np.array([1.0, 2.0, 3.0]), np.array([1.0, 1.0, 1.0])) == pytest.approx(2.0)
     assert caption_ratio(np.array([1.0, 3.0]), np.array([2.0, 2.0])) == pytest.approx(1.0)  # not mean of ratios
 
@@ -53,24 +56,76 @@ def test_bad_inputs():
         bootstrap_ratio_ci(np.ones(0), np.ones(0))
 
 
-def test_evaluate_means_interval_and_shuffled_control():
-    """evaluate() over a batch of three and a batch of one: the losses are means over all four
-    videos; the shuffled control only over the three (a batch of one has no other video)."""
+def as_batches(*batches):
+    return [dict(zip(("dino", "latents", "input_ids", "labels"), b, strict=True)) for b in batches]
+
+
+def test_evaluate_sums_interval_and_shuffled_control():
+    """evaluate() over a batch of three and a batch of one: caption losses are per token over all
+    four videos (sum of per-video sums / sum of token counts); the shuffled control only over the
+    three (a batch of one has no other video)."""
     tokenizer = load_lm("tiny")[1]
     model = make_model(fine_iterations=1)
     big, small = make_batch(tokenizer, seed=0), make_batch(tokenizer, captions=CAPTIONS[:1], seed=1)
-    loader = [dict(zip(("dino", "latents", "input_ids", "labels"), b, strict=True)) for b in (big, small)]
-    m = evaluate(model, loader, torch.device("cpu"), torch.float32, shuffled_control=True)
+    m = evaluate(model, as_batches(big, small), torch.device("cpu"))
 
     with torch.no_grad():
-        per_video = torch.cat([model(*b)["cap_per_sample"] for b in (big, small)], dim=1).numpy()  # [2, 4]
-        shuffled = model.shuffled_query_loss(big[0], model(*big)["last_queries"], big[2], big[3]).numpy()
+        outs = [model(*b) for b in (big, small)]
+        sums = torch.cat([o["cap_sum"] for o in outs], dim=1).double().numpy()  # [2, 4]
+        tokens = torch.cat([o["cap_tokens"] for o in outs]).double().numpy()
+        shuffled = model.shuffled_query_loss(big[0], outs[0]["last_queries"], big[2], big[3]).double().numpy()
     assert m["num_videos"] == 4
-    assert m["cap_coarse"] == pytest.approx(per_video[0].mean(), rel=1e-5)
-    assert m["cap_fine"] == pytest.approx(per_video[1].mean(), rel=1e-5)
-    assert m["cap_ratio"] == pytest.approx(per_video[0].mean() / per_video[1].mean(), rel=1e-5)
-    assert m["cap_ratio_ci"] == pytest.approx(list(bootstrap_ratio_ci(per_video[0], per_video[1])), rel=1e-5)
-    assert m["cap_fine_shuffled"] == pytest.approx(shuffled.mean(), rel=1e-5)
-    assert m["shuffled_ratio"] == pytest.approx(shuffled.mean() / per_video[1, :3].mean(), rel=1e-5)
+    assert m["cap_coarse"] == pytest.approx(sums[0].sum() / tokens.sum(), rel=1e-5)
+    assert m["cap_fine"] == pytest.approx(sums[1].sum() / tokens.sum(), rel=1e-5)
+    assert m["cap_ratio"] == pytest.approx(sums[0].sum() / sums[1].sum(), rel=1e-5)
+    assert m["cap_ratio"] != pytest.approx((sums[0] / tokens).mean() / (sums[1] / tokens).mean(), rel=1e-6)
+    assert m["cap_ratio_ci"] == pytest.approx(list(bootstrap_ratio_ci(sums[0], sums[1])), rel=1e-5)
+    assert m["cap_fine_shuffled"] == pytest.approx(shuffled.sum() / tokens[:3].sum(), rel=1e-5)
+    assert m["shuffled_ratio"] == pytest.approx(shuffled.sum() / sums[1, :3].sum(), rel=1e-5)
     lo, hi = m["shuffled_ratio_ci"]
     assert lo <= m["shuffled_ratio"] <= hi
+    assert m["verdict"] == verdict(m)
+
+
+def test_training_and_validation_report_the_same_cap_metrics():
+    """The same videos and weights: the numbers the training step's sums give (what train.py logs)
+    equal what validation reports. Captions of 6/3/14 tokens, split over two micro-batches, so a
+    mean of per-video or per-batch means would differ."""
+    tokenizer = load_lm("tiny")[1]
+    model = make_model(fine_iterations=2)
+    batch = make_batch(tokenizer, seed=3)
+    assert len(set((batch[3] != -100).sum(1).tolist())) == 3  # three different caption lengths
+    halves = as_batches(tuple(x[:1] for x in batch), tuple(x[1:] for x in batch))
+    validation = evaluate(model, halves, torch.device("cpu"), shuffled_control=False)
+
+    optimizer = make_optimizer(model, lr=0.0, weight_decay=0.0, device=torch.device("cpu"))
+    step = train_step(model, model.train(), optimizer, halves, clip=1.0)
+    sums = dict(zip(SUMS, step["sums"].tolist(), strict=True))
+    logged = pass_metrics([sums["cap_sum_coarse"], sums["cap_sum_fine"]], sums["cap_tokens"],
+                          [sums["rec_sum_coarse"], sums["rec_sum_fine"]], sums["videos"], model.config)
+    for k in ("cap_coarse", "cap_fine", "cap_ratio", "rec_coarse", "rec_fine", "rec_ratio", "loss"):
+        assert logged[k] == pytest.approx(validation[k], rel=1e-5), k
+    assert step["loss"] == pytest.approx(validation["loss"], rel=1e-5)  # the loss that was back-propagated
+    per_video_mean = (model.eval()(*batch)["cap_per_sample"][0]).mean().item()
+    assert validation["cap_coarse"] != pytest.approx(per_video_mean, rel=1e-4)  # the definitions differ
+
+
+def interval_metrics(cap, cap_ci, shuffled=None, shuffled_ci=None):
+    m = {"cap_ratio": cap, "cap_ratio_ci": cap_ci}
+    if shuffled is not None:
+        m.update(shuffled_ratio=shuffled, shuffled_ratio_ci=shuffled_ci)
+    return m
+
+
+def test_verdict_never_calls_a_gain_foveation_unless_both_intervals_are_above_one():
+    grid = [(0.95, 0.99), (0.98, 1.02), (0.99, 1.0), (1.0, 1.05), (1.001, 1.01), (1.02, 1.2)]
+    for cap_ci in grid:
+        for shuffled_ci in grid:
+            line = verdict(interval_metrics(sum(cap_ci) / 2, cap_ci, sum(shuffled_ci) / 2, shuffled_ci))
+            shown = cap_ci[0] > 1 and shuffled_ci[0] > 1
+            assert line.startswith("foveation shown") == shown, (cap_ci, shuffled_ci, line)
+            assert ("foveation not shown" in line) == (not shown)
+    line = verdict(interval_metrics(1.033, (1.014, 1.054), 1.005, (0.9995, 1.0125)))
+    assert line == ("foveation not shown: the fine pass gains 3.30% [1.40, 5.40]; the part that depends on this "
+                    "video's queries is 0.50% [-0.05, 1.25] (interval includes 0)")
+    assert verdict(interval_metrics(1.2, (1.1, 1.3))).startswith("foveation not tested")

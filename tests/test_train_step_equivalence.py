@@ -1,9 +1,10 @@
-"""The optimised training step computes what a plain eager step computes.
+"""The trainer's own step (`fvlm_train.step.train_step`, which train.py runs and bench/train_step.py
+times) computes what a plain, written-out eager step computes, compiled or not; and gradient
+accumulation over two micro-batches of B/2 equals one batch of B.
 
-`bench/train_step.py` times the step with `torch.compile` (and optionally a channels-last
-prediction head); these tests run that same step function against a plain, written-out eager
-step from the same initial weights on the same inputs, and compare the loss, every pass's caption
-and reconstruction loss, the gradient norm and every parameter after one AdamW step.
+The tests run the trainer's step from the same initial weights on the same inputs as the plain
+step, and compare the loss, the summed caption and reconstruction losses, the gradient norm and
+every parameter after one AdamW step (the trainer's optimiser and parameter groups).
 
 Backend: `torch.compile(..., backend="aot_eager")`, i.e. Dynamo's graph capture and AOTAutograd's
 joint forward/backward graph (the parts that could change *what* is computed: graph breaks,
@@ -21,11 +22,12 @@ import os
 import pytest
 import torch
 
-from bench.train_step import build_model, make_optimizer, synthetic_batch, train_step
+from bench.train_step import build_model, synthetic_batch
+from fvlm_train.optim import make_optimizer
+from fvlm_train.step import train_step
 
 SHAPES = {"batch": 3, "frames": 4, "tokens": 17, "caption_tokens": 9}
 LR = 1e-3
-KEYS = ("loss", "cap_coarse", "cap_fine", "rec_coarse", "rec_fine", "cap_passes", "rec_passes")
 
 
 def plain_step(model, optimizer, batch):
@@ -35,12 +37,14 @@ def plain_step(model, optimizer, batch):
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {**{k: out[k].detach() for k in KEYS}, "grad_norm": grad_norm}
+    cap, rec = out["cap_sum"].sum(1), out["rec_per_sample"].sum(1)
+    sums = torch.stack([cap[0], cap[-1], out["cap_tokens"].sum(), rec[0], rec[-1], torch.tensor(3)]).double()
+    return {"loss": float(out["loss"].detach()), "grad_norm": float(grad_norm), "sums": sums}
 
 
 def setup():
     model = build_model("tiny", fine_iterations=2, dim=32, seed=0)
-    optimizer = make_optimizer(model, torch.device("cpu"), lr=LR)
+    optimizer = make_optimizer(model, lr=LR, weight_decay=0.01, device=torch.device("cpu"))
     batch = synthetic_batch(model, SHAPES["batch"], SHAPES["frames"], SHAPES["tokens"], SHAPES["caption_tokens"],
                             torch.device("cpu"), seed=1)
     return model, optimizer, batch
@@ -49,6 +53,7 @@ def setup():
 @pytest.mark.parametrize(
     "variant, rtol, atol, param_atol",
     [
+        ("eager", 1e-6, 1e-7, 1e-6),
         ("aot_eager", 1e-6, 1e-7, 1e-6),
         ("eager-channels-last", 1e-5, 1e-6, 1e-6),
         # AdamW's first step is lr * g / (|g| + eps): where |g| is near eps (1e-8) a last-bit change of
@@ -66,23 +71,24 @@ def test_optimised_step_equals_plain_eager_step(variant, rtol, atol, param_atol)
     for k in batch:
         torch.testing.assert_close(batch[k], batch2[k], rtol=0, atol=0)  # same inputs
     assert any((batch["labels"] == -100).any(dim=1)), "some captions are padded"
-    if variant == "eager-channels-last":
-        model.head.to(memory_format=torch.channels_last)
+    if variant.startswith("eager"):
+        if variant == "eager-channels-last":
+            model.head.to(memory_format=torch.channels_last)
         fn = model
     else:
         fn = torch.compile(model, dynamic=False, backend=variant)
-    got = train_step(fn, model, optimizer, batch)
+    got = train_step(model, fn, optimizer, [batch], clip=1.0)
 
-    for k in (*KEYS, "grad_norm"):
+    assert got["finite"]
+    for k in ("loss", "grad_norm", "sums"):
         torch.testing.assert_close(got[k], ref[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
-    assert got["cap_passes"].shape == (3,) and got["rec_passes"].shape == (3,)
     changed = 0
     for (name, p), (ref_name, q) in zip(model.named_parameters(), ref_model.named_parameters(), strict=True):
         assert name == ref_name
         torch.testing.assert_close(p, q, rtol=rtol, atol=param_atol, msg=lambda m, n=name: f"{n}: {m}")
         changed += int(not torch.equal(p, build_param(name)))
     assert changed > 0.9 * len(list(model.parameters()))  # the step did move (almost) every parameter
-    if variant != "eager-channels-last":
+    if not variant.startswith("eager"):
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it really was compiled
     torch._dynamo.reset()
 
@@ -95,3 +101,30 @@ def build_param(name: str) -> torch.Tensor:
     if not _INIT:
         _INIT.update({n: p.detach().clone() for n, p in build_model("tiny", 2, 32, seed=0).named_parameters()})
     return _INIT[name]
+
+
+def test_two_micro_batches_of_half_equal_one_batch():
+    """Gradient accumulation: micro-batches of 3 and 3 videos (each padded to its own longest
+    caption) give the step one batch of 6 gives: losses, gradient norm and updated weights."""
+    torch._dynamo.reset()
+    one_model, one_opt, _ = setup()
+    batch = synthetic_batch(one_model, 6, SHAPES["frames"], SHAPES["tokens"], 12, torch.device("cpu"), seed=2)
+    lengths = (batch["labels"] != -100).sum(1)
+    # Halves with different token counts: normalising each micro-batch by its own tokens would differ.
+    assert lengths[:3].sum() != lengths[3:].sum() and lengths[:3].max() != lengths[3:].max()
+
+    def half(rows):
+        width = int(lengths[rows].max())
+        return {k: (v[rows, :width] if k in ("input_ids", "labels") else v[rows]) for k, v in batch.items()}
+
+    one = train_step(one_model, one_model, one_opt, [batch], clip=1.0)
+    model, optimizer, _ = setup()
+    two = train_step(model, model, optimizer, [half(slice(0, 3)), half(slice(3, 6))], clip=1.0)
+    assert one["finite"] and two["finite"]
+    torch.testing.assert_close(two["sums"], one["sums"], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(two["loss"], one["loss"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(two["grad_norm"], one["grad_norm"], rtol=1e-5, atol=1e-7)
+    # AdamW's first step is lr * g / (|g| + eps): where |g| is near eps a float-rounding change of g
+    # moves the update by a visible part of lr, so parameters get 5% of one step of slack.
+    for (name, p), q in zip(model.named_parameters(), one_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=0.05 * LR, msg=lambda m, n=name: f"{n}: {m}")

@@ -1,0 +1,10 @@
+"""The trainer's parts, one job per module; `train.py` is the loop that composes them.
+
+config (the run configuration and its checks), checkpoint, distributed, optim (parameter groups,
+schedule), data (sampler, loaders), step (the one training step), evaluation (validation and
+--eval-only), visuals (TensorBoard attention maps and captions), build (model + LM loading).
+"""
+
+
+class TrainError(Exception):
+    """A problem the user can fix; printed as one line."""

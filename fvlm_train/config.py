@@ -1,0 +1,148 @@
+"""The run configuration: one typed record of how a run is trained, saved in every checkpoint.
+
+It is the single source of truth for resume and evaluation. A value comes from the command line
+if given there, else from the checkpoint being resumed or evaluated, else the default below. What
+changes the numbers (the model, the store's encoders, the held-out split) must then agree with
+the checkpoint, or the run is refused with one line naming both values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+import click
+
+from . import TrainError
+
+LM_PRESETS = {"default": "HuggingFaceTB/SmolLM2-135M-Instruct", "tiny": "tiny"}
+# The store's attributes that change what the features are.
+STORE_KEYS = ("dino", "vae", "preset", "num_frames", "image_size", "feature_dtype", "dino_tokens", "dino_dim",
+              "latent_shape")
+SHAPE_KEYS = ("dino_tokens", "dino_dim", "latent_shape")  # a model cannot even load on other shapes
+
+
+def option(default: Any, help: str, type: Any = None) -> Any:  # noqa: A002 (click's own word)
+    return field(default=default, metadata={"help": help, "type": type})
+
+
+@dataclass
+class RunConfig:
+    # What the model is and what it is evaluated on: these must agree with a checkpoint.
+    preset: str = option("default", "LM preset: SmolLM2-135M-Instruct, or 'tiny' (random-initialised, offline "
+                         "tokenizer).", click.Choice(sorted(LM_PRESETS)))
+    lm: str | None = option(None, "Causal LM: hub id or local folder [default: the preset's].")
+    num_frames: int = option(16, "Frames per sample, of those stored.", click.IntRange(min=1))
+    fine_iterations: int = option(2, "Fine passes after the coarse one.", click.IntRange(min=1))
+    lambda_recon: float = option(0.1, "Weight of the next-frame reconstruction loss.", click.FloatRange(min=0))
+    lambda_coarse: float = option(1.0, "Weight of the coarse pass's losses.", click.FloatRange(min=0))
+    max_caption_tokens: int = option(64, "Caption tokens kept (EOS included).", click.IntRange(min=2))
+    val_fraction: float = option(0.05, "Share of videos held out (by a hash of the video id).",
+                                 click.FloatRange(0.0, 1.0))
+    # How it is trained: may change on resume.
+    frame_sampling: str = option("uniform", "Which frames a training sample takes: evenly spaced, or with a "
+                                 "random offset per epoch.", click.Choice(["uniform", "random"]))
+    batch_size: int = option(32, "Micro-batch per process.", click.IntRange(min=1))
+    grad_accum: int = option(2, "Micro-batches per optimiser step.", click.IntRange(min=1))
+    lr: float = option(1e-4, "Peak learning rate (AdamW).", click.FloatRange(min=0))
+    weight_decay: float = option(0.01, "AdamW weight decay of weight matrices (not of queries, embeddings, "
+                                 "norms, biases).", click.FloatRange(min=0))
+    warmup: int = option(500, "Linear warmup steps, then cosine decay to 10%.", click.IntRange(min=0))
+    clip: float = option(1.0, "Gradient norm clipping.", click.FloatRange(min=0, min_open=True))
+    max_steps: int = option(10_000, "Optimiser steps of the whole run.", click.IntRange(min=1))
+    max_hours: float | None = option(None, "Stop (and checkpoint) after this much wall time.",
+                                     click.FloatRange(min=0, min_open=True))
+    seed: int = option(0, "Initialisation and data order.", int)
+    max_nonfinite: int = option(20, "Stop after this many non-finite steps in a row.", click.IntRange(min=1))
+    log_every: int = option(10, "Steps between training logs.", click.IntRange(min=1))
+    val_every: int = option(500, "Steps between validations (and one at the end).", click.IntRange(min=1))
+    val_batches: int | None = option(None, "Cap on validation batches [default: the whole split].",
+                                     click.IntRange(min=1))
+    save_every: int = option(1000, "Steps between checkpoints (and one at the end).", click.IntRange(min=1))
+    keep: int = option(3, "Step checkpoints kept.", click.IntRange(min=1))
+    visual_videos: int = option(2, "Validation videos shown in TensorBoard (attention maps, captions).",
+                                click.IntRange(min=0))
+    # Filled in from the store and the split, never options.
+    store: dict[str, Any] = field(default_factory=dict)
+    held_out: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lm_id(self) -> str:
+        return self.lm or LM_PRESETS[self.preset]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+MODEL_FIELDS = ("lm_id", "num_frames", "fine_iterations", "lambda_recon", "lambda_coarse", "max_caption_tokens")
+OPTION_FIELDS = tuple(f.name for f in fields(RunConfig) if "help" in f.metadata)
+
+
+def click_options(func: Any) -> Any:
+    """One click option per RunConfig option, default None (= the checkpoint's, else the default)."""
+    for f in reversed([f for f in fields(RunConfig) if "help" in f.metadata]):
+        default = f.default if f.default is not MISSING else None
+        shown = "" if default is None else f" [default: {default}; on resume or eval: the checkpoint's]"
+        func = click.option(f"--{f.name.replace('_', '-')}", type=f.metadata["type"], default=None,
+                            help=f.metadata["help"] + shown)(func)
+    return func
+
+
+def resolve(given: dict[str, Any], saved: RunConfig | None) -> RunConfig:
+    """Command line over the checkpoint's values over the defaults; a given value that changes the
+    model is refused."""
+    base = saved.to_dict() if saved else {}
+    values = {**base, **{k: v for k, v in given.items() if k in OPTION_FIELDS and v is not None}}
+    config = RunConfig.from_dict(values)
+    if saved is not None:
+        if given.get("lm") is None and given.get("preset") is not None:
+            config.lm = None  # --preset given: the LM is the preset's
+        check_same(saved, config, MODEL_FIELDS, "model")
+    return config
+
+
+def check_same(saved: RunConfig, now: RunConfig, names: tuple[str, ...], what: str) -> None:
+    diffs = [f"{n.removesuffix('_id')}: checkpoint {getattr(saved, n)!r}, now {getattr(now, n)!r}"
+             for n in names if getattr(saved, n) != getattr(now, n)]
+    if diffs:
+        raise TrainError(f"the checkpoint was trained with another {what} ({'; '.join(diffs)})")
+
+
+def store_provenance(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {k: attrs.get(k) for k in STORE_KEYS}
+
+
+def check_store(saved: RunConfig, attrs: dict[str, Any], path: str, allow_other: bool = False) -> list[str]:
+    """A checkpoint runs on features made the way its training store's were; `allow_other` (evaluation
+    only, asked for explicitly) lets other encoders or settings through but never other shapes.
+    Returns the differences."""
+    now = store_provenance(attrs)
+    diffs = [f"{k}: checkpoint's store {saved.store.get(k)!r}, {path} {now[k]!r}"
+             for k in STORE_KEYS if saved.store and saved.store.get(k) != now[k]]
+    shapes_differ = any(saved.store.get(k) != now[k] for k in SHAPE_KEYS) if saved.store else False
+    if diffs and (shapes_differ or not allow_other):
+        hint = "" if shapes_differ else "; add --other-store to evaluate on it anyway (it is labelled so)"
+        raise TrainError(f"{path} was made with other encoders or settings than the checkpoint's store "
+                         f"({'; '.join(diffs)}){hint}")
+    return diffs
+
+
+def held_out_fingerprint(video_ids: list[str], val_fraction: float) -> dict[str, Any]:
+    """What identifies a held-out split: its fraction and a hash of its video ids."""
+    digest = hashlib.sha1("\n".join(sorted(video_ids)).encode("utf-8")).hexdigest()[:16]
+    return {"val_fraction": val_fraction, "videos": len(video_ids), "sha1": digest}
+
+
+def check_split(saved: RunConfig, now: dict[str, Any], hint: str) -> None:
+    """The held-out videos must be the checkpoint's (a different split would leak training videos)."""
+    if saved.held_out and saved.held_out != now:
+        was, new = saved.held_out, now
+        raise TrainError(f"the held-out split differs from the checkpoint's: checkpoint val_fraction "
+                         f"{was['val_fraction']} ({was['videos']} videos, sha1 {was['sha1']}), now "
+                         f"{new['val_fraction']} ({new['videos']} videos, sha1 {new['sha1']}){hint}")

@@ -1,0 +1,101 @@
+"""Validation and --eval-only: per-video losses over a split, the metrics, their intervals, the verdict."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import click
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from fvlm_data.dataset import to_device
+from fvlm_model import FoveatedVLM
+from fvlm_model.evaluation import bootstrap_ratio_ci, pass_metrics, verdict
+
+# Validation scalars in TensorBoard (under val/).
+VAL_TAGS = ("loss", "cap_fine", "cap_coarse", "cap_ratio", "cap_improvement_pct", "rec_fine", "rec_coarse",
+            "rec_ratio", "cap_fine_shuffled", "shuffled_ratio")
+
+
+@torch.no_grad()
+def evaluate(model: FoveatedVLM, loader: Iterable[dict[str, Any]], device: torch.device,
+             max_batches: int | None = None, shuffled_control: bool = True) -> dict[str, Any]:
+    """The metrics of `fvlm_model.evaluation` over the videos of `loader`, with intervals.
+
+    With `shuffled_control`, also the last pass's loss with its queries (frames 2..T) taken from
+    another video of the batch (`FoveatedVLM.shuffled_query_loss`), as `cap_fine_shuffled` and
+    `shuffled_ratio` = cap_fine_shuffled / cap_fine with its interval: > 1 means the fine pass
+    gains from where this video's own earlier frames make its queries look.
+    """
+    was_training = model.training
+    model.eval()
+    cap, tokens, rec, shuffled = [], [], [], []
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = to_device(batch, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(batch["dino"], batch["latents"], batch["input_ids"], batch["labels"], score_all_passes=True)
+            n = batch["input_ids"].shape[0]
+            if shuffled_control and n > 1:  # a batch of one has no other video to take queries from
+                shuffled.append(model.shuffled_query_loss(batch["dino"], out["last_queries"], batch["input_ids"],
+                                                          batch["labels"]).double().cpu())
+            elif shuffled_control:
+                shuffled.append(torch.full((n,), float("nan"), dtype=torch.float64))
+        cap.append(out["cap_sum"].double().cpu())
+        tokens.append(out["cap_tokens"].double().cpu())
+        rec.append(out["rec_per_sample"].double().cpu())
+    model.train(was_training)
+    if not cap:
+        return {}
+    cap_sum, tok, rec_err = torch.cat(cap, 1).numpy(), torch.cat(tokens).numpy(), torch.cat(rec, 1).numpy()
+    m = pass_metrics(cap_sum.sum(1), tok.sum(), rec_err.sum(1), len(tok), model.config)
+    m["num_videos"] = len(tok)
+    m["cap_ratio_ci"] = list(bootstrap_ratio_ci(cap_sum[0], cap_sum[-1]))
+    if shuffled:
+        loss = torch.cat(shuffled).numpy()
+        keep = ~np.isnan(loss)
+        if keep.any():
+            m["cap_fine_shuffled"] = float(loss[keep].sum() / tok[keep].sum())
+            m["shuffled_ratio"] = float(loss[keep].sum() / cap_sum[-1][keep].sum())
+            m["shuffled_ratio_ci"] = list(bootstrap_ratio_ci(loss[keep], cap_sum[-1][keep]))
+    m["verdict"] = verdict(m)
+    return m
+
+
+def log_validation(writer: SummaryWriter, m: dict[str, Any], step: int) -> None:
+    for k in VAL_TAGS:
+        if k in m:  # the shuffled control needs a batch of 2 or more videos
+            writer.add_scalar(f"val/{k}", m[k], step)
+    writer.add_text("val/verdict", m["verdict"], step)
+
+
+def summary_line(m: dict[str, Any]) -> str:
+    lo, hi = m["cap_ratio_ci"]
+    return (f"cap_coarse {m['cap_coarse']:.4f} cap_fine {m['cap_fine']:.4f} cap_ratio {m['cap_ratio']:.4f} "
+            f"[{lo:.4f}, {hi:.4f}] shuffled_ratio {m.get('shuffled_ratio', float('nan')):.4f} "
+            f"on {m['num_videos']} videos")
+
+
+def print_eval_table(m: dict[str, Any]) -> None:
+    lo, hi = m["cap_ratio_ci"]
+    split = m["split"]
+    rows = [("split", f"{split['name']} (val_fraction {split['val_fraction']})"),
+            ("videos", f"{m['num_videos']}, of which seen in training: {m['seen_in_training']}"),
+            ("checkpoint step", f"{m.get('checkpoint_step')}"), ("cap_coarse", f"{m['cap_coarse']:.4f}")]
+    rows += [(f"cap_fine_{k}", f"{c:.4f}") for k, c in enumerate(m["cap_passes"][1:], start=1)]
+    rows += [("cap_fine", f"{m['cap_fine']:.4f}"), ("cap_ratio", f"{m['cap_ratio']:.4f}  95% CI [{lo:.4f}, {hi:.4f}]"),
+             ("cap_improvement_pct", f"{m['cap_improvement_pct']:.2f}"), ("rec_coarse", f"{m['rec_coarse']:.5f}"),
+             ("rec_fine", f"{m['rec_fine']:.5f}"), ("rec_ratio", f"{m['rec_ratio']:.4f}")]
+    if "shuffled_ratio" in m:
+        lo, hi = m["shuffled_ratio_ci"]
+        rows += [("cap_fine_shuffled", f"{m['cap_fine_shuffled']:.4f}"),
+                 ("shuffled_ratio", f"{m['shuffled_ratio']:.4f}  95% CI [{lo:.4f}, {hi:.4f}]")]
+    if m.get("store_differences"):
+        rows.append(("store", "OTHER than the checkpoint's: " + "; ".join(m["store_differences"])))
+    rows.append(("verdict", m["verdict"]))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{width}}  {v}")

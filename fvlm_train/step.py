@@ -1,0 +1,53 @@
+"""The training step: the one function the loop runs, the benchmark times and the tests check."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .distributed import all_sum
+
+# What a step sums over its videos (fvlm_model.evaluation.pass_metrics turns sums into metrics).
+SUMS = ("cap_sum_coarse", "cap_sum_fine", "cap_tokens", "rec_sum_coarse", "rec_sum_fine", "videos")
+
+
+def train_step(model: torch.nn.Module, fn: Callable[..., dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
+               micro_batches: list[dict[str, Any]], clip: float, world: int = 1) -> dict[str, Any]:
+    """One optimiser step over `micro_batches` (already on the device): forward and backward of
+    each, gradient clipping, and AdamW if the losses and the gradient norm are finite on every rank.
+
+    `fn` is what runs the forward: the model, its DDP wrapper or a compiled version of either.
+    Every micro-batch's loss is normalised by the caption tokens and videos of the whole step
+    (all micro-batches, all ranks), so accumulation over K micro-batches gives the gradient of one
+    batch of all of them. Returns this rank's `sums` (SUMS, float64 on the CPU), `grad_norm`, `loss`
+    (this step's loss on this rank's share) and `finite`.
+    """
+    device = micro_batches[0]["labels"].device
+    tokens = sum((b["labels"] != -100).sum() for b in micro_batches).float()
+    videos = torch.tensor(float(sum(b["labels"].shape[0] for b in micro_batches)), device=device)
+    # DDP averages gradients over ranks: each rank normalises by the global totals / world.
+    tokens, videos = (all_sum(torch.stack([tokens, videos]), world) / world).unbind()
+    sums = torch.zeros(len(SUMS), device=device, dtype=torch.float64)
+    loss = torch.zeros((), device=device)
+    use_bf16 = device.type == "cuda"
+    for i, b in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        no_sync = fn.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
+        with no_sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = fn(b["dino"], b["latents"], b["input_ids"], b["labels"], cap_tokens=tokens, num_videos=videos)
+        # Always backward, even a non-finite loss: DDP ranks must all join the gradient all-reduce.
+        out["loss"].backward()
+        loss += out["loss"].detach().float()
+        cap, rec = out["cap_sum"].sum(1), out["rec_per_sample"].sum(1)
+        sums += torch.stack([cap[0], cap[-1], out["cap_tokens"].sum(), rec[0], rec[-1],
+                             torch.tensor(b["labels"].shape[0], device=device)]).double()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    bad = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float().reshape(1)
+    finite = all_sum(bad, world).item() == 0  # one sync per step; every rank skips together
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"sums": sums.cpu(), "grad_norm": float(grad_norm), "loss": float(loss), "finite": finite}

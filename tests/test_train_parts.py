@@ -1,0 +1,131 @@
+"""The trainer's parts on their own: the weight-decay rule, device transfer, the run configuration."""
+
+from __future__ import annotations
+
+import re
+
+import click
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fvlm_data.dataset import CaptionCollator, FeatureDataset, to_device
+from fvlm_model import FoveatedVLM, load_lm
+from fvlm_train import TrainError
+from fvlm_train.checkpoint import load_checkpoint
+from fvlm_train.config import RunConfig, check_split, check_store, click_options, held_out_fingerprint, resolve
+from fvlm_train.data import TrainBatches
+from fvlm_train.optim import decays, make_optimizer
+from tests.test_dataset import build_store
+
+
+def test_weight_decay_rule():
+    """Weight matrices decay; queries, embeddings, norms, biases, latent_init and q_init do not."""
+    lm, _ = load_lm("tiny")
+    model = FoveatedVLM(lm, dino_dim=32, latent_size=7)
+    named = dict(model.named_parameters())
+    never = ["q_static", "q_init", "latent_init", "mode_embed", "lm.model.embed_tokens.weight", "lm.model.norm.weight",
+             "lm.model.layers.0.input_layernorm.weight", "proj.bias", "llm_to_query.bias", "head.encoder.0.bias"]
+    always = ["w_q.weight", "proj.weight", "llm_to_query.weight", "lm.model.layers.0.self_attn.q_proj.weight",
+              "lm.model.layers.0.mlp.down_proj.weight", "head.film.weight", "head.encoder.0.weight"]
+    for name in never:
+        assert not decays(name, named[name]), name
+    for name in always:
+        assert decays(name, named[name]), name
+    optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.01, device=torch.device("cpu"))
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert {n for n, p in named.items() if id(p) in decayed} == {n for n, p in named.items() if decays(n, p)}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(named)  # every parameter, once
+
+
+def test_to_device_keeps_the_stored_half_precision(tmp_path):
+    """No fp32 round trip: float16 features arrive as float16 (the model converts them once);
+    int8 features are dequantised to float16."""
+    _, tokenizer = load_lm("tiny")
+    collate = CaptionCollator(tokenizer)
+    ds = FeatureDataset(build_store(tmp_path / "h.zarr", n=2), num_frames=4, split="all")
+    batch = collate([ds[0], ds[1]])
+    moved = to_device(batch, torch.device("cpu"))
+    assert moved["dino"].dtype == torch.float16
+    torch.testing.assert_close(moved["dino"], batch["dino"], rtol=0, atol=0)
+    q = FeatureDataset(build_store(tmp_path / "q.zarr", n=2, feature_dtype="int8"), num_frames=4, split="all")
+    quantised = to_device(collate([q[0], q[1]]), torch.device("cpu"))
+    assert quantised["dino"].dtype == torch.float16 and "dino_scale" not in quantised
+    torch.testing.assert_close(quantised["dino"].float(), moved["dino"].float(), rtol=1 / 127, atol=1e-3)
+
+
+def test_resolve_takes_the_checkpoint_values_and_refuses_other_models():
+    saved = RunConfig(preset="tiny", num_frames=4, fine_iterations=1, lr=3e-4, val_fraction=0.25)
+    got = resolve({"lr": None, "num_frames": None, "max_steps": 50}, saved)
+    assert (got.lm_id, got.num_frames, got.fine_iterations, got.lr, got.max_steps) == ("tiny", 4, 1, 3e-4, 50)
+    assert resolve({}, None) == RunConfig()
+    with pytest.raises(TrainError, match=r"another model \(fine_iterations: checkpoint 1, now 2\)"):
+        resolve({"fine_iterations": 2}, saved)
+    with pytest.raises(TrainError, match="lm: checkpoint 'tiny', now 'HuggingFaceTB/SmolLM2-135M-Instruct'"):
+        resolve({"preset": "default"}, saved)
+
+
+def test_store_and_split_checks_name_both_values():
+    saved = RunConfig(store={"dino": "tiny", "vae": "tiny", "dino_dim": 384},
+                      held_out=held_out_fingerprint(["a", "b"], 0.25))
+    assert check_store(saved, {"dino": "tiny", "vae": "tiny", "dino_dim": 384}, "s.zarr") == []
+    with pytest.raises(TrainError, match="dino: checkpoint's store 'tiny', s.zarr 'facebook/dinov2-small'"):
+        check_store(saved, {"dino": "facebook/dinov2-small", "vae": "tiny", "dino_dim": 384}, "s.zarr")
+    diffs = check_store(saved, {"dino": "x", "vae": "tiny", "dino_dim": 384}, "s.zarr", allow_other=True)
+    assert diffs == ["dino: checkpoint's store 'tiny', s.zarr 'x'"]
+    with pytest.raises(TrainError, match="dino_dim"):  # other shapes: never, even when asked
+        check_store(saved, {"dino": "tiny", "vae": "tiny", "dino_dim": 768}, "s.zarr", allow_other=True)
+    check_split(saved, held_out_fingerprint(["b", "a"], 0.25), "")  # the same ids in another order
+    with pytest.raises(TrainError, match=r"checkpoint val_fraction 0.25 \(2 videos.*now 0.25 \(3 videos"):
+        check_split(saved, held_out_fingerprint(["a", "b", "c"], 0.25), "")
+
+
+def test_unreachable_hub_fails_fast(monkeypatch):
+    """A hub model that is not cached, with the hub unreachable: one line with what to do, at once
+    (the hub client alone retries for ~45 s). The endpoint is a closed local port."""
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    start = time.time()
+    with pytest.raises(ValueError, match="not in the local Hugging Face cache and the hub cannot be reached") as e:
+        load_lm("fvlm-tests/no-such-model")
+    assert time.time() - start < 10 and "--lm PATH" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="no such folder"):
+        load_lm("./no/such/folder")
+
+
+def test_bad_checkpoint_files_say_what_they_are(tmp_path):
+    cases = {"empty.pt": (b"", "is empty (0 bytes)"),
+             "notes.pt": (b"these are my notes\n", "is not a checkpoint (not a file torch.save writes)"),
+             "random.pt": (bytes(range(256)) * 16, "is not a checkpoint (not a file torch.save writes)")}
+    for name, (data, text) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(TrainError, match=re.escape(text)) as e:
+            load_checkpoint(tmp_path / name)
+        assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(TrainError, match="is not an fvlm checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    torch.save({"format": "fvlm-checkpoint", "version": 1}, tmp_path / "old.pt")
+    with pytest.raises(TrainError, match="checkpoint version 1"):
+        load_checkpoint(tmp_path / "old.pt")
+
+
+def test_options_are_checked_by_click_and_all_have_help():
+    @click.command()
+    @click_options
+    def cli(**given):
+        click.echo(repr(given["val_fraction"]))
+
+    result = CliRunner().invoke(cli, ["--val-fraction", "1.5"])
+    assert result.exit_code == 2 and "1.5 is not in the range 0.0<=x<=1.0" in result.output
+    assert CliRunner().invoke(cli, []).output.strip() == "None"  # not given: the checkpoint's, else the default
+    assert all(p.help for p in cli.params)
+
+
+def test_no_training_videos_is_one_line(tmp_path):
+    _, tokenizer = load_lm("tiny")
+    ds = FeatureDataset(build_store(tmp_path / "s.zarr", n=4), num_frames=4, split="train", val_fraction=1.0)
+    with pytest.raises(TrainError, match="0 training videos over 1 process"):
+        TrainBatches(ds, CaptionCollator(tokenizer), 2, 0, seed=0, rank=0, world=1, pin=False)
