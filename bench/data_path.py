@@ -24,8 +24,9 @@ A sample is 16 of the 24 frames (plus timestamps and the caption), in memory the
 Formats are timed ALTERNATING in one process (the order rotates each round), pinned to one core
 with torch.set_num_threads(1); each figure is the median over rounds. Bytes read per sample are
 measured, not computed: `rchar` of /proc/self/io counts bytes returned by read syscalls (memory
-mapped reads do not appear there), `read_bytes` what came from the block device in cold reads.
-"Cold" drops the sample's files from the page cache before each read (untimed): this process's
+mapped reads do not appear there), `read_bytes` what came from the block device in cold reads;
+minor page faults per sample (getrusage) show the cost of fresh output memory.
+"Cold" drops a batch's files from the page cache before each read (untimed): this process's
 mappings of them first (madvise DONTNEED: mapped pages are not evicted otherwise), then
 posix_fadvise DONTNEED; the eviction is checked with mincore. On a virtual machine the host may
 still cache the disk image, so "cold" means cold for this kernel, not necessarily a disk read.
@@ -40,6 +41,7 @@ import argparse
 import ctypes
 import mmap
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -529,8 +531,6 @@ def make_methods(paths: dict[str, Any], videos: int, batch: int, candidate: bool
         mapped = CandidateDataset(paths["float16"], num_frames=WANT, split="all")
         buffered = CandidateDataset(paths["float16"], num_frames=WANT, split="all", mapped=False)
         methods += [
-            Method("cand_mmap", "CANDIDATE float16: FeatureDataset[i] per sample, shard files memory-mapped",
-                   lambda ix: [mapped[i] for i in ix], lambda i: store_files(f16, i), disk, mapped=True),
             Method("cand_buffer", f"CANDIDATE float16: __getitems__ of {batch}, one buffer per array (preadv)",
                    buffered.__getitems__, lambda i: store_files(f16, i), disk),
             Method("cand_both", f"CANDIDATE float16: __getitems__ of {batch}, one buffer per array, memory-mapped",
@@ -554,13 +554,13 @@ def time_reads(methods: list[Method], videos: int, rounds: int, samples: int, ba
     """Per method: samples/s, rchar and read_bytes per sample, for each round (methods alternate).
     Every method reads the same random samples in a round, one call per sample or per batch."""
     rng = np.random.default_rng(seed)
-    res = {m.name: {"sps": [], "rchar": [], "read_bytes": []} for m in methods}
+    res = {m.name: {"sps": [], "rchar": [], "read_bytes": [], "faults": []} for m in methods}
     for r in range(rounds):
         order = sample_order(rng, videos, samples, batch)
         calls = [order[j : j + batch] for j in range(0, samples, batch)]
         k = r % len(methods)
         for m in methods[k:] + methods[:k]:
-            io0 = io_counters()
+            io0, faults0 = io_counters(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             elapsed = 0.0
             if cold:
                 for ix in calls:
@@ -573,8 +573,9 @@ def time_reads(methods: list[Method], videos: int, rounds: int, samples: int, ba
                 for ix in calls:
                     m.read(ix)
                 elapsed = time.perf_counter() - t0
-            io1 = io_counters()
+            io1, faults1 = io_counters(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             res[m.name]["sps"].append(samples / elapsed)
+            res[m.name]["faults"].append((faults1 - faults0) / samples)
             if io0:
                 res[m.name]["rchar"].append((io1["rchar"] - io0["rchar"]) / samples)
                 res[m.name]["read_bytes"].append((io1["read_bytes"] - io0["read_bytes"]) / samples)
@@ -592,7 +593,7 @@ def print_read_table(title: str, methods: list[Method], res: dict[str, dict[str,
     seed_dev = median(res["seed"]["read_bytes"])
     print(f"\n### {title}\n")
     cols = ["format", f"samples/s per core (median of {rounds})", "x seed"] + (["x LitData"] if has_lit else []) + [
-        "bytes on disk per video", "bytes read per sample (read syscalls)"]
+        "bytes on disk per video", "bytes read per sample (read syscalls)", "minor page faults per sample"]
     if cold:
         cols += ["bytes from block device per sample", "x seed (block device)"]
     print("| " + " | ".join(cols) + " |")
@@ -605,6 +606,7 @@ def print_read_table(title: str, methods: list[Method], res: dict[str, dict[str,
         row.append(fmt_bytes(m.disk_per_video))
         rchar = fmt_bytes(median(r["rchar"])) if r["rchar"] else "n/a"
         row.append(f"{rchar} (memory-mapped: not counted)" if m.mapped else rchar)
+        row.append(f"{median(r['faults']):.0f}")
         if cold:
             dev = median(r["read_bytes"]) if r["read_bytes"] else float("nan")
             row += [fmt_bytes(dev) if r["read_bytes"] else "n/a", f"{dev / seed_dev:.3f}x" if seed_dev else "n/a"]
@@ -706,7 +708,7 @@ def run_dataloader(args: argparse.Namespace, paths: dict[str, Any]) -> None:
     datasets: dict[str, torch.utils.data.Dataset] = {"ours": ours}
     labels = {"ours": "fvlm store float16 (FeatureDataset.__getitems__ + CaptionCollator)",
               "seed": "seed .pt (torch.load, fp32, 16 of 24; same collator)",
-              "candidate": "CANDIDATE: FeatureDataset over memory-mapped shard files (MmapObjects)"}
+              "candidate": "CANDIDATE: FeatureDataset over memory-mapped shard files, one buffer per array"}
     if args.seed_format:
         seed_ds = SeedFormatDataset(paths["seed"])
         for i in range(len(seed_ds)):
@@ -764,7 +766,7 @@ def run_profile(paths: dict[str, Any], videos: int, batch: int, candidate: bool)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--videos", type=int, default=48, help="videos written in each format (default 48)")
-    p.add_argument("--rounds", type=int, default=7, help="alternating rounds; figures are medians (default 7)")
+    p.add_argument("--rounds", type=int, default=11, help="alternating rounds; figures are medians (default 11)")
     p.add_argument("--samples", type=int, default=64,
                    help="random samples per format per round, a multiple of --batch-size (default 64)")
     p.add_argument("--batch-size", type=int, default=32, help="batch of the __getitems__ rows and the DataLoader")
