@@ -332,8 +332,8 @@ class CandidateStore(FeatureStore):
         frame_names = [n for n in FRAME_ARRAYS if n in self._arrays]
         shards = [s // self.shard_videos for s in slots]
         indexes = self._indexes([(n, sh) for sh in shards for n in frame_names])
-        captions = self._small("caption", shards, cache=True)
-        ids = self._small("video_id", shards, cache=True)
+        strings = self._small_many(("caption", "video_id"), shards, cache=True)
+        captions, ids = strings["caption"], strings["video_id"]
         batch = {n: np.empty((len(slots), len(frames[0]), *self._arrays[n].shape[2:]),
                              dtype=np.dtype(self._arrays[n].dtype)) for n in frame_names}
         rows, requests = [], []
@@ -452,6 +452,15 @@ def write_datasets(root: Path, videos: int, with_int8: bool, with_litdata: bool,
         out["litdata"] = root / "litdata"
     os.sync()  # dirty pages cannot be evicted: make every file clean before any cold read
     return out
+
+
+def fill_store(store: FeatureStore, rows: list[dict[str, Any]]) -> None:
+    """Row i into slot i, shard by shard (each shard published whole, as precompute does)."""
+    for shard in range(-(-len(rows) // store.shard_videos)):
+        buf = store.shard_buffer(shard)
+        for slot in range(buf.start, min(buf.stop, len(rows))):
+            buf.add_row(slot, **rows[slot])
+        buf.publish()
 
 
 # ----------------------------------------------------------------------------- reading them

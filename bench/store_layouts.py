@@ -6,8 +6,8 @@
 For float16 DINO features [V, 24, 325, 384] (DINOv2-small at 256 px) it writes the same videos in
 several layouts and reads random samples of 16 uniformly spaced frames:
 
-  a. ours: uncompressed, one inner chunk per video in the store's shard, the store's byte-range
-     reader (pread of the 16 frames' runs)
+  a. ours: uncompressed, one inner chunk per video in the store's shard, `FeatureStore.read_frames`
+     (pread of the 16 frames' runs)
   b. the same files through zarr's generic read path, `zarr_array[slot, frames]`
   c. one compressed chunk per video (zstd; blosc-zstd with byte shuffle), read through zarr
   d. zarr sharding, one shard per video holding one compressed chunk per frame, through zarr
@@ -93,19 +93,6 @@ def runs_read(arr: Any) -> Callable[[int], Any]:
     return lambda i: np.concatenate([arr[i, first : first + count] for _, first, count in RUNS])
 
 
-def ours_read(store: FeatureStore) -> Callable[[int], np.ndarray]:
-    """The store's own byte-range read of `dino` alone: shard index (cached), then one pread per run."""
-
-    def read(i: int) -> np.ndarray:
-        key = ("dino", i // store.shard_videos)
-        index = store._indexes([key])[key]
-        out = np.empty((len(dp.OURS_FRAMES), dp.N, dp.D), dtype=np.float16)
-        store.objects.read_into(store._frame_requests("dino", i, index, dp.OURS_FRAMES, out))
-        return out
-
-    return read
-
-
 def write_layouts(root: Path, feats: list[np.ndarray]) -> dict[str, Any]:
     """Every layout of the same videos; returns name -> (label, reader, bytes on disk per video)."""
     import zarr
@@ -114,18 +101,14 @@ def write_layouts(root: Path, feats: list[np.ndarray]) -> dict[str, Any]:
     attrs = dict(dino="bench", vae="bench", num_frames=dp.T, image_size=256, feature_dtype="float16")
     store = FeatureStore.create_or_open(root / "ours.zarr", attrs, dp.SHAPES, capacity=videos)
     latents = np.zeros((dp.T, *dp.LATENT), dtype=np.float32)
-    for shard in range(-(-videos // store.shard_videos)):
-        buf = store.shard_buffer(shard)  # whole shards, as precompute writes them
-        for i in range(buf.start, buf.stop):
-            buf.add_row(i, dino=feats[i], latents=latents, caption="", video_id=str(i), source="",
-                        timestamps=np.zeros(dp.T), duration=1.0)
-        buf.publish()
+    dp.fill_store(store, [dict(dino=f, latents=latents, caption="", video_id=str(i), source="",
+                               timestamps=np.zeros(dp.T), duration=1.0) for i, f in enumerate(feats)])
     store = FeatureStore.open(root / "ours.zarr")
     generic = zarr.open_array(str(root / "ours.zarr" / "dino"), mode="r")
     ours_bytes = sum(f.stat().st_size for f in (root / "ours.zarr" / "dino").rglob("*") if f.is_file()) / videos
     out: dict[str, Any] = {
         "ours": ("a. ours: raw, one chunk per video; FeatureStore pread of 16 frames",
-                 ours_read(store), ours_bytes),
+                 lambda i: store.read_frames("dino", i, dp.OURS_FRAMES), ours_bytes),
         "zarr_raw": ("b. same raw chunks; zarr `arr[slot, frames]`", index_read(generic), ours_bytes),
         "zarr_raw_whole": ("b. same raw chunks; zarr `arr[slot]`, then frames in numpy", whole_read(generic),
                            ours_bytes),

@@ -170,26 +170,30 @@ def run_precompute(
     todo: list[tuple[int, VideoInput]] = []
     keep_existing: dict[int, bool] = {}  # shard -> start from its stored rows
     buffers: dict[int, ShardBuffer] = {}  # created on first use, dropped once published: ~1-2 shards live
-    for shard in range(shard_index, -(-len(inputs) // size), num_shards):
+    done_slots: list[np.ndarray] = []  # committed or failed slots, skipped
+    owned = list(range(shard_index, -(-len(inputs) // size), num_shards))
+    states = {}
+    for i in range(0, len(owned), 1024):  # committed shards are checked (object ends only), in batches
+        states.update(store.shard_states(owned[i : i + 1024]))
+    for shard in owned:
         lo, hi = shard * size, min(shard * size + size, len(inputs))
-        state = store.shard_state(shard)
-        problem = store.shard_problem(shard) if state is not None else None
-        if problem is not None:
-            tqdm.write(f"recomputing shard {shard}: {problem}", file=sys.stderr)
+        state = states[shard]
+        if isinstance(state, str):
+            tqdm.write(f"recomputing shard {shard}: {state}", file=sys.stderr)
             state = None
         done = np.zeros(hi - lo, dtype=bool) if state is None else (state[0] | state[1])[: hi - lo]
-        if done.any():
-            stored_ids = store.read_strings("video_id", np.flatnonzero(done) + lo)
-            for slot, stored_id in zip(np.flatnonzero(done) + lo, stored_ids, strict=True):
-                if stored_id != inputs[slot].video_id:
-                    raise StoreError(f"{out} slot {slot} holds video {stored_id!r} but this run's input {slot} is "
-                                     f"{inputs[slot].video_id!r}: the input list changed; use a new --out")
-            summary.already_done += int(done.sum())
+        done_slots.append(np.flatnonzero(done) + lo)
         if done.all():
             continue
         # A committed shard that grew (more inputs) keeps its rows; a broken or unpublished one starts empty.
         keep_existing[shard] = state is not None
         todo += [(slot, inputs[slot]) for slot in range(lo, hi) if not done[slot - lo]]
+    skipped = np.concatenate(done_slots) if done_slots else np.zeros(0, dtype=np.int64)
+    for slot, stored_id in zip(skipped.tolist(), store.read_strings("video_id", skipped), strict=True):
+        if stored_id != inputs[slot].video_id:
+            raise StoreError(f"{out} slot {slot} holds video {stored_id!r} but this run's input {slot} is "
+                             f"{inputs[slot].video_id!r}: the input list changed; use a new --out")
+    summary.already_done = len(skipped)
 
     def buffer(slot: int) -> ShardBuffer:
         shard = slot // size

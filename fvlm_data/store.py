@@ -33,12 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import google_crc32c
+import numcodecs
 import numpy as np
 import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from fvlm_data.objects import LocalObjects, ReadRequest, RemoteObjects, objects_at
+from fvlm_data.objects import LocalObjects, ReadRequest, RemoteObjects, StoreError, objects_at
+
+__all__ = ["FeatureShapes", "FeatureStore", "ShardBuffer", "StoreError", "check_compatible", "quantize_int8"]
 
 FORMAT_NAME = "fvlm-features"
 FORMAT_VERSION = 2
@@ -51,8 +54,7 @@ FRAME_ARRAYS = ("dino", "dino_scale", "latents", "timestamps")  # one inner chun
 EMPTY = np.uint64(2**64 - 1)  # a shard index entry for an inner chunk that was never written
 
 
-class StoreError(Exception):
-    """A store that cannot be used as asked; the message is one line for the user."""
+_VLEN_UTF8 = numcodecs.VLenUTF8()
 
 
 def check_compatible(path: str | os.PathLike, existing: dict[str, Any], wanted: dict[str, Any]) -> None:
@@ -103,15 +105,9 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _decode_vlen_utf8(raw: bytes) -> list[str]:
-    """Decode an uncompressed zarr `vlen-utf8` chunk: uint32 count, then (uint32 length, bytes)*."""
-    (count,) = struct.unpack_from("<I", raw, 0)
-    pos, out = 4, []
-    for _ in range(count):
-        (length,) = struct.unpack_from("<I", raw, pos)
-        pos += 4
-        out.append(raw[pos : pos + length].decode("utf-8"))
-        pos += length
-    return out
+    """Decode an uncompressed zarr `vlen-utf8` chunk (uint32 count, then (uint32 length, bytes)*)
+    with numcodecs' compiled decoder, the one zarr itself uses."""
+    return _VLEN_UTF8.decode(raw).tolist()
 
 
 def _schema(attrs: dict[str, Any], shapes: FeatureShapes, capacity: int, shard_videos: int) -> dict[str, bytes]:
@@ -319,30 +315,48 @@ class FeatureStore:
         return {w: self._index_cache[w] for w in wanted}
 
     def _decode_small(self, name: str, shard: int, data: bytes) -> np.ndarray | list[str]:
-        off, nbytes = (int(v) for v in self._parse_index(name, shard, data, len(data))[0])
-        if off == int(EMPTY):
+        # A shard of a small array is one inner chunk: its index is 20 bytes (offset, nbytes, crc32c).
+        tail = data[-20:]
+        offset, nbytes = struct.unpack_from("<QQ", tail)
+        if (len(data) < 20 or google_crc32c.value(tail[:16]) != int.from_bytes(tail[16:], "little")
+                or offset + nbytes > len(data) - 20):
+            self._parse_index(name, shard, data, len(data))  # raises the precise one-line error
             raise StoreError(f"{self.path}: shard {shard} of {name!r} holds no data: re-run precompute")
-        chunk = data[off : off + nbytes]
+        chunk = data[offset : offset + nbytes]
         if name in STRING_ARRAYS:
             return _decode_vlen_utf8(chunk)
         return np.frombuffer(chunk, dtype=np.dtype(self._arrays[name].dtype).newbyteorder("<"))
 
-    def _small(self, name: str, shards: list[int], cache: bool = False) -> dict[int, Any]:
-        """Per-video values of whole shards of a small array; a shard without an object is left out."""
-        out: dict[int, Any] = {}
+    def _small(self, name: str, shards: list[int], cache: bool = False,
+               errors: dict[int, str] | None = None) -> dict[int, Any]:
+        """Per-video values of whole shards of a small array; a shard without an object is left out,
+        and so is a damaged one if `errors` collects the reasons (otherwise it raises StoreError)."""
+        return self._small_many((name,), shards, cache, errors)[name]
+
+    def _small_many(self, names: tuple[str, ...], shards: list[int], cache: bool = False,
+                    errors: dict[int, str] | None = None) -> dict[str, dict[int, Any]]:
+        """`_small` of several arrays, with one batch of reads for all of them."""
+        out: dict[str, dict[int, Any]] = {name: {} for name in names}
         todo = []
-        for shard in dict.fromkeys(shards):
-            if cache and (name, shard) in self._small_cache:
-                out[shard] = self._small_cache[(name, shard)]
-            else:
-                todo.append(shard)
-        datas = self.objects.get_many([self.shard_key(name, s) for s in todo]) if todo else []
-        for shard, data in zip(todo, datas, strict=True):
+        for name in names:
+            for shard in dict.fromkeys(shards):
+                if cache and (name, shard) in self._small_cache:
+                    out[name][shard] = self._small_cache[(name, shard)]
+                else:
+                    todo.append((name, shard))
+        datas = self.objects.get_many([self.shard_key(n, s) for n, s in todo]) if todo else []
+        for (name, shard), data in zip(todo, datas, strict=True):
             if data is None:
                 continue
-            out[shard] = self._decode_small(name, shard, data)
+            try:
+                out[name][shard] = self._decode_small(name, shard, data)
+            except StoreError as e:
+                if errors is None:
+                    raise
+                errors.setdefault(shard, str(e))
+                continue
             if cache:
-                self._small_cache[(name, shard)] = out[shard]
+                self._small_cache[(name, shard)] = out[name][shard]
                 if len(self._small_cache) > self.SMALL_CACHE:
                     self._small_cache.popitem(last=False)
         return out
@@ -352,32 +366,51 @@ class FeatureStore:
         n = self.num_shard_objects
         return sorted(int(s) for s in self.objects.list_names(f"{name}/c") if s.isdigit() and int(s) < n)
 
-    def shard_problem(self, shard: int) -> str | None:
-        """Why committed shard `shard` cannot be trusted (a missing, truncated or damaged object of any
-        array, or a committed video without its features), or None. Reads only the shard indexes."""
-        try:
-            committed = self._small("committed", [shard]).get(shard)
-            if committed is None:
-                return f"shard {shard} is not committed"
-            small = [n for n in self._arrays if n not in FRAME_ARRAYS and n != "committed"]
-            for name, got in zip(small, self.objects.tails([self.shard_key(n, shard) for n in small], 20),
-                                 strict=True):
+    def shard_states(self, shards: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray] | str | None]:
+        """For each shard: None if it is not committed; else its (committed, failed) slot flags if every
+        array's object of it exists, has an intact index (size, crc32c) and holds the features of each
+        committed video; else the one-line reason it cannot be trusted. Reads objects' ends only,
+        a few batches of requests for all the shards together."""
+        errors: dict[int, str] = {}
+        committed = self._small("committed", shards, errors=errors)
+        ok = [s for s in committed if s not in errors]
+        small = [n for n in self._arrays if n not in FRAME_ARRAYS and n != "committed"]
+        frames = [n for n in self._arrays if n in FRAME_ARRAYS]
+        for names, inner in ((small, 1), (frames, self.shard_videos)):
+            wanted = [(n, s) for s in ok for n in names]
+            tails = self.objects.tails([self.shard_key(n, s) for n, s in wanted], 16 * inner + 4)
+            for (name, shard), got in zip(wanted, tails, strict=True):
+                if shard in errors:
+                    continue
                 if got is None:
-                    raise self._missing(name, shard)
-                self._parse_index(name, shard, *got)
-            frames = [n for n in self._arrays if n in FRAME_ARRAYS]
-            self._forget_shard(shard)
-            indexes = self._indexes([(n, shard) for n in frames])
-            n_slots = min(self.shard_videos, self.capacity - shard * self.shard_videos)
-            for (name, _), index in indexes.items():
-                want = self._chunk_nbytes(name)
-                bad = (committed[:n_slots] == 1) & (index[:n_slots, 1] != want)
-                if bad.any():
-                    return (f"shard {shard} of {name!r} lacks the features of committed slot "
-                            f"{shard * self.shard_videos + int(np.flatnonzero(bad)[0])}")
-        except StoreError as e:
-            return str(e)
-        return None
+                    errors[shard] = str(self._missing(name, shard))
+                    continue
+                try:
+                    index = self._parse_index(name, shard, *got)
+                except StoreError as e:
+                    errors[shard] = str(e)
+                    continue
+                if name in frames:
+                    n_slots = min(self.shard_videos, self.capacity - shard * self.shard_videos)
+                    bad = (committed[shard][:n_slots] == 1) & (index[:n_slots, 1] != self._chunk_nbytes(name))
+                    if bad.any():
+                        errors[shard] = (f"{self.path}: shard {shard} of {name!r} lacks the features of committed "
+                                         f"slot {shard * self.shard_videos + int(np.flatnonzero(bad)[0])}")
+        failure = self._small("failure", [s for s in ok if s not in errors], errors=errors)
+        out: dict[int, tuple[np.ndarray, np.ndarray] | str | None] = {}
+        for shard in shards:
+            if shard in errors:
+                out[shard] = errors[shard]
+            elif shard not in committed:
+                out[shard] = None
+            else:
+                out[shard] = (committed[shard] == 1, np.array([bool(r) for r in failure[shard]]))
+        return out
+
+    def shard_problem(self, shard: int) -> str | None:
+        """Why shard `shard` cannot be trusted (see `shard_states`), or None."""
+        state = self.shard_states([shard])[shard]
+        return state if isinstance(state, str) else None
 
     def _forget_shard(self, shard: int) -> None:
         for cache in (self._index_cache, self._small_cache):
@@ -445,8 +478,8 @@ class FeatureStore:
         frame_names = [n for n in FRAME_ARRAYS if n in self._arrays]
         shards = [s // self.shard_videos for s in slots]
         indexes = self._indexes([(n, sh) for sh in shards for n in frame_names])
-        captions = self._small("caption", shards, cache=True)
-        ids = self._small("video_id", shards, cache=True)
+        strings = self._small_many(("caption", "video_id"), shards, cache=True)
+        captions, ids = strings["caption"], strings["video_id"]
         rows, requests = [], []
         for slot, shard, want in zip(slots, shards, frames, strict=True):
             if shard not in captions or shard not in ids:
@@ -472,6 +505,24 @@ class FeatureStore:
 
     def read_slot(self, slot: int, frames: np.ndarray | None = None) -> dict[str, Any]:
         return self.read_slots([slot], [frames])[0]
+
+    def chunk_location(self, name: str, slot: int) -> tuple[str, int, int]:
+        """(object key, byte offset, byte count) of one video's inner chunk of a frame array."""
+        shard = slot // self.shard_videos
+        offset, nbytes = (int(v) for v in self._indexes([(name, shard)])[(name, shard)][slot % self.shard_videos])
+        return self.shard_key(name, shard), offset, nbytes
+
+    def read_frames(self, name: str, slot: int, frames: np.ndarray | None = None) -> np.ndarray:
+        """Frames of one frame array (dino, dino_scale, latents, timestamps) of one slot."""
+        arr = self._arrays[name]
+        idx = np.arange(arr.shape[1]) if frames is None else np.asarray(frames, dtype=np.int64)
+        out = np.empty((len(idx), *arr.shape[2:]), dtype=np.dtype(arr.dtype))
+        shard = slot // self.shard_videos
+        requests = self._frame_requests(name, slot, self._indexes([(name, shard)])[(name, shard)], idx, out)
+        if requests and self.objects.read_into(requests) != [len(v) for _, _, v in requests]:
+            raise StoreError(f"{self.path}: short read of {requests[0][0]}: the shard is truncated; "
+                             "re-run precompute to recompute it")
+        return out
 
     def read(self, i: int, frames: np.ndarray | None = None) -> dict[str, Any]:
         """The i-th committed video: dino [T', N, D], latents [T', C, h, w] (stored dtypes),

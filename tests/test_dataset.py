@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import zarr
 from torch.utils.data import DataLoader
 
 from fvlm_data import CaptionCollator, FeatureDataset, FeatureStore
@@ -18,14 +19,19 @@ SHAPES = FeatureShapes(num_frames=24, dino_tokens=5, dino_dim=8, latent_shape=(4
 def build_store(path, n=40, feature_dtype="float16"):
     """Row i's features encode (i, frame) so a test can tell exactly what was read."""
     attrs = dict(dino="tiny", vae="tiny", num_frames=24, image_size=28, feature_dtype=feature_dtype)
-    store = FeatureStore.create_or_open(path, attrs, SHAPES, capacity=n + 2)
+    store = FeatureStore.create_or_open(path, attrs, SHAPES, capacity=n + 2, shard_videos=8)
+    buffers = {}
     for i in range(n):
         frame = np.arange(24, dtype=np.float32)[:, None, None]
         dino = np.broadcast_to(frame + 100 * (i % 5), (24, 5, 8)).copy()
         latents = np.broadcast_to(frame[..., None] * 0 + i, (24, 4, 2, 2)).copy()
-        store.write_row(i, dino=dino, latents=latents, caption=f"video number {i}" + " again" * (i % 3),
-                        video_id=f"vid-{i:03d}", source=f"/v/{i}.mp4", timestamps=np.arange(24) + 0.5,
-                        duration=24.0)
+        if i // 8 not in buffers:  # shards of 8 videos, each published whole
+            buffers[i // 8] = store.shard_buffer(i // 8)
+        buffers[i // 8].add_row(i, dino=dino, latents=latents, caption=f"video number {i}" + " again" * (i % 3),
+                                video_id=f"vid-{i:03d}", source=f"/v/{i}.mp4", timestamps=np.arange(24) + 0.5,
+                                duration=24.0)
+    for buf in buffers.values():
+        buf.publish()
     return path
 
 
@@ -57,6 +63,21 @@ def test_returns_only_the_requested_frames_in_half_precision(store_path):
     random_ds.set_epoch(1)
     offsets = {tuple(random_ds[i]["dino"][:, 0, 0].tolist()) for i in range(len(random_ds))}
     assert len(offsets) > 1
+
+
+def test_batched_read_equals_single_reads_and_zarrs_reader(store_path):
+    ds = FeatureDataset(store_path, num_frames=16, split="all", frame_sampling="random", seed=1)
+    indices = [3, 39, 0, 17, 3]
+    batch = ds.__getitems__(indices)
+    z = zarr.open_group(str(store_path), mode="r")
+    for item, index in zip(batch, indices, strict=True):
+        single = ds[index]
+        slot = int(ds.slots[index])
+        frames = ds.frames_for(index)
+        for key in ("dino", "latents", "timestamps"):
+            assert torch.equal(item[key], single[key])
+            np.testing.assert_array_equal(item[key].numpy(), z[key][slot][frames])
+        assert item["caption"] == single["caption"] == z["caption"][slot] and item["index"] == index
 
 
 def test_split_is_deterministic_disjoint_and_complete(store_path):

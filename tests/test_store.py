@@ -108,16 +108,21 @@ def test_refuses_to_mix_encoders_or_sizes(tmp_path, key, value):
 
 
 def test_grows_for_more_inputs_and_keeps_rows(tmp_path):
+    """The old last shard (slots 2..3, only 2 in bounds) gains a slot and keeps its row."""
     rng = np.random.default_rng(2)
-    store = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=2)
+    store = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=3, shard_videos=2)
     row = make_row(rng)
-    store.write_row(1, caption="c", video_id="v1", source="s", **row)
+    store.write_row(2, caption="c", video_id="v2", source="s", **row)
     bigger = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=5)
-    assert bigger.capacity == 5
-    bigger.write_row(4, caption="d", video_id="v4", source="s", **make_row(rng))
+    assert bigger.capacity == 5 and bigger.shard_videos == 2
+    assert bigger.shard_problem(1) is None and bigger.slot_state(3) == "empty"
+    bigger.write_row(3, caption="d", video_id="v3", source="s", **make_row(rng))
+    bigger.write_row(4, caption="e", video_id="v4", source="s", **make_row(rng))
     reader = FeatureStore.open(tmp_path / "s.zarr")
-    assert len(reader) == 2
+    assert reader.committed_slots().tolist() == [2, 3, 4]
     np.testing.assert_array_equal(reader.read(0)["dino"], row["dino"])
+    with pytest.raises(StoreError, match="shard_videos=2"):
+        FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=5, shard_videos=4)
 
 
 def test_int8_storage_halves_bytes_and_keeps_values_close(tmp_path):
@@ -134,3 +139,87 @@ def test_int8_storage_halves_bytes_and_keeps_values_close(tmp_path):
     assert np.abs(restored - ref).max() <= np.abs(ref).max(axis=-1, keepdims=True).max() / 127 * 0.51 + 1e-3
     q, scale = quantize_int8(np.zeros((2, 3), np.float32))  # all-zero tokens must not divide by zero
     assert np.all(q == 0) and np.all(np.isfinite(scale.astype(np.float32)))
+
+
+def write_shard(store, shard, rng, fail=()):
+    buf = store.shard_buffer(shard)
+    rows = {}
+    for slot in range(buf.start, buf.stop):
+        if slot in fail:
+            buf.add_failure(slot, video_id=f"v{slot}", source=f"/x/{slot}.mp4", reason="broken")
+        else:
+            rows[slot] = make_row(rng)
+            buf.add_row(slot, caption=f"caption {slot}", video_id=f"v{slot}", source=f"/x/{slot}.mp4", **rows[slot])
+    buf.publish()
+    return rows
+
+
+def test_sharded_layout_few_objects_and_zarr_reads_the_same(tmp_path):
+    """Format 2: one object per array per shard of 4 slots, readable by zarr-python itself."""
+    rng = np.random.default_rng(4)
+    store = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=10, shard_videos=4)
+    assert (store.attrs["format_version"], store.attrs["shard_videos"]) == (2, 4)
+    rows = {}
+    for shard in range(3):  # the last shard holds slots 8 and 9 only
+        rows.update(write_shard(store, shard, rng, fail={5}))
+    for name in ("dino", "latents", "timestamps", "duration", "caption", "video_id", "source", "failure", "committed"):
+        objects = [f for f in (tmp_path / "s.zarr" / name / "c").rglob("*") if f.is_file()]
+        assert len(objects) == 3, name
+    reader = FeatureStore.open(tmp_path / "s.zarr")
+    assert reader.committed_slots().tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+    assert reader.failures == [{"slot": 5, "source": "/x/5.mp4", "video_id": "v5", "reason": "broken"}]
+    z = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    assert z["video_id"][:].tolist() == [f"v{i}" for i in range(10)]
+    assert z["committed"][:].tolist() == [1, 1, 1, 1, 1, 0, 1, 1, 1, 1]
+    got = reader.read_slots([9, 0, 6], [np.array([1, 2, 4]), None, np.array([5])])
+    for row, slot, frames in zip(got, [9, 0, 6], [[1, 2, 4], list(range(6)), [5]], strict=True):
+        np.testing.assert_array_equal(row["dino"], z["dino"][slot][frames])
+        np.testing.assert_array_equal(row["dino"], rows[slot]["dino"][frames])
+        np.testing.assert_array_equal(row["latents"], z["latents"][slot][frames])
+        assert row["caption"] == z["caption"][slot] == f"caption {slot}"
+    assert reader.duration(0) == 6.0 and reader.slot_state(5) == "failed" and reader.slot_state(4) == "committed"
+
+
+def test_unpublished_shard_is_invisible(tmp_path):
+    rng = np.random.default_rng(5)
+    store = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=8, shard_videos=4)
+    buf = store.shard_buffer(1)
+    buf.add_row(4, caption="c", video_id="v4", source="s", **make_row(rng))
+    assert not buf.complete() and buf.complete(until=5)
+    assert len(FeatureStore.open(tmp_path / "s.zarr")) == 0  # buffered rows are not in the store
+    buf.publish()
+    assert FeatureStore.open(tmp_path / "s.zarr").committed_slots().tolist() == [4]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_index", "remove"])
+def test_damaged_shard_is_a_one_line_error_naming_it(tmp_path, damage):
+    rng = np.random.default_rng(6)
+    store = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=8, shard_videos=4)
+    for shard in range(2):
+        write_shard(store, shard, rng)
+    victim = tmp_path / "s.zarr" / "latents" / "c" / "1" / "0" / "0" / "0" / "0"
+    data = bytearray(victim.read_bytes())
+    if damage == "truncate":
+        victim.write_bytes(data[: len(data) - 100])
+    elif damage == "flip_index":
+        data[-10] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    else:
+        victim.unlink()
+    reader = FeatureStore.open(tmp_path / "s.zarr")
+    np.testing.assert_array_equal(reader.read(0)["latents"].shape, (6, 4, 2, 2))  # shard 0 is intact
+    with pytest.raises(StoreError, match=r"shard 1 of 'latents' \(latents/c/1/0/0/0/0\)") as e:
+        reader.read(5)
+    assert "\n" not in str(e.value) and "re-run precompute" in str(e.value)
+    assert reader.shard_problem(0) is None
+    assert "shard 1 of 'latents'" in reader.shard_problem(1)
+
+
+def test_refuses_format_1_stores_with_what_to_do(tmp_path):
+    FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=1)
+    meta_path = Path(tmp_path / "s.zarr" / "zarr.json")
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["format_version"] = 1
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="format-1 store.*re-run precompute into a new --out"):
+        FeatureStore.open(tmp_path / "s.zarr")

@@ -1,0 +1,94 @@
+"""Open-time scaling of the format-2 store: files on disk, FeatureStore.open and a train split.
+
+    python bench/store_scale.py                         # 10K, 100K and 1M slots under /tmp/fvlm_store_scale
+    python bench/store_scale.py --sizes 10000 --root DIR
+
+Each store has the real feature shapes in its metadata (24 x 325 x 384 DINO tokens, 24 x 4 x 32 x 32
+latents) and every small per-video array filled (caption, video_id, source, failure, timestamps,
+duration, committed: all slots committed), written by zarr-python itself; the features stay
+unwritten (no feature objects), which opening never touches anyway. Timings are medians of
+`--repeats` fresh opens in this process, pinned to one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fvlm_data import FeatureDataset, FeatureStore  # noqa: E402
+from fvlm_data.store import DEFAULT_SHARD_VIDEOS, FeatureShapes  # noqa: E402
+
+SHAPES = FeatureShapes(num_frames=24, dino_tokens=325, dino_dim=384, latent_shape=(4, 32, 32))
+ATTRS = dict(dino="facebook/dinov2-small", vae="stabilityai/sd-vae-ft-mse", num_frames=24, image_size=448,
+             feature_dtype="float16")
+
+
+def build(path: Path, n: int, shard_videos: int) -> None:
+    """A store of n committed slots whose small arrays are filled (zarr writes whole shards)."""
+    FeatureStore.create_or_open(path, ATTRS, SHAPES, capacity=n, shard_videos=shard_videos)
+    group = zarr.open_group(str(path), mode="r+")
+    ids = np.array([f"video-{i:08d}" for i in range(n)], dtype=object)
+    values = {
+        "video_id": ids,
+        "caption": np.array([f"a caption of about this length for video {i}" for i in range(n)], dtype=object),
+        "source": np.array([f"s3://bucket/videos/{i:08d}.mp4" for i in range(n)], dtype=object),
+        "failure": np.full(n, "", dtype=object),
+        "timestamps": np.broadcast_to(np.arange(24, dtype=np.float32) + 0.5, (n, 24)),
+        "duration": np.full(n, 24.0, dtype=np.float32),
+        "committed": np.ones(n, dtype=np.uint8),  # last
+    }
+    for name, data in values.items():
+        group[name].with_config({"write_empty_chunks": True})[:] = data
+
+
+def count_files(path: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(path))
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--root", type=Path, default=Path("/tmp/fvlm_store_scale"))
+    parser.add_argument("--shard-videos", type=int, default=DEFAULT_SHARD_VIDEOS)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core
+    print(f"shard_videos={args.shard_videos}; medians of {args.repeats} opens; one core")
+    print(f"{'slots':>10} {'build s':>8} {'files':>8} {'open+len s':>10} {'train split s':>14} {'train videos':>13}")
+    for n in args.sizes:
+        path = args.root / f"s{n}-{args.shard_videos}.zarr"
+        built = "reused"
+        if not path.exists():
+            start = time.perf_counter()
+            build(path, n, args.shard_videos)
+            built = f"{time.perf_counter() - start:.1f}"
+        store = FeatureStore.open(path)
+        assert len(store) == n, f"{path} holds {len(store)} committed slots, expected {n}: remove it"
+        open_s = median_seconds(lambda p=path: len(FeatureStore.open(p)), args.repeats)
+        split_s = median_seconds(lambda p=path: FeatureDataset(p, num_frames=16, split="train"), args.repeats)
+        train = len(FeatureDataset(path, num_frames=16, split="train"))
+        print(f"{n:>10,} {built:>8} {count_files(path):>8,} {open_s:>10.2f} {split_s:>14.2f} {train:>13,}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
