@@ -649,7 +649,8 @@ def run_reads(args: argparse.Namespace, paths: dict[str, Any]) -> None:
           f"{args.samples} random samples per format per round in batches of {args.batch_size} (a batch's samples "
           f"stay alive until it is done, as in a DataLoader worker), {args.rounds} rounds, formats alternating; "
           f"store shards of {paths['shard_videos']} videos" +
-          ("" if "litdata" in paths else "; LitData not installed (pip install litdata), not compared"))
+          ("" if "litdata" in paths else "; LitData not compared (--no-litdata, or not installed: "
+                                         "pip install litdata)"))
     for m in methods:  # warm the page cache (and the code paths) before the warm timing
         for j in range(0, args.videos, args.batch_size):
             m.read(list(range(j, min(j + args.batch_size, args.videos))))
