@@ -1,24 +1,35 @@
-"""Data-path benchmark: the seed's one `.pt` file per video against the fvlm feature store.
+"""Data-path benchmark: the seed's one `.pt` file per video, LitData, and the fvlm feature store.
 
     python bench/data_path.py                      # one core, warm and page-cache-cold reads
     python bench/data_path.py --dataloader         # a full DataLoader, 1 and 2 workers
 
-Both formats hold the same real-model-shaped features (DINOv2-small at 256 px: 24 x 325 x 384,
+Every format holds the same real-model-shaped features (DINOv2-small at 256 px: 24 x 325 x 384,
 SD-VAE latents 24 x 4 x 32 x 32) with a DINO-like value distribution (not zeros, not plain N(0, 1)).
+A sample is 16 of the 24 frames (plus timestamps and the caption), in memory the caller owns.
 
 - seed: `{"dino_features": bf16, "latents": bf16, "caption": str}` per video via torch.save; a
   sample = torch.load of the whole file (weights_only=True), convert to float32, keep 16 of 24
   frames (what the reference did).
-- ours: a format-2 store written shard by shard (float16, and the int8 variant); a sample =
-  `FeatureStore.read_slot(slot, 16 uniformly spaced frames)` + caption, features stay float16.
+- litdata (when `pip install litdata` is done): the same float16 tensors written by
+  `litdata.optimize` (no compression, one chunk per `--shard-videos` videos, like our shards);
+  a sample = `StreamingDataset[i]` then `index_select` of the 16 frames (the fastest of torch
+  indexing, numpy take and index_select here; LitData hands out views of its memory map).
+- ours: rows written with `FeatureStore.shard_buffer` (whole shards, as precompute writes them),
+  float16 and int8; a sample = `FeatureDataset[i]`, or `FeatureDataset.__getitems__` of a batch
+  of 32 (what a DataLoader calls).
+- CANDIDATE (bench-only, not used by fvlm_data): the same FeatureDataset over a store whose
+  local reader copies the frame ranges out of a per-process memory map of each shard file
+  (`MmapObjects`) instead of `preadv`; measured beside the store's reader in the same run.
 
 Formats are timed ALTERNATING in one process (the order rotates each round), pinned to one core
 with torch.set_num_threads(1); each figure is the median over rounds. Bytes read per sample are
-measured, not computed: the `rchar` counter of /proc/self/io (bytes returned by read syscalls).
-"Cold" evicts the sample's files from the page cache (fsync, then posix_fadvise DONTNEED) before
-each read; the eviction is checked with mincore, and `read_bytes` of /proc/self/io counts what
-then came from the block device (readahead included). On a virtual machine the host may still
-cache the disk image, so "cold" means cold for this kernel, not necessarily a physical disk read.
+measured, not computed: `rchar` of /proc/self/io counts bytes returned by read syscalls (memory
+mapped reads do not appear there), `read_bytes` what came from the block device in cold reads;
+minor page faults per sample (getrusage) show the cost of fresh output memory.
+"Cold" drops a batch's files from the page cache before each read (untimed): this process's
+mappings of them first (madvise DONTNEED: mapped pages are not evicted otherwise), then
+posix_fadvise DONTNEED; the eviction is checked with mincore. On a virtual machine the host may
+still cache the disk image, so "cold" means cold for this kernel, not necessarily a disk read.
 
 This file also holds the feature generators that bench/store_layouts.py and bench/int8_quality.py
 import (`synthetic_features`, `dinov2_random_features`).
@@ -30,11 +41,13 @@ import argparse
 import ctypes
 import mmap
 import os
+import resource
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,8 +59,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python bench/data_path.py` from a checkout that is not installed
     sys.path.insert(0, str(REPO))
 
-from fvlm_data.dataset import frame_indices  # noqa: E402
-from fvlm_data.store import FeatureShapes, FeatureStore  # noqa: E402
+from fvlm_data.dataset import FeatureDataset, frame_indices  # noqa: E402
+from fvlm_data.objects import LocalObjects  # noqa: E402
+from fvlm_data.store import FRAME_ARRAYS, FeatureShapes, FeatureStore, StoreError  # noqa: E402
 
 T, N, D = 24, 325, 384  # DINOv2-small at 256 px: 1 CLS + 18 x 18 patches, width 384
 LATENT = (4, 32, 32)
@@ -166,8 +180,39 @@ def io_counters() -> dict[str, int]:
     return {k: int(v) for k, v in (line.split(": ") for line in text.splitlines())}
 
 
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+MADV_DONTNEED = 4  # Linux
+
+
+def unmap_pages(paths: list[Path]) -> None:
+    """Drop this process's mapped pages of these files (madvise DONTNEED on every mapping of them in
+    /proc/self/maps): page-cache pages that a process maps are not evicted by posix_fadvise. The
+    mappings stay valid; the next access faults the pages in again from the page cache or disk."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return
+    wanted = {str(p.resolve()) for p in paths}
+    libc = _libc()
+    for line in maps:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5] in wanted:
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            libc.madvise(ctypes.c_void_p(start), end - start, MADV_DONTNEED)
+
+
 def evict(paths: list[Path]) -> None:
     """Drop these files' pages from the page cache (they must be clean: see `os.sync` after writing)."""
+    unmap_pages(paths)
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
@@ -179,12 +224,7 @@ def evict(paths: list[Path]) -> None:
 def resident_fraction(paths: list[Path]) -> float | None:
     """Share of these files' pages in the page cache (mincore), or None where unavailable."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_long]
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+        libc = _libc()
     except (OSError, AttributeError):
         return None
     page = mmap.PAGESIZE
@@ -219,9 +259,7 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
 
-# ----------------------------------------------------------------------------- proposed read paths
-# Bench-only prototypes of changes proposed for fvlm_data (see bench/README.md); they use the
-# store's private layout helpers and are measured beside the real code, never used by it.
+# ----------------------------------------------------------------------------- candidate reader
 def frame_runs(idx: np.ndarray) -> list[tuple[int, int, int]]:
     """(position in idx, first frame, count) of each run of consecutive frames."""
     out, i = [], 0
@@ -234,122 +272,186 @@ def frame_runs(idx: np.ndarray) -> list[tuple[int, int, int]]:
     return out
 
 
-def pread_frames_into(store: FeatureStore, name: str, slot: int, idx: np.ndarray, out: np.ndarray,
-                      willneed: bool) -> None:
-    """Read frames `idx` of one raw chunk into `out` [len(idx), ...]; with `willneed`, first hint
-    every run to the kernel so a cold read queues all its I/O at once (one run at a time otherwise)."""
-    frame_bytes = out[0].nbytes
-    view = memoryview(out.reshape(-1).view(np.uint8))
-    runs = frame_runs(idx)
-    key, base, _ = store.chunk_location(name, slot)  # the video's inner chunk inside its shard object
-    fd = os.open(Path(store.path) / key, os.O_RDONLY)
-    try:
-        if willneed:
-            for _, first, count in runs:
-                os.posix_fadvise(fd, base + first * frame_bytes, count * frame_bytes, os.POSIX_FADV_WILLNEED)
-        for pos, first, count in runs:
-            want = count * frame_bytes
-            if os.preadv(fd, [view[pos * frame_bytes : pos * frame_bytes + want]], base + first * frame_bytes) != want:
-                raise OSError(f"short read in {name} slot {slot}")
+class MmapObjects(LocalObjects):
+    """CANDIDATE (bench-only) for `fvlm_data.objects.LocalObjects.read_into`: each shard file is
+    memory-mapped once per process, and a frame range is one copy out of the mapping instead of a
+    `preadv` syscall. Before copying, each range is announced with madvise(WILLNEED), the mapped
+    twin of the reader's posix_fadvise hints, so a cold read queues all its I/O at once. One fstat
+    per object per batch remaps a file that changed size, so a copy never runs past its end."""
+
+    def __init__(self, root: str | os.PathLike, willneed: bool = True) -> None:
+        super().__init__(root)
+        self.willneed = willneed
+        self._maps: OrderedDict[str, tuple[mmap.mmap, memoryview]] = OrderedDict()
+        self._maps_pid = os.getpid()
+
+    def _mapped(self, key: str) -> tuple[mmap.mmap, memoryview] | None:
+        if self._maps_pid != os.getpid():  # a forked DataLoader worker maps for itself
+            self._maps, self._maps_pid = OrderedDict(), os.getpid()
+        fd = self._fd(key)
+        size = os.fstat(fd).st_size
+        got = self._maps.pop(key, None)
+        if got is None or len(got[1]) != size:
+            if size == 0:
+                return None
+            mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+            got = (mm, memoryview(mm))
+            if len(self._maps) >= self.MAX_OPEN_FILES:
+                self._maps.popitem(last=False)
+        self._maps[key] = got
+        return got
+
+    def read_into(self, requests: list[tuple[str, int, memoryview]]) -> list[int]:
+        maps = {key: self._mapped(key) for key in dict.fromkeys(key for key, _, _ in requests)}
+        if self.willneed and len(requests) > 1:
+            for key, offset, view in requests:
+                got = maps[key]
+                start = offset - offset % mmap.PAGESIZE
+                if got is not None and start < len(got[1]):
+                    got[0].madvise(mmap.MADV_WILLNEED, start, offset + len(view) - start)
+        counts = []
+        for key, offset, view in requests:
+            got = maps[key]
+            piece = got[1][offset : offset + len(view)] if got is not None else b""
+            view[: len(piece)] = piece
+            counts.append(len(piece))
+        return counts
+
+
+class CandidateStore(FeatureStore):
+    """CANDIDATE (bench-only) for `FeatureStore.read_slots`: the same byte ranges, read into ONE
+    buffer per array for the whole batch ([B, frames, ...], rows are views of it) instead of one
+    array per row. A batch of 32 float16 samples is 128 MB: as 32 separate 4 MB arrays, glibc
+    hands the freed memory back to the kernel at every batch and the next batch faults it in again
+    4 kB at a time; numpy asks for transparent huge pages for one large array (2 MB faults)."""
+
+    def read_slots(self, slots: list[int], frames: list[np.ndarray | None]) -> list[dict[str, Any]]:
+        lengths = {None if f is None else len(f) for f in frames}
+        if len(slots) < 2 or len(lengths) != 1 or None in lengths:
+            return super().read_slots(slots, frames)
+        frame_names = [n for n in FRAME_ARRAYS if n in self._arrays]
+        shards = [s // self.shard_videos for s in slots]
+        indexes = self._indexes([(n, sh) for sh in shards for n in frame_names])
+        strings = self._small_many(("caption", "video_id"), shards, cache=True)
+        captions, ids = strings["caption"], strings["video_id"]
+        batch = {n: np.empty((len(slots), len(frames[0]), *self._arrays[n].shape[2:]),
+                             dtype=np.dtype(self._arrays[n].dtype)) for n in frame_names}
+        rows, requests = [], []
+        for b, (slot, shard, want) in enumerate(zip(slots, shards, frames, strict=True)):
+            if shard not in captions or shard not in ids:
+                raise self._missing("caption" if shard not in captions else "video_id", shard)
+            j = slot % self.shard_videos
+            row: dict[str, Any] = {"caption": captions[shard][j], "video_id": ids[shard][j], "slot": slot}
+            idx = np.asarray(want, dtype=np.int64)
+            for name in frame_names:
+                t = self._arrays[name].shape[1]
+                if idx.size and (idx.min() < 0 or idx.max() >= t):
+                    raise IndexError(f"frame index out of range 0..{t - 1}: {idx.tolist()}")
+                out = batch[name][b]
+                requests += self._frame_requests(name, slot, indexes[(name, shard)], idx, out)
+                row[name] = out
+            rows.append(row)
+        counts = self.objects.read_into(requests) if requests else []
+        for (key, _, view), got in zip(requests, counts, strict=True):
+            if got != len(view):
+                raise StoreError(f"{self.path}: short read of {key}: the shard is truncated; "
+                                 "re-run precompute to recompute it")
+        return rows
+
+
+class CandidateDataset(FeatureDataset):
+    """FeatureDataset over `CandidateStore`, reading through `MmapObjects` or (mapped=False) the
+    store's own preadv reader (bench-only)."""
+
+    def __init__(self, path: str | os.PathLike, num_frames: int = 16, split: str = "train",
+                 mapped: bool = True) -> None:
+        super().__init__(path, num_frames=num_frames, split=split)
+        self.mapped = mapped
+
+    def _store_for_this_process(self) -> FeatureStore:
+        if self._store is None or self._store_pid != os.getpid():
+            objects = MmapObjects(self.path) if self.mapped else LocalObjects(self.path)
+            group = FeatureStore._open_group(self.path, objects, mode="r")
+            self._store, self._store_pid = CandidateStore(self.path, objects, group, writable=False), os.getpid()
+        return self._store
+
+
+# ----------------------------------------------------------------------------- writing the formats
+TIMESTAMPS = ((np.arange(T) + 0.5) * 1.5).astype(np.float32)
+
+
+def video_features(seed: int, i: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """Video i's features and caption, the same whichever format is being written."""
+    rng = np.random.default_rng((seed, i))
+    return synthetic_features(rng), synthetic_latents(rng), synthetic_caption(rng)
+
+
+def video_id(i: int) -> str:
+    return f"video_{i:06d}"
+
+
+def litdata_sample(i: int, seed: int = 0) -> dict[str, Any]:
+    """Video i as a LitData item: the store's float16 tensors, timestamps and strings."""
+    dino, latents, caption = video_features(seed, i)
+    return {"dino": torch.from_numpy(dino.astype(np.float16)), "latents": torch.from_numpy(latents.astype(np.float16)),
+            "timestamps": torch.from_numpy(TIMESTAMPS.copy()), "caption": caption, "video_id": video_id(i)}
+
+
+def litdata_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("litdata") is not None
+
+
+def write_litdata(out: Path, videos: int, chunk_videos: int, seed: int) -> None:
+    """`litdata.optimize` (one worker process, no compression, `chunk_videos` items per chunk file)."""
+    import functools
+    import multiprocessing
+
+    import litdata
+
+    method = multiprocessing.get_start_method(allow_none=True)
+    try:  # optimize sets the process-wide start method; put it back afterwards
+        litdata.optimize(fn=functools.partial(litdata_sample, seed=seed), inputs=list(range(videos)),
+                         output_dir=str(out), chunk_size=chunk_videos, compression=None, num_workers=1,
+                         start_method="spawn", verbose=False)
     finally:
-        os.close(fd)
+        multiprocessing.set_start_method(method, force=True)
 
 
-class WillNeedStore(FeatureStore):
-    """Formerly proposed, now what FeatureStore itself does: POSIX_FADV_WILLNEED hints before the preads."""
-
-
-def shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor in shared memory (sent from a worker without a copy)."""
-    nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
-    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
-
-
-class BatchedFeatureDataset:
-    """Proposed: `FeatureDataset.__getitems__`, which the DataLoader calls with a whole batch of
-    indices: each array is pread straight into one batch tensor, in shared memory inside a worker,
-    instead of 32 per-sample arrays that the collate then copies (torch.stack) and the worker
-    copies again into shared memory to send it."""
-
-    def __init__(self, ds: Any) -> None:
-        self.ds = ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
-        ds = self.ds
-        store = ds._store_for_this_process()
-        in_worker = torch.utils.data.get_worker_info() is not None
-        slots = [int(ds.slots[i]) for i in indices]
-        frames = [ds.frames_for(i) for i in indices]
-        batch: dict[str, Any] = {}
-        for name in ("dino", "latents", "timestamps") + (("dino_scale",) if "dino_scale" in store._arrays else ()):
-            arr = store._arrays[name]
-            shape = (len(indices), ds.num_frames, *arr.shape[2:])
-            dtype = getattr(torch, np.dtype(arr.dtype).name)
-            t = shared_empty(shape, dtype) if in_worker else torch.empty(shape, dtype=dtype)
-            npv = t.numpy()
-            for b, slot in enumerate(slots):
-                pread_frames_into(store, name, slot, frames[b], npv[b], willneed=False)
-            batch[name] = t
-        batch["captions"] = [store.read_string("caption", s) for s in slots]
-        batch["video_ids"] = [store.read_string("video_id", s) for s in slots]
-        batch["index"] = torch.tensor(indices)
-        return [batch]
-
-
-class BatchedCollator:
-    """Tokenises the captions of a batch that BatchedFeatureDataset already stacked."""
-
-    def __init__(self, collator: Any) -> None:
-        self.collator = collator
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        (batch,) = items
-        batch["input_ids"], batch["labels"] = self.collator.tokenize(batch["captions"])
-        return batch
-
-
-# ----------------------------------------------------------------------------- the two formats
-def write_datasets(root: Path, videos: int, with_int8: bool, seed: int = 0) -> dict[str, Any]:
-    """The same features written the seed's way and into our store(s); returns paths."""
-    rng = np.random.default_rng(seed)
+def write_datasets(root: Path, videos: int, with_int8: bool, with_litdata: bool, shard_videos: int | None,
+                   seed: int = 0) -> dict[str, Any]:
+    """The same features written the seed's way, into our store(s) and with LitData; returns paths."""
     seed_dir = root / "seed_pt"
     seed_dir.mkdir(parents=True, exist_ok=True)
     dtypes = ["float16", "int8"] if with_int8 else ["float16"]
     stores = {}
     for dt in dtypes:
         attrs = dict(dino="bench-synthetic", vae="bench-synthetic", num_frames=T, image_size=256, feature_dtype=dt)
-        stores[dt] = FeatureStore.create_or_open(root / f"store_{dt}.zarr", attrs, SHAPES, capacity=videos)
+        stores[dt] = FeatureStore.create_or_open(root / f"store_{dt}.zarr", attrs, SHAPES, capacity=videos,
+                                                 shard_videos=shard_videos)
+    s = stores["float16"].shard_videos
     paths = []
-    buffers: dict[str, Any] = {}
-    for i in range(videos):
-        dino, latents, caption = synthetic_features(rng), synthetic_latents(rng), synthetic_caption(rng)
-        path = seed_dir / f"video_{i:06d}.pt"
-        torch.save({"dino_features": torch.from_numpy(dino).to(torch.bfloat16),
-                    "latents": torch.from_numpy(latents).to(torch.bfloat16), "caption": caption}, path)
-        paths.append(path)
-        for dt, store in stores.items():
-            if dt not in buffers or buffers[dt].shard != i // store.shard_videos:
-                buffers[dt] = store.shard_buffer(i // store.shard_videos)
-            buffers[dt].add_row(i, dino=dino, latents=latents, caption=caption, video_id=f"video_{i:06d}",
-                                source=str(path), timestamps=(np.arange(T) + 0.5) * 1.5, duration=36.0)
-            if buffers[dt].complete():
-                buffers.pop(dt).publish()
+    for shard in range(-(-videos // s)):
+        # Whole shards, as precompute writes them: rows buffered in memory, each array's shard published once.
+        buffers = [store.shard_buffer(shard) for store in stores.values()]
+        for i in range(shard * s, min((shard + 1) * s, videos)):
+            dino, latents, caption = video_features(seed, i)
+            path = seed_dir / f"{video_id(i)}.pt"
+            torch.save({"dino_features": torch.from_numpy(dino).to(torch.bfloat16),
+                        "latents": torch.from_numpy(latents).to(torch.bfloat16), "caption": caption}, path)
+            paths.append(path)
+            for buf in buffers:
+                buf.add_row(i, dino=dino, latents=latents, caption=caption, video_id=video_id(i), source=str(path),
+                            timestamps=TIMESTAMPS, duration=36.0)
+        for buf in buffers:
+            buf.publish()
+    out = {"seed": paths, "shard_videos": s, **{dt: root / f"store_{dt}.zarr" for dt in dtypes}}
+    if with_litdata:
+        write_litdata(root / "litdata", videos, min(s, videos), seed)
+        out["litdata"] = root / "litdata"
     os.sync()  # dirty pages cannot be evicted: make every file clean before any cold read
-    return {"seed": paths, **{dt: root / f"store_{dt}.zarr" for dt in dtypes}}
-
-
-def read_seed(path: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """The reference's read: the whole file, to float32 on the CPU, then 16 of the 24 frames."""
-    data = torch.load(path, weights_only=True)
-    dino = data["dino_features"].float()[SEED_FRAMES]
-    latents = data["latents"].float()[SEED_FRAMES]
-    return dino, latents, data["caption"]
-
-
-OURS_FRAMES = frame_indices(T, WANT)
+    return out
 
 
 def fill_store(store: FeatureStore, rows: list[dict[str, Any]]) -> None:
@@ -361,120 +463,209 @@ def fill_store(store: FeatureStore, rows: list[dict[str, Any]]) -> None:
         buf.publish()
 
 
+# ----------------------------------------------------------------------------- reading them
+def read_seed(path: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The reference's read: the whole file, to float32 on the CPU, then 16 of the 24 frames."""
+    data = torch.load(path, weights_only=True)
+    dino = data["dino_features"].float()[SEED_FRAMES]
+    latents = data["latents"].float()[SEED_FRAMES]
+    return dino, latents, data["caption"]
+
+
+OURS_FRAMES = frame_indices(T, WANT)  # what FeatureDataset picks (uniform sampling)
+
+
 def store_files(store: FeatureStore, slot: int) -> list[Path]:
-    """The shard objects one read_slot touches."""
-    names = ["dino", "latents", "timestamps", "caption", "video_id"]
-    if "dino_scale" in store._arrays:
-        names.append("dino_scale")
-    return [Path(store.path) / store.shard_key(name, slot // store.shard_videos) for name in names]
+    """The shard files a read of `slot` touches."""
+    names = [n for n in ("dino", "dino_scale", "latents", "timestamps", "caption", "video_id") if n in store._arrays]
+    return [Path(store.path) / store.shard_key(n, slot // store.shard_videos) for n in names]
 
 
 class Method:
-    def __init__(self, name: str, label: str, read: Callable[[int], Any], files: Callable[[int], list[Path]],
-                 disk_per_video: float) -> None:
+    """One way to read samples: `read(indices)` returns a batch's samples, all alive until the batch
+    is done, as a DataLoader worker holds them until its collate (per sample or in one call)."""
+
+    def __init__(self, name: str, label: str, read: Callable[[list[int]], Any], files: Callable[[int], list[Path]],
+                 disk_per_video: float, mapped: bool = False) -> None:
         self.name, self.label, self.read, self.files = name, label, read, files
-        self.disk_per_video = disk_per_video
+        self.disk_per_video, self.mapped = disk_per_video, mapped
 
 
-def make_methods(paths: dict[str, Any], videos: int, proposed: bool = False) -> list[Method]:
+def litdata_method(root: Path, videos: int) -> Method:
+    import litdata
+
+    ds = litdata.StreamingDataset(str(root))
+    # Our index i is video i: find it through the video ids LitData returns (not its write order).
+    position = {ds[k]["video_id"]: k for k in range(len(ds))}
+    where = [position[video_id(i)] for i in range(videos)]
+    frames = torch.from_numpy(OURS_FRAMES)
+    chunks = sorted(root.glob("*.bin"))
+
+    def read(indices: list[int]) -> list[tuple]:
+        out = []
+        for i in indices:
+            item = ds[where[i]]
+            out.append((item["dino"].index_select(0, frames), item["latents"].index_select(0, frames),
+                        item["timestamps"].index_select(0, frames), item["caption"]))
+        return out
+
+    disk = sum(p.stat().st_size for p in chunks) / videos
+    return Method("litdata", "LitData: StreamingDataset[i] per sample (litdata.optimize, no compression), "
+                  "index_select 16 of 24",
+                  read, lambda i: chunks, disk, mapped=True)
+
+
+def make_methods(paths: dict[str, Any], videos: int, batch: int, candidate: bool) -> list[Method]:
     seed_paths = paths["seed"]
     methods = [Method("seed", "seed .pt (bf16; torch.load whole file, to fp32, 16 of 24)",
-                      lambda i: read_seed(seed_paths[i]), lambda i: [seed_paths[i]],
+                      lambda ix: [read_seed(seed_paths[i]) for i in ix], lambda i: [seed_paths[i]],
                       sum(p.stat().st_size for p in seed_paths) / videos)]
-    for dt in ("float16", "int8"):
-        if dt in paths:
-            store = FeatureStore.open(paths[dt])
-            label = "fvlm store float16 (read_slot: pread 16 of 24)" if dt == "float16" else \
-                "fvlm store int8 + fp16 scale (read_slot: pread 16 of 24)"
-            methods.append(Method(dt, label, lambda i, s=store: s.read_slot(i, OURS_FRAMES),
-                                  lambda i, s=store: store_files(s, i), store.nbytes_on_disk() / videos))
-    if proposed:
-        store = WillNeedStore.open(paths["float16"])
-        methods.append(Method("willneed", "PROPOSED: fvlm store float16, WILLNEED hints before the preads",
-                              lambda i: store.read_slot(i, OURS_FRAMES), lambda i: store_files(store, i),
-                              store.nbytes_on_disk() / videos))
+    if "litdata" in paths:
+        methods.append(litdata_method(paths["litdata"], videos))
+    f16 = FeatureStore.open(paths["float16"])
+    disk = f16.nbytes_on_disk() / videos
+    ours = FeatureDataset(paths["float16"], num_frames=WANT, split="all")
+    methods += [
+        Method("ours", "fvlm store float16: FeatureDataset[i] per sample (preadv of the 16 frames)",
+               lambda ix: [ours[i] for i in ix], lambda i: store_files(f16, i), disk),
+        Method("ours_batch", f"fvlm store float16: FeatureDataset.__getitems__ of {batch}",
+               ours.__getitems__, lambda i: store_files(f16, i), disk),
+    ]
+    if "int8" in paths:
+        i8 = FeatureStore.open(paths["int8"])
+        ours8 = FeatureDataset(paths["int8"], num_frames=WANT, split="all")
+        methods.append(Method("int8_batch", f"fvlm store int8 + fp16 scale: FeatureDataset.__getitems__ of {batch}",
+                              ours8.__getitems__, lambda i: store_files(i8, i), i8.nbytes_on_disk() / videos))
+    if candidate:
+        mapped = CandidateDataset(paths["float16"], num_frames=WANT, split="all")
+        buffered = CandidateDataset(paths["float16"], num_frames=WANT, split="all", mapped=False)
+        methods += [
+            Method("cand_buffer", f"CANDIDATE float16: __getitems__ of {batch}, one buffer per array (preadv)",
+                   buffered.__getitems__, lambda i: store_files(f16, i), disk),
+            Method("cand_both", f"CANDIDATE float16: __getitems__ of {batch}, one buffer per array, memory-mapped",
+                   mapped.__getitems__, lambda i: store_files(f16, i), disk, mapped=True),
+        ]
     return methods
 
 
-def time_reads(methods: list[Method], videos: int, rounds: int, samples: int, cold: bool,
+def sample_order(rng: np.random.Generator, videos: int, samples: int, batch: int) -> list[int]:
+    """`samples` random videos in which every batch holds distinct videos, as a shuffling sampler gives
+    (a repeated video in a batch would be read once by the batched readers)."""
+    per_perm = max(batch, videos // batch * batch)
+    order: list[int] = []
+    while len(order) < samples:
+        order += rng.permutation(videos)[:per_perm].tolist()
+    return order[:samples]
+
+
+def time_reads(methods: list[Method], videos: int, rounds: int, samples: int, batch: int, cold: bool,
                seed: int = 0) -> dict[str, dict[str, list[float]]]:
-    """Per method: samples/s, rchar and read_bytes per sample, for each round (methods alternate)."""
+    """Per method: samples/s, rchar and read_bytes per sample, for each round (methods alternate).
+    Every method reads the same random samples in a round, one call per sample or per batch."""
     rng = np.random.default_rng(seed)
-    res = {m.name: {"sps": [], "rchar": [], "read_bytes": []} for m in methods}
+    res = {m.name: {"sps": [], "rchar": [], "read_bytes": [], "faults": []} for m in methods}
     for r in range(rounds):
-        order = rng.integers(0, videos, samples)
+        order = sample_order(rng, videos, samples, batch)
+        calls = [order[j : j + batch] for j in range(0, samples, batch)]
         k = r % len(methods)
         for m in methods[k:] + methods[:k]:
-            io0 = io_counters()
+            io0, faults0 = io_counters(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            elapsed = 0.0
             if cold:
-                elapsed = 0.0
-                for i in order:
-                    evict(m.files(int(i)))
+                for ix in calls:
+                    evict(sorted({f for i in ix for f in m.files(i)}))
                     t0 = time.perf_counter()
-                    m.read(int(i))
+                    m.read(ix)
                     elapsed += time.perf_counter() - t0
             else:
                 t0 = time.perf_counter()
-                for i in order:
-                    m.read(int(i))
+                for ix in calls:
+                    m.read(ix)
                 elapsed = time.perf_counter() - t0
-            io1 = io_counters()
+            io1, faults1 = io_counters(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             res[m.name]["sps"].append(samples / elapsed)
+            res[m.name]["faults"].append((faults1 - faults0) / samples)
             if io0:
                 res[m.name]["rchar"].append((io1["rchar"] - io0["rchar"]) / samples)
                 res[m.name]["read_bytes"].append((io1["read_bytes"] - io0["read_bytes"]) / samples)
     return res
 
 
+def per_round_ratio(res: dict[str, dict[str, list[float]]], a: str, b: str) -> float:
+    return median([x / y for x, y in zip(res[a]["sps"], res[b]["sps"], strict=True)])
+
+
 def print_read_table(title: str, methods: list[Method], res: dict[str, dict[str, list[float]]], rounds: int,
                      cold: bool) -> None:
-    seed_sps = res["seed"]["sps"]
+    has_lit = "litdata" in res
     seed_rchar = median(res["seed"]["rchar"])
+    seed_dev = median(res["seed"]["read_bytes"])
     print(f"\n### {title}\n")
-    cols = ["format", f"samples/s per core (median of {rounds})", "x seed (median of per-round ratios)",
-            "bytes on disk per video", "bytes read per sample (read syscalls)", "x seed bytes read"]
+    cols = ["format", f"samples/s per core (median of {rounds})", "x seed"] + (["x LitData"] if has_lit else []) + [
+        "bytes on disk per video", "bytes read per sample (read syscalls)", "minor page faults per sample"]
     if cold:
-        cols.append("bytes from block device per sample")
+        cols += ["bytes from block device per sample", "x seed (block device)"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for m in methods:
         r = res[m.name]
-        ratio = median([a / b for a, b in zip(r["sps"], seed_sps, strict=True)])
-        rchar = median(r["rchar"])
-        row = [m.label, f"{median(r['sps']):.1f}", f"{ratio:.2f}x", fmt_bytes(m.disk_per_video),
-               fmt_bytes(rchar) if r["rchar"] else "n/a",
-               f"{rchar / seed_rchar:.3f}x" if r["rchar"] else "n/a"]
+        row = [m.label, f"{median(r['sps']):.1f}", f"{per_round_ratio(res, m.name, 'seed'):.2f}x"]
+        if has_lit:
+            row.append(f"{per_round_ratio(res, m.name, 'litdata'):.2f}x")
+        row.append(fmt_bytes(m.disk_per_video))
+        rchar = fmt_bytes(median(r["rchar"])) if r["rchar"] else "n/a"
+        row.append(f"{rchar} (memory-mapped: not counted)" if m.mapped else rchar)
+        row.append(f"{median(r['faults']):.0f}")
         if cold:
-            row.append(fmt_bytes(median(r["read_bytes"])) if r["read_bytes"] else "n/a")
+            dev = median(r["read_bytes"]) if r["read_bytes"] else float("nan")
+            row += [fmt_bytes(dev) if r["read_bytes"] else "n/a", f"{dev / seed_dev:.3f}x" if seed_dev else "n/a"]
         print("| " + " | ".join(row) + " |")
-    for m in methods[1:]:
+    print()
+    for m in methods:
+        if m.name in ("seed", "litdata"):
+            continue
         r = res[m.name]
-        ratio = median([a / b for a, b in zip(r["sps"], seed_sps, strict=True)])
-        bytes_ratio = median(r["rchar"]) / seed_rchar if r["rchar"] else float("nan")
-        print(f"\ntarget {m.name}: samples/s per core >= 5x seed: {ratio:.2f}x "
-              f"({'met' if ratio >= 5 else 'NOT met'}); bytes read per sample <= 0.67x seed: {bytes_ratio:.3f}x "
-              f"({'met' if bytes_ratio <= 0.67 else 'NOT met'})")
+        parts = []
+        if has_lit:
+            need = 2.0 if cold else 1.0
+            x = per_round_ratio(res, m.name, "litdata")
+            parts.append(f">= {need:g}x LitData: {x:.2f}x ({'met' if x >= need else 'NOT met'})")
+        if not cold:
+            x = per_round_ratio(res, m.name, "seed")
+            parts.append(f">= 6x seed: {x:.2f}x ({'met' if x >= 6 else 'NOT met'})")
+            if not m.mapped and r["rchar"]:
+                cap = 0.35 if m.name.startswith("int8") else 0.67
+                x = median(r["rchar"]) / seed_rchar
+                parts.append(f"bytes read <= {cap}x seed: {x:.3f}x ({'met' if x <= cap else 'NOT met'})")
+        elif r["read_bytes"] and seed_dev:  # readahead and page rounding included: for information
+            parts.append(f"block-device bytes {median(r['read_bytes']) / seed_dev:.3f}x seed's")
+        print(f"target {m.name}: " + "; ".join(parts))
 
 
 def run_reads(args: argparse.Namespace, paths: dict[str, Any]) -> None:
     cpu = pin_to_one_core()
-    methods = make_methods(paths, args.videos, args.proposed)
+    methods = make_methods(paths, args.videos, args.batch_size, args.candidate)
     print(f"one core: pinned to CPU {cpu}, torch threads {torch.get_num_threads()}; {args.videos} videos, "
-          f"{args.samples} random samples per format per round, {args.rounds} rounds, formats alternating")
+          f"{args.samples} random samples per format per round in batches of {args.batch_size} (a batch's samples "
+          f"stay alive until it is done, as in a DataLoader worker), {args.rounds} rounds, formats alternating; "
+          f"store shards of {paths['shard_videos']} videos" +
+          ("" if "litdata" in paths else "; LitData not compared (--no-litdata, or not installed: "
+                                         "pip install litdata)"))
     for m in methods:  # warm the page cache (and the code paths) before the warm timing
-        for i in range(args.videos):
-            m.read(i)
-    res = time_reads(methods, args.videos, args.rounds, args.samples, cold=False)
+        for j in range(0, args.videos, args.batch_size):
+            m.read(list(range(j, min(j + args.batch_size, args.videos))))
+    res = time_reads(methods, args.videos, args.rounds, args.samples, args.batch_size, cold=False)
     print_read_table("Warm page cache (every file read once before timing)", methods, res, args.rounds, False)
     if args.cold:
-        probe = [f for m in methods for f in m.files(0)]
-        evict(probe)
-        frac = resident_fraction(probe)
-        check = f"{frac * 100:.1f}% of their pages resident after eviction (mincore)" if frac is not None \
-            else "residency could not be checked"
-        res = time_reads(methods, args.videos, args.rounds, args.samples, cold=True, seed=1)
-        print_read_table(f"Page-cache cold (each sample's files evicted with posix_fadvise DONTNEED before "
-                         f"its read, untimed; {check})", methods, res, args.rounds, True)
+        checks = []
+        for m in methods:
+            m.read([0])  # map and touch sample 0's files, then check that the eviction empties them
+            evict(m.files(0))
+            frac = resident_fraction(m.files(0))
+            checks.append(f"{m.name} {frac * 100:.1f}%" if frac is not None else f"{m.name} unchecked")
+        res = time_reads(methods, args.videos, args.rounds, args.samples, args.batch_size, cold=True, seed=1)
+        print_read_table("Page-cache cold (each call's files evicted before it, untimed; pages resident after "
+                         f"eviction (mincore): {', '.join(checks)})", methods, res, args.rounds, True)
 
 
 # ----------------------------------------------------------------------------- DataLoader mode
@@ -516,34 +707,32 @@ def loader_rate(ds: torch.utils.data.Dataset, collate: Any, workers: int, batch_
 
 
 def run_dataloader(args: argparse.Namespace, paths: dict[str, Any]) -> None:
-    from fvlm_data.dataset import CaptionCollator, FeatureDataset
+    from fvlm_data.dataset import CaptionCollator
     from fvlm_model import load_lm
 
     torch.set_num_threads(1)
     _, tokenizer = load_lm("tiny", words=WORDS)
     collate = CaptionCollator(tokenizer)
     ours = FeatureDataset(paths["float16"], num_frames=WANT, split="all")
-    for i in range(len(ours)):  # warm the page cache
-        ours[i]
-    datasets = {"ours": (ours, collate)}
-    labels = {"ours": "fvlm store float16 (FeatureDataset + CaptionCollator)",
+    ours.__getitems__(list(range(len(ours))))  # warm the page cache
+    datasets: dict[str, torch.utils.data.Dataset] = {"ours": ours}
+    labels = {"ours": "fvlm store float16 (FeatureDataset.__getitems__ + CaptionCollator)",
               "seed": "seed .pt (torch.load, fp32, 16 of 24; same collator)",
-              "batched": "PROPOSED: FeatureDataset.__getitems__, batch pread into shared memory"}
+              "candidate": "CANDIDATE: FeatureDataset over memory-mapped shard files, one buffer per array"}
     if args.seed_format:
         seed_ds = SeedFormatDataset(paths["seed"])
         for i in range(len(seed_ds)):
             seed_ds[i]
-        datasets["seed"] = (seed_ds, collate)
-    if args.proposed:
-        datasets["batched"] = (BatchedFeatureDataset(ours), BatchedCollator(collate))
+        datasets["seed"] = seed_ds
+    if args.candidate:
+        datasets["candidate"] = CandidateDataset(paths["float16"], num_frames=WANT, split="all")
     res: dict[tuple[str, int], list[float]] = {}
     for r in range(args.rounds):
         k = r % len(datasets)
         names = list(datasets)[k:] + list(datasets)[:k]
         for w in args.workers:
             for name in names:
-                ds, coll = datasets[name]
-                rate = loader_rate(ds, coll, w, args.batch_size, args.seconds, args.warmup, r)
+                rate = loader_rate(datasets[name], collate, w, args.batch_size, args.seconds, args.warmup, r)
                 res.setdefault((name, w), []).append(rate)
     pin = torch.cuda.is_available()
     print(f"\n### DataLoader, {WANT}-frame samples, batch {args.batch_size}, pin_memory={pin}, "
@@ -560,26 +749,26 @@ def run_dataloader(args: argparse.Namespace, paths: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- profile
-def run_profile(paths: dict[str, Any], videos: int) -> None:
+def run_profile(paths: dict[str, Any], videos: int, batch: int, candidate: bool) -> None:
     import cProfile
     import pstats
 
-    from fvlm_data.dataset import CaptionCollator, FeatureDataset
+    from fvlm_data.dataset import CaptionCollator
     from fvlm_model import load_lm
 
     pin_to_one_core()
     _, tokenizer = load_lm("tiny", words=WORDS)
-    ds = FeatureDataset(paths["float16"], num_frames=WANT, split="all")
+    cls = CandidateDataset if candidate else FeatureDataset
+    ds = cls(paths["float16"], num_frames=WANT, split="all")
     collate = CaptionCollator(tokenizer)
-    for i in range(len(ds)):
-        ds[i]
+    ds.__getitems__(list(range(len(ds))))
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(5):
-        for start in range(0, videos - 31, 32):
-            collate([ds[i] for i in range(start, start + 32)])
+        for start in range(0, videos - batch + 1, batch):
+            collate(ds.__getitems__(list(range(start, start + batch))))
     prof.disable()
-    print("\n### Profile: FeatureDataset.__getitem__ + CaptionCollator, batches of 32, one core\n")
+    print(f"\n### Profile: {cls.__name__}.__getitems__ + CaptionCollator, batches of {batch}, one core\n")
     pstats.Stats(prof).sort_stats("tottime").print_stats(15)
 
 
@@ -587,39 +776,50 @@ def run_profile(paths: dict[str, Any], videos: int) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--videos", type=int, default=48, help="videos written in each format (default 48)")
-    p.add_argument("--rounds", type=int, default=7, help="alternating rounds; figures are medians (default 7)")
-    p.add_argument("--samples", type=int, default=48, help="random samples per format per round (default 48)")
+    p.add_argument("--rounds", type=int, default=11, help="alternating rounds; figures are medians (default 11)")
+    p.add_argument("--samples", type=int, default=64,
+                   help="random samples per format per round, a multiple of --batch-size (default 64)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch of the __getitems__ rows and the DataLoader")
+    p.add_argument("--shard-videos", type=int, default=None, help="store shard size (default: the store's default)")
     p.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 store")
+    p.add_argument("--no-litdata", dest="litdata", action="store_false",
+                   help="skip LitData even when it is installed")
+    p.add_argument("--no-candidate", dest="candidate", action="store_false",
+                   help="skip the bench-only memory-mapped CANDIDATE reader")
     p.add_argument("--no-cold", dest="cold", action="store_false", help="skip the page-cache-cold measurement")
     p.add_argument("--dataloader", action="store_true", help="measure a full DataLoader instead")
     p.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
                    help="with --dataloader: worker counts, comma-separated (default 1,2)")
-    p.add_argument("--batch-size", type=int, default=32, help="with --dataloader (default 32)")
     p.add_argument("--seconds", type=float, default=4.0, help="with --dataloader: timed seconds per run (default 4)")
     p.add_argument("--warmup", type=int, default=3, help="with --dataloader: batches before timing (default 3)")
     p.add_argument("--no-seed-format", dest="seed_format", action="store_false",
                    help="with --dataloader: skip the seed-format DataLoader")
-    p.add_argument("--proposed", action="store_true",
-                   help="also time bench prototypes of proposed read-path changes (WILLNEED hints; batched reads)")
-    p.add_argument("--profile", action="store_true", help="cProfile the Dataset + collate path and exit")
+    p.add_argument("--profile", action="store_true", help="cProfile the Dataset + collate path and exit "
+                   "(the CANDIDATE reader's unless --no-candidate)")
     p.add_argument("--workdir", default=None,
                    help="write (and keep) the data here (default: a temporary folder, removed at the end)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.samples % args.batch_size:
+        p.error(f"--samples ({args.samples}) must be a multiple of --batch-size ({args.batch_size})")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fvlm_bench_"))
-    if args.profile and args.videos < 32:
-        raise SystemExit("--profile needs --videos >= 32")
+    if args.profile and args.videos < args.batch_size:
+        raise SystemExit("--profile needs --videos >= --batch-size")
+    reads = not (args.dataloader or args.profile)
     try:
         t0 = time.perf_counter()
-        paths = write_datasets(root, args.videos, with_int8=args.int8 and not (args.dataloader or args.profile))
+        paths = write_datasets(root, args.videos, with_int8=args.int8 and reads,
+                               with_litdata=args.litdata and reads and litdata_available(),
+                               shard_videos=args.shard_videos)
         print(f"wrote {args.videos} videos per format under {root} in {time.perf_counter() - t0:.1f} s "
               f"(features: synthetic, DINO-like value distribution; shapes dino [{T},{N},{D}], latents "
               f"[{T},{','.join(map(str, LATENT))}])")
         if args.profile:
-            run_profile(paths, args.videos)
+            run_profile(paths, args.videos, args.batch_size, args.candidate)
         elif args.dataloader:
             run_dataloader(args, paths)
         else:

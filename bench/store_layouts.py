@@ -6,7 +6,8 @@
 For float16 DINO features [V, 24, 325, 384] (DINOv2-small at 256 px) it writes the same videos in
 several layouts and reads random samples of 16 uniformly spaced frames:
 
-  a. ours: uncompressed, one chunk per video, `FeatureStore._read_frames` (pread of 16 frames)
+  a. ours: uncompressed, one inner chunk per video in the store's shard, `FeatureStore.read_frames`
+     (pread of the 16 frames' runs)
   b. the same files through zarr's generic read path, `zarr_array[slot, frames]`
   c. one compressed chunk per video (zstd; blosc-zstd with byte shuffle), read through zarr
   d. zarr sharding, one shard per video holding one compressed chunk per frame, through zarr

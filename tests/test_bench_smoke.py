@@ -6,6 +6,7 @@ all at once to stay within a few seconds; the figures they print are not checked
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -13,14 +14,20 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+LITDATA = importlib.util.find_spec("litdata") is not None  # optional: `pip install litdata` adds its row
+
 RUNS = {
-    "reads": (["data_path.py", "--videos", "2", "--rounds", "1", "--samples", "2"],
-              ["### Warm page cache", "### Page-cache cold", "| seed .pt", "| fvlm store float16", "| fvlm store int8",
-               "target float16: samples/s per core >= 5x seed"]),
-    "dataloader": (["data_path.py", "--dataloader", "--proposed", "--videos", "2", "--rounds", "1", "--seconds", "0.1",
+    "reads": (["data_path.py", "--videos", "2", "--rounds", "1", "--samples", "2", "--batch-size", "2"],
+              ["### Warm page cache", "### Page-cache cold", "| seed .pt", "| fvlm store float16: FeatureDataset[i]",
+               "| fvlm store float16: FeatureDataset.__getitems__ of 2", "| fvlm store int8",
+               "| CANDIDATE float16: __getitems__ of 2, one buffer per array, memory-mapped",
+               "seed 0.0%, ", "target ours_batch: ", ">= 6x seed: "]
+              + (["| LitData: StreamingDataset[i]", ">= 2x LitData: "] if LITDATA else [])),
+    "dataloader": (["data_path.py", "--dataloader", "--videos", "2", "--rounds", "1", "--seconds", "0.1",
                     "--warmup", "1", "--workers", "1", "--batch-size", "2"],
-                   ["### DataLoader", "| fvlm store float16 (FeatureDataset + CaptionCollator) | 1 |",
-                    "| seed .pt", "| PROPOSED: FeatureDataset.__getitems__", "projection"]),
+                   ["### DataLoader", "| fvlm store float16 (FeatureDataset.__getitems__ + CaptionCollator) | 1 |",
+                    "| seed .pt", "| CANDIDATE: FeatureDataset over memory-mapped shard files, one buffer per array",
+                    "projection"]),
     "layouts": (["store_layouts.py", "--videos", "2", "--rounds", "1", "--samples", "2", "--sources", "synthetic"],
                 ["### Features: synthetic", "| a. ours: raw", "| b. same raw chunks",
                  "| c. zstd-3, one chunk per video; zarr `arr[slot]`", "| d. one shard per video"]),
