@@ -480,8 +480,15 @@ class FeatureStore:
         indexes = self._indexes([(n, sh) for sh in shards for n in frame_names])
         strings = self._small_many(("caption", "video_id"), shards, cache=True)
         captions, ids = strings["caption"], strings["video_id"]
+        # One buffer per array for the whole batch, rows are views of it: as 32 separate 4 MB arrays,
+        # malloc gives a batch's memory back to the kernel and the next batch faults it in again 4 kB
+        # at a time; numpy backs one large array with huge pages (bench/data_path.py, CANDIDATE rows).
+        same_length = len({-1 if w is None else len(w) for w in frames}) == 1 and frames[0] is not None
+        batch = ({n: np.empty((len(slots), len(frames[0]), *self._arrays[n].shape[2:]),
+                              dtype=np.dtype(self._arrays[n].dtype)) for n in frame_names}
+                 if len(slots) > 1 and same_length else None)
         rows, requests = [], []
-        for slot, shard, want in zip(slots, shards, frames, strict=True):
+        for b, (slot, shard, want) in enumerate(zip(slots, shards, frames, strict=True)):
             if shard not in captions or shard not in ids:
                 raise self._missing("caption" if shard not in captions else "video_id", shard)
             j = slot % self.shard_videos
@@ -492,7 +499,7 @@ class FeatureStore:
                 idx = np.arange(t) if want is None else np.asarray(want, dtype=np.int64)
                 if idx.size and (idx.min() < 0 or idx.max() >= t):
                     raise IndexError(f"frame index out of range 0..{t - 1}: {idx.tolist()}")
-                out = np.empty((len(idx), *arr.shape[2:]), dtype=np.dtype(arr.dtype))
+                out = batch[name][b] if batch else np.empty((len(idx), *arr.shape[2:]), dtype=np.dtype(arr.dtype))
                 requests += self._frame_requests(name, slot, indexes[(name, shard)], idx, out)
                 row[name] = out
             rows.append(row)
