@@ -61,7 +61,7 @@ if str(REPO) not in sys.path:  # `python bench/data_path.py` from a checkout tha
 
 from fvlm_data.dataset import FeatureDataset, frame_indices  # noqa: E402
 from fvlm_data.objects import LocalObjects  # noqa: E402
-from fvlm_data.store import FRAME_ARRAYS, FeatureShapes, FeatureStore, StoreError  # noqa: E402
+from fvlm_data.store import FeatureShapes, FeatureStore  # noqa: E402
 
 T, N, D = 24, 325, 384  # DINOv2-small at 256 px: 1 CLS + 18 x 18 patches, width 384
 LATENT = (4, 32, 32)
@@ -318,61 +318,14 @@ class MmapObjects(LocalObjects):
         return counts
 
 
-class CandidateStore(FeatureStore):
-    """CANDIDATE (bench-only) for `FeatureStore.read_slots`: the same byte ranges, read into ONE
-    buffer per array for the whole batch ([B, frames, ...], rows are views of it) instead of one
-    array per row. A batch of 32 float16 samples is 128 MB: as 32 separate 4 MB arrays, glibc
-    hands the freed memory back to the kernel at every batch and the next batch faults it in again
-    4 kB at a time; numpy asks for transparent huge pages for one large array (2 MB faults)."""
-
-    def read_slots(self, slots: list[int], frames: list[np.ndarray | None]) -> list[dict[str, Any]]:
-        lengths = {None if f is None else len(f) for f in frames}
-        if len(slots) < 2 or len(lengths) != 1 or None in lengths:
-            return super().read_slots(slots, frames)
-        frame_names = [n for n in FRAME_ARRAYS if n in self._arrays]
-        shards = [s // self.shard_videos for s in slots]
-        indexes = self._indexes([(n, sh) for sh in shards for n in frame_names])
-        strings = self._small_many(("caption", "video_id"), shards, cache=True)
-        captions, ids = strings["caption"], strings["video_id"]
-        batch = {n: np.empty((len(slots), len(frames[0]), *self._arrays[n].shape[2:]),
-                             dtype=np.dtype(self._arrays[n].dtype)) for n in frame_names}
-        rows, requests = [], []
-        for b, (slot, shard, want) in enumerate(zip(slots, shards, frames, strict=True)):
-            if shard not in captions or shard not in ids:
-                raise self._missing("caption" if shard not in captions else "video_id", shard)
-            j = slot % self.shard_videos
-            row: dict[str, Any] = {"caption": captions[shard][j], "video_id": ids[shard][j], "slot": slot}
-            idx = np.asarray(want, dtype=np.int64)
-            for name in frame_names:
-                t = self._arrays[name].shape[1]
-                if idx.size and (idx.min() < 0 or idx.max() >= t):
-                    raise IndexError(f"frame index out of range 0..{t - 1}: {idx.tolist()}")
-                out = batch[name][b]
-                requests += self._frame_requests(name, slot, indexes[(name, shard)], idx, out)
-                row[name] = out
-            rows.append(row)
-        counts = self.objects.read_into(requests) if requests else []
-        for (key, _, view), got in zip(requests, counts, strict=True):
-            if got != len(view):
-                raise StoreError(f"{self.path}: short read of {key}: the shard is truncated; "
-                                 "re-run precompute to recompute it")
-        return rows
-
-
 class CandidateDataset(FeatureDataset):
-    """FeatureDataset over `CandidateStore`, reading through `MmapObjects` or (mapped=False) the
-    store's own preadv reader (bench-only)."""
-
-    def __init__(self, path: str | os.PathLike, num_frames: int = 16, split: str = "train",
-                 mapped: bool = True) -> None:
-        super().__init__(path, num_frames=num_frames, split=split)
-        self.mapped = mapped
+    """FeatureDataset whose store reads through `MmapObjects` (bench-only)."""
 
     def _store_for_this_process(self) -> FeatureStore:
         if self._store is None or self._store_pid != os.getpid():
-            objects = MmapObjects(self.path) if self.mapped else LocalObjects(self.path)
+            objects = MmapObjects(self.path)
             group = FeatureStore._open_group(self.path, objects, mode="r")
-            self._store, self._store_pid = CandidateStore(self.path, objects, group, writable=False), os.getpid()
+            self._store, self._store_pid = FeatureStore(self.path, objects, group, writable=False), os.getpid()
         return self._store
 
 
@@ -538,13 +491,8 @@ def make_methods(paths: dict[str, Any], videos: int, batch: int, candidate: bool
                               ours8.__getitems__, lambda i: store_files(i8, i), i8.nbytes_on_disk() / videos))
     if candidate:
         mapped = CandidateDataset(paths["float16"], num_frames=WANT, split="all")
-        buffered = CandidateDataset(paths["float16"], num_frames=WANT, split="all", mapped=False)
-        methods += [
-            Method("cand_buffer", f"CANDIDATE float16: __getitems__ of {batch}, one buffer per array (preadv)",
-                   buffered.__getitems__, lambda i: store_files(f16, i), disk),
-            Method("cand_both", f"CANDIDATE float16: __getitems__ of {batch}, one buffer per array, memory-mapped",
-                   mapped.__getitems__, lambda i: store_files(f16, i), disk, mapped=True),
-        ]
+        methods.append(Method("cand_mapped", f"CANDIDATE float16: __getitems__ of {batch}, memory-mapped shard files",
+                              mapped.__getitems__, lambda i: store_files(f16, i), disk, mapped=True))
     return methods
 
 
@@ -718,7 +666,7 @@ def run_dataloader(args: argparse.Namespace, paths: dict[str, Any]) -> None:
     datasets: dict[str, torch.utils.data.Dataset] = {"ours": ours}
     labels = {"ours": "fvlm store float16 (FeatureDataset.__getitems__ + CaptionCollator)",
               "seed": "seed .pt (torch.load, fp32, 16 of 24; same collator)",
-              "candidate": "CANDIDATE: FeatureDataset over memory-mapped shard files, one buffer per array"}
+              "candidate": "CANDIDATE: FeatureDataset over memory-mapped shard files"}
     if args.seed_format:
         seed_ds = SeedFormatDataset(paths["seed"])
         for i in range(len(seed_ds)):
