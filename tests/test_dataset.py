@@ -80,6 +80,21 @@ def test_batched_read_equals_single_reads_and_zarrs_reader(store_path):
         assert item["caption"] == single["caption"] == z["caption"][slot] and item["index"] == index
 
 
+def test_a_batch_over_more_shard_objects_than_open_files(store_path, monkeypatch):
+    # 5 shards x 3 frame arrays = 15 objects in one batch, with room for 4 open files: every
+    # descriptor must stay open until its own reads are done (a real batch of 32 from a large
+    # store touches up to 96 objects).
+    from fvlm_data.objects import LocalObjects
+
+    monkeypatch.setattr(LocalObjects, "MAX_OPEN_FILES", 4)
+    ds = FeatureDataset(store_path, num_frames=16, split="all")
+    indices = list(range(0, 40, 3))
+    expected = [ds[i] for i in indices]
+    for item, single in zip(ds.__getitems__(indices), expected, strict=True):
+        for key in ("dino", "latents", "timestamps"):
+            assert torch.equal(item[key], single[key])
+
+
 def test_split_is_deterministic_disjoint_and_complete(store_path):
     train = FeatureDataset(store_path, num_frames=4, split="train", val_fraction=0.25)
     val = FeatureDataset(store_path, num_frames=4, split="val", val_fraction=0.25)
