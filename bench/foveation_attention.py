@@ -4,7 +4,8 @@
 
 For held-out videos of a store made with `--synthetic-task foveation` (or `foveation_nocue`), it
 prints, per pass, the mean share of the query attention (CLS token left out) that lands on the
-patches the cued object touches, on the patches the two other objects touch, and the share those
+patches the cued object touches, on the patches the two other objects touch, on the patches the
+cued object touches in other frames only (its path: where it was or will be), and the share those
 patches are of the frame (what a uniform attention would give), over the frames after the cue.
 With --figure it writes the attention maps of the first held-out videos laid over their frames
 (the frames, then one row per pass, brighter = more attention; not selected: the first ones in
@@ -102,16 +103,18 @@ def main() -> None:
             objects = patch_masks(foveation_object_masks(seed, int(source.rsplit(":", 1)[1]), timestamps, size),
                                   grid)[:, after_cue]  # [K, T', g, g]
             cued, others = objects[0], objects[1:].any(axis=0)
-            row = [[float((attention_grid(a[k])[after_cue] * m).sum(axis=(1, 2)).mean()) for m in (cued, others)]
+            path = objects[0].any(axis=0, keepdims=True) & ~cued & ~others  # the mover's other positions
+            masks = (cued, others, path)
+            row = [[float((attention_grid(a[k])[after_cue] * m).sum(axis=(1, 2)).mean()) for m in masks]
                    for a in info["attention"].values()]
-            row.append([float(cued.mean()), float(others.mean())])
+            row.append([float(m.mean()) for m in masks])
             sums = np.asarray(row) if sums is None else sums + np.asarray(row)
             count += 1
     shares = sums / count
     print(f"attention share over frames after the cue, {count} held-out videos, checkpoint step {ckpt['step']}")
-    print(f"{'pass':<16}{'cued object':>12}{'other objects':>15}")
-    for name, (cued, others) in zip([*names, "uniform"], shares, strict=True):
-        print(f"{name:<16}{cued:>12.3f}{others:>15.3f}")
+    print(f"{'pass':<16}{'cued object':>12}{'other objects':>15}{'its path':>10}")
+    for name, (cued, others, path) in zip([*names, "uniform"], shares, strict=True):
+        print(f"{name:<16}{cued:>12.3f}{others:>15.3f}{path:>10.3f}")
 
 
 if __name__ == "__main__":

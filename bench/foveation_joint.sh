@@ -2,14 +2,15 @@
 # Does next-frame reconstruction (the joint loss) make the fine queries follow what moves?
 # Each row is bench/foveation_demo.sh (precompute -> train -> held-out evaluation -> attention share)
 # with its own task, lambda_recon and fine passes; rows of one task share one store, and every row
-# uses the same videos (seed 0) and training seed. Prints one markdown table at the end
+# uses the same videos and training seed (0, or the row's fourth field). Prints one markdown table at the end
 # (bench/foveation_table.py) and keeps each row's eval.json, log and attention picture.
 #
-#   bash bench/foveation_joint.sh [OUT_DIR] [TASK:LAMBDA_RECON:FINE_ITERATIONS ...]
+#   bash bench/foveation_joint.sh [OUT_DIR] [TASK:LAMBDA_RECON:FINE_ITERATIONS[:SEED] ...]
 #
 # Default rows: the moving-object task without a cue (foveation_nocue) with caption loss only, and
 # joint with lambda_recon 0.1 and 1.0 (one fine pass each). Give rows to run others, e.g.
-# `foveation_nocue:1.0:2` (two fine passes) or `foveation:1.0:1` (the cue task, joint).
+# `foveation_nocue:1.0:2` (two fine passes), `foveation:1.0:1` (the cue task, joint) or
+# `foveation_nocue:0.1:1:1` (training seed 1; the videos stay the same).
 # A row takes 6 (caption only) to ~20 (joint) minutes on 2 CPU cores; a finished row is not re-run.
 set -euo pipefail
 
@@ -21,8 +22,10 @@ ROWS=("$@")
 
 mkdir -p "$OUT_DIR"
 for row in "${ROWS[@]}"; do
-  IFS=: read -r task lambda passes <<< "$row"
+  IFS=: read -r task lambda passes seed <<< "$row"
+  seed=${seed:-0}
   dir=$OUT_DIR/${task}_lambda${lambda}_passes${passes}
+  [ "$seed" = 0 ] || dir=${dir}_seed${seed}
   if [ -f "$dir/eval.json" ] && [ -f "$dir/log.txt" ]; then
     echo "== $row: done before, kept ($dir)" >&2
     continue
@@ -30,7 +33,7 @@ for row in "${ROWS[@]}"; do
   mkdir -p "$dir"
   echo "== $row -> $dir ($(date +%H:%M:%S))" >&2
   FOVEATION_TASK=$task FOVEATION_STORE=$OUT_DIR/$task.zarr FOVEATION_LAMBDA_RECON=$lambda \
-    FOVEATION_FINE_ITERATIONS=$passes bash "$ROOT/bench/foveation_demo.sh" "$dir" > "$dir/log.tmp" 2>&1
+    FOVEATION_FINE_ITERATIONS=$passes FOVEATION_SEED=$seed bash "$ROOT/bench/foveation_demo.sh" "$dir" > "$dir/log.tmp" 2>&1
   mv "$dir/log.tmp" "$dir/log.txt"
 done
 "${PYTHON:-python}" "$ROOT/bench/foveation_table.py" "$OUT_DIR"

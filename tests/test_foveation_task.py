@@ -163,23 +163,27 @@ def test_vocabulary_covers_every_caption():
 
 def test_demo_script_end_to_end(tmp_path):
     """bench/foveation_demo.sh at its smallest, run as one row of bench/foveation_joint.sh (joint loss,
-    lambda_recon 0.1): precompute -> train -> the interface's short --eval-only command (settings
+    lambda_recon 0.1, training seed 1): precompute -> train -> the interface's short --eval-only command (settings
     from the checkpoint) -> attention shares and figure -> the joint table."""
     root = tmp_path / "joint"
-    out = root / "foveation_lambda0.1_passes1"
+    out = root / "foveation_lambda0.1_passes1_seed1"
     env = {**os.environ, "FOVEATION_VIDEOS": "40", "FOVEATION_STEPS": "3", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "foveation_joint.sh"), str(root), "foveation:0.1:1"],
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "foveation_joint.sh"), str(root), "foveation:0.1:1:1"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (out / "log.txt").read_text()
     result = json.loads((out / "eval.json").read_text())
     assert result["checkpoint_step"] == 3 and len(result["cap_passes"]) == 2  # one fine pass
+    assert json.loads((out / "run" / "run_config.json").read_text())["seed"] == 1
     assert {"cap_ratio_ci", "shuffled_ratio", "shuffled_ratio_ci", "num_videos", "verdict"} <= set(result)
     assert "shuffled_ratio" in log and "autoregressive:" in log and "lambda_recon 0.1" in log
     shares = [line.split() for line in log.splitlines() if line.split()[:1] in (["coarse"], ["fine_1"])]
     assert len(shares) == 2 and all(0.0 <= float(x) <= 1.0 for row in shares for x in row[1:])
-    row = [line for line in proc.stdout.splitlines() if line.startswith("| `foveation` | 0.1 | 1 |")]
-    assert len(row) == 1 and f"{result['cap_ratio']:.3f}" in row[0] and f"{float(shares[0][1]):.3f}" in row[0]
+    assert all(len(row) == 4 for row in shares)  # target, other objects, the target's path
+    row = [line for line in proc.stdout.splitlines() if line.startswith("| `foveation` | 0.1 | 1 | 1 |")]
+    assert len(row) == 1 and f"{result['cap_ratio']:.3f}" in row[0]
+    assert f"{float(shares[0][1]):.3f} / {float(shares[1][1]):.3f}" in row[0]  # on the target, coarse / fine
+    assert f"{float(shares[0][2]):.3f} / {float(shares[1][2]):.3f}" in row[0]  # on the other objects
     image = np.asarray(Image.open(out / "attention.png"))
     # Up to 8 videos x (frames + coarse + fine rows) of 112 px, 2 px between rows, 8 px between videos.
     videos = min(8, result["num_videos"])
