@@ -89,7 +89,7 @@ def main() -> None:
     sources = [store.read_string("source", int(ds.slots[it["index"]])) for it in items]
     if not items or not all(s.startswith("synthetic:foveation") for s in sources):
         sys.exit("error: needs held-out videos of --synthetic-task foveation (or foveation_nocue)")
-    names, sums, count = None, None, 0
+    names, per_video = None, []  # per video: [passes + uniform, 3 masks, frames after the cue]
     for start in range(0, len(items), 64):
         chunk, chunk_sources = items[start : start + 64], sources[start : start + 64]
         batch = to_device(CaptionCollator(tokenizer, config.max_caption_tokens)(chunk), torch.device("cpu"))
@@ -105,16 +105,38 @@ def main() -> None:
             cued, others = objects[0], objects[1:].any(axis=0)
             path = objects[0].any(axis=0, keepdims=True) & ~cued & ~others  # the mover's other positions
             masks = (cued, others, path)
-            row = [[float((attention_grid(a[k])[after_cue] * m).sum(axis=(1, 2)).mean()) for m in masks]
-                   for a in info["attention"].values()]
-            row.append([float(m.mean()) for m in masks])
-            sums = np.asarray(row) if sums is None else sums + np.asarray(row)
-            count += 1
-    shares = sums / count
-    print(f"attention share over frames after the cue, {count} held-out videos, checkpoint step {ckpt['step']}")
+            maps = [attention_grid(a[k])[after_cue] for a in info["attention"].values()]
+            per_video.append([[(m * mask).sum(axis=(1, 2)) for mask in masks] for m in maps]
+                             + [[mask.mean(axis=(1, 2)) for mask in masks]])
+    shares = np.asarray(per_video)  # [V, P + 1, 3, T']
+    mean = shares.mean(axis=(0, 3))
+    print(f"attention share over frames after the cue, {len(shares)} held-out videos, checkpoint step {ckpt['step']}")
     print(f"{'pass':<16}{'cued object':>12}{'other objects':>15}{'its path':>10}")
-    for name, (cued, others, path) in zip([*names, "uniform"], shares, strict=True):
+    for name, (cued, others, path) in zip([*names, "uniform"], mean, strict=True):
         print(f"{name:<16}{cued:>12.3f}{others:>15.3f}{path:>10.3f}")
+
+    # Per frame after the cue. The query of frame t is made from the frames before it, so it can
+    # tell which shape moves only from frame 3 on (two frames of the shapes seen).
+    per_frame = shares[:, :, 0].mean(axis=0)
+    print("attention share on the cued object per frame after the cue")
+    print(f"{'pass':<16}" + "".join(f"{f'frame {t + 1}':>9}" for t in range(per_frame.shape[1])))
+    for name, row in zip([*names, "uniform"], per_frame, strict=True):
+        print(f"{name:<16}" + "".join(f"{x:>9.3f}" for x in row))
+    if len(names) > 1 and shares.shape[3] > 2:
+        # The control: frame 2's query has seen the shapes once, not their motion. A fine pass that
+        # follows the mover gains more on frames 3+ than on frame 2.
+        gain = shares[:, -2, 0] - shares[:, 0, 0]  # last fine - coarse, per video and frame
+        for label, x in (("frame 2 (shapes seen, motion not yet)", gain[:, 1]),
+                         ("frames 3+ (motion seen)", gain[:, 2:].mean(axis=1)),
+                         ("frames 3+ minus frame 2", gain[:, 2:].mean(axis=1) - gain[:, 1])):
+            print(f"{names[-1]} - coarse on the cued object, {label}: {mean_ci(x)}")
+
+
+def mean_ci(x: np.ndarray) -> str:
+    """The mean over videos with its bootstrap 95% interval."""
+    boot = np.random.default_rng(0).choice(x, size=(2000, len(x))).mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return f"{x.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ from pathlib import Path
 def attention_shares(log: str) -> dict[str, tuple[float, float]]:
     """Pass name -> shares of its attention on the target object (the mover / the cued shape) and
     on the other objects (bench/foveation_attention.py's first two columns)."""
-    return {m[1]: (float(m[2]), float(m[3]))
-            for m in re.finditer(r"^(coarse|fine_\d+)\s+([0-9.]+)\s+([0-9.]+)(?:\s+[0-9.]+)*$", log, re.M)}
+    shares: dict[str, tuple[float, float]] = {}
+    for m in re.finditer(r"^(coarse|fine_\d+)\s+([0-9.]+)\s+([0-9.]+)(?:\s+[0-9.]+)*$", log, re.M):
+        shares.setdefault(m[1], (float(m[2]), float(m[3])))  # the first table; per-frame rows follow it
+    return shares
 
 
 def ci(values: list[float]) -> str:
@@ -39,16 +41,20 @@ def row(folder: Path) -> tuple[tuple, str]:
                            for i in (0, 1))
     rec = ev["rec_coarse"] / ev["rec_fine"] if ev.get("rec_fine") else float("nan")
     wall = re.search(r"wall time: (.*)$", log, re.M)
+    control = [re.search(rf"on the cued object, {label}: (\S+ \[\S+ \S+\])", log)
+               for label in (r"frame 2 \([^)]*\)", r"frames 3\+ minus frame 2")]
+    control = " / ".join(c[1] if c else "-" for c in control)
     return (task, lam, passes, seed), (
         f"| `{task}` | {lam:g} | {passes} | {seed} | {ev['cap_ratio']:.3f} {ci(ev['cap_ratio_ci'])} "
         f"| {ev['shuffled_ratio']:.3f} {ci(ev['shuffled_ratio_ci'])} | {rec:.3f} | {attention} "
-        f"| {wall.group(1) if wall else '-'} |")
+        f"| {control} | {wall.group(1) if wall else '-'} |")
 
 
 def main(out_dir: str) -> None:
     print("| task | lambda_recon | fine passes | seed | cap_ratio [95% CI] | shuffled_ratio [95% CI] | rec_ratio "
-          "| attention on target: coarse / last fine | on the other objects: coarse / last fine | wall time |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| attention on target: coarse / last fine | on the other objects: coarse / last fine "
+          "| last fine - coarse on target: frame 2 / frames 3+ minus frame 2 | wall time |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     finished = [f for f in Path(out_dir).glob("*_lambda*_passes*")
                 if (f / "eval.json").exists() and (f / "log.txt").exists()]
     for _, line in sorted(map(row, finished)):

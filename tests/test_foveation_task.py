@@ -177,9 +177,12 @@ def test_demo_script_end_to_end(tmp_path):
     assert json.loads((out / "run" / "run_config.json").read_text())["seed"] == 1
     assert {"cap_ratio_ci", "shuffled_ratio", "shuffled_ratio_ci", "num_videos", "verdict"} <= set(result)
     assert "shuffled_ratio" in log and "autoregressive:" in log and "lambda_recon 0.1" in log
-    shares = [line.split() for line in log.splitlines() if line.split()[:1] in (["coarse"], ["fine_1"])]
-    assert len(shares) == 2 and all(0.0 <= float(x) <= 1.0 for row in shares for x in row[1:])
-    assert all(len(row) == 4 for row in shares)  # target, other objects, the target's path
+    rows = [line.split() for line in log.splitlines() if line.split()[:1] in (["coarse"], ["fine_1"])]
+    shares, per_frame = rows[:2], rows[2:]  # the overall table, then the per-frame one
+    assert [len(row) for row in shares] == [4, 4]  # target, other objects, the target's path
+    assert [len(row) for row in per_frame] == [1 + FRAMES - 1] * 2  # every frame after the cue
+    assert all(0.0 <= float(x) <= 1.0 for row in rows for x in row[1:])
+    assert "fine_1 - coarse on the cued object, frames 3+ minus frame 2: " in log
     row = [line for line in proc.stdout.splitlines() if line.startswith("| `foveation` | 0.1 | 1 | 1 |")]
     assert len(row) == 1 and f"{result['cap_ratio']:.3f}" in row[0]
     assert f"{float(shares[0][1]):.3f} / {float(shares[1][1]):.3f}" in row[0]  # on the target, coarse / fine
