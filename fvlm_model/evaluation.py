@@ -85,8 +85,11 @@ def verdict(m: dict[str, Any]) -> str:
         return f"foveation not tested: {first}; no shuffled-query control (it needs batches of 2 or more videos)"
     own = _pct(m["shuffled_ratio"], m["shuffled_ratio_ci"])
     lo, hi = m["shuffled_ratio_ci"]
+    # shuffled_ratio = cap_fine_shuffled / cap_fine: how much worse the fine pass captions with
+    # another video's queries. It is not a share of the gain, so it is not worded as one.
+    control = f"another video's queries make its loss {own} higher"
     if m["cap_ratio_ci"][0] > 1 and lo > 1:
-        return f"foveation shown: {first}, of which the part that depends on this video's queries is {own}"
+        return f"foveation shown: {first}, and {control}"
     why = ("interval includes 0" if hi >= 1 else "another video's queries do better") if lo <= 1 else \
         "but the fine pass does not gain"
-    return f"foveation not shown: {first}; the part that depends on this video's queries is {own} ({why})"
+    return f"foveation not shown: {first}; {control} ({why})"

@@ -126,6 +126,6 @@ def test_verdict_never_calls_a_gain_foveation_unless_both_intervals_are_above_on
             assert line.startswith("foveation shown") == shown, (cap_ci, shuffled_ci, line)
             assert ("foveation not shown" in line) == (not shown)
     line = verdict(interval_metrics(1.033, (1.014, 1.054), 1.005, (0.9995, 1.0125)))
-    assert line == ("foveation not shown: the fine pass gains 3.30% [1.40, 5.40]; the part that depends on this "
-                    "video's queries is 0.50% [-0.05, 1.25] (interval includes 0)")
+    assert line == ("foveation not shown: the fine pass gains 3.30% [1.40, 5.40]; another video's queries make "
+                    "its loss 0.50% [-0.05, 1.25] higher (interval includes 0)")
     assert verdict(interval_metrics(1.2, (1.1, 1.3))).startswith("foveation not tested")

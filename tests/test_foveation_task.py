@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -187,6 +188,15 @@ def test_demo_script_end_to_end(tmp_path):
     assert len(row) == 1 and f"{result['cap_ratio']:.3f}" in row[0]
     assert f"{float(shares[0][1]):.3f} / {float(shares[1][1]):.3f}" in row[0]  # on the target, coarse / fine
     assert f"{float(shares[0][2]):.3f} / {float(shares[1][2]):.3f}" in row[0]  # on the other objects
+    # Where the passes' next-frame predictions stand against copying the last frame, on the same run.
+    nxt = subprocess.run([sys.executable, str(ROOT / "bench" / "foveation_next_frame.py"), "--store",
+                          str(root / "foveation.zarr"), "--checkpoint", str(out / "run" / "checkpoint_latest.pt")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert nxt.returncode == 0, nxt.stderr[-3000:]
+    table = {line[:16].strip(): line[16:].split() for line in nxt.stdout.splitlines()[2:]}
+    assert set(table) == {"coarse", "fine_1", "copy previous", "zeros"}
+    assert all(len(v) == FRAMES for v in table.values()) and table["copy previous"][0] == "-"  # nothing to copy
+    assert all(float(x) >= 0.0 for v in table.values() for x in v if x != "-")
     image = np.asarray(Image.open(out / "attention.png"))
     # Up to 8 videos x (frames + coarse + fine rows) of 112 px, 2 px between rows, 8 px between videos.
     videos = min(8, result["num_videos"])
