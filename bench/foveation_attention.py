@@ -7,6 +7,10 @@ prints, per pass, the mean share of the query attention (CLS token left out) tha
 patches the cued object touches, on the patches the two other objects touch, on the patches the
 cued object touches in other frames only (its path: where it was or will be), and the share those
 patches are of the frame (what a uniform attention would give), over the frames after the cue.
+Then the share on the cued object per frame, and the motion control: the last fine pass's share
+minus the coarse pass's at frame 2 after the cue (its query has seen the shapes once, not their
+motion) and how much more that difference is on frames 3+ (motion seen), with bootstrap 95%
+intervals over videos. A fine pass that follows the mover has the second above 0.
 With --figure it writes the attention maps of the first held-out videos laid over their frames
 (the frames, then one row per pass, brighter = more attention; not selected: the first ones in
 the split) as a PNG. The model, frames and split come from the checkpoint, as for `train.py --eval-only`.
