@@ -11,7 +11,8 @@
 # joint with lambda_recon 0.1 and 1.0 (one fine pass each). Give rows to run others, e.g.
 # `foveation_nocue:1.0:2` (two fine passes), `foveation:1.0:1` (the cue task, joint) or
 # `foveation_nocue:0.1:1:1` (training seed 1; the videos stay the same).
-# A row takes 6 (caption only) to ~20 (joint) minutes on 2 CPU cores; a finished row is not re-run.
+# A row takes ~6 (caption only), ~11 (joint) or ~20 (joint, two fine passes) minutes on 2 quiet CPU
+# cores, plus ~4 minutes for a task's store the first time; a finished row is not re-run.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
