@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -178,7 +179,8 @@ def test_demo_script_end_to_end(tmp_path):
     assert json.loads((out / "run" / "run_config.json").read_text())["seed"] == 1
     assert {"cap_ratio_ci", "shuffled_ratio", "shuffled_ratio_ci", "num_videos", "verdict"} <= set(result)
     assert "shuffled_ratio" in log and "autoregressive:" in log and "lambda_recon 0.1" in log
-    rows = [line.split() for line in log.splitlines() if line.split()[:1] in (["coarse"], ["fine_1"])]
+    rows = [line.split() for line in log.splitlines()
+            if line.split()[:1] in (["coarse"], ["fine_1"]) and re.fullmatch(r"\S+(\s+[0-9.]+)+", line.strip())]
     shares, per_frame = rows[:2], rows[2:]  # the overall table, then the per-frame one
     assert [len(row) for row in shares] == [4, 4]  # target, other objects, the target's path
     assert [len(row) for row in per_frame] == [1 + FRAMES - 1] * 2  # every frame after the cue
