@@ -28,13 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fvlm_data.dataset import CaptionCollator, FeatureDataset, to_device  # noqa: E402
-from fvlm_data.store import FeatureStore  # noqa: E402
 from fvlm_data.synthetic import FOVEATION_CUE_S, foveation_object_masks  # noqa: E402
 from fvlm_model.visualize import attention_figure, attention_grid, inspect_batch  # noqa: E402
 from fvlm_train import TrainError  # noqa: E402
-from fvlm_train.build import build_model  # noqa: E402
-from fvlm_train.checkpoint import load_checkpoint, saved_config  # noqa: E402
-from fvlm_train.config import check_store  # noqa: E402
+from fvlm_train.build import load_trained  # noqa: E402
 from fvlm_train.visuals import synthetic_frames  # noqa: E402
 
 PATCH = 14  # DINOv2's patch size: the store's image_size / PATCH patches per side
@@ -74,16 +71,10 @@ def main() -> None:
     opts = ap.parse_args()
 
     try:
-        ckpt = load_checkpoint(Path(opts.checkpoint))
-        config = saved_config(ckpt)
-        store = FeatureStore.open(opts.store)
-        check_store(config, store.attrs, opts.store)
-        model, tokenizer = build_model(config, store.attrs)
+        model, tokenizer, config, store, step = load_trained(opts.store, opts.checkpoint)
     except TrainError as e:
         sys.exit(f"error: {e}")
     attrs = store.attrs
-    model.load_state_dict(ckpt["model"])
-    model.eval()
     ds = FeatureDataset(opts.store, config.num_frames, split="val", val_fraction=config.val_fraction)
     seed = int(attrs.get("precompute_args", {}).get("seed", 0))
     size = int(attrs["image_size"])
@@ -114,7 +105,7 @@ def main() -> None:
                              + [[mask.mean(axis=(1, 2)) for mask in masks]])
     shares = np.asarray(per_video)  # [V, P + 1, 3, T']
     mean = shares.mean(axis=(0, 3))
-    print(f"attention share over frames after the cue, {len(shares)} held-out videos, checkpoint step {ckpt['step']}")
+    print(f"attention share over frames after the cue, {len(shares)} held-out videos, checkpoint step {step}")
     print(f"{'pass':<16}{'cued object':>12}{'other objects':>15}{'its path':>10}")
     for name, (cued, others, path) in zip([*names, "uniform"], mean, strict=True):
         print(f"{name:<16}{cued:>12.3f}{others:>15.3f}{path:>10.3f}")

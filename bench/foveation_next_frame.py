@@ -22,12 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fvlm_data.dataset import CaptionCollator, FeatureDataset, to_device  # noqa: E402
-from fvlm_data.store import FeatureStore  # noqa: E402
 from fvlm_model.visualize import pass_names  # noqa: E402
 from fvlm_train import TrainError  # noqa: E402
-from fvlm_train.build import build_model  # noqa: E402
-from fvlm_train.checkpoint import load_checkpoint, saved_config  # noqa: E402
-from fvlm_train.config import check_store  # noqa: E402
+from fvlm_train.build import load_trained  # noqa: E402
 
 
 def main() -> None:
@@ -37,15 +34,9 @@ def main() -> None:
     ap.add_argument("--videos", type=int, default=256, help="Held-out videos measured (the first ones).")
     opts = ap.parse_args()
     try:
-        ckpt = load_checkpoint(Path(opts.checkpoint))
-        config = saved_config(ckpt)
-        store = FeatureStore.open(opts.store)
-        check_store(config, store.attrs, opts.store)
-        model, tokenizer = build_model(config, store.attrs)
+        model, tokenizer, config, store, step = load_trained(opts.store, opts.checkpoint)
     except TrainError as e:
         sys.exit(f"error: {e}")
-    model.load_state_dict(ckpt["model"])
-    model.eval()
     ds = FeatureDataset(opts.store, config.num_frames, split="val", val_fraction=config.val_fraction)
     items = [ds[i] for i in range(min(opts.videos, len(ds)))]
     if not items:
@@ -67,7 +58,7 @@ def main() -> None:
     rows["zeros"] = np.concatenate(zeros).mean(axis=0)
 
     frames = per_pass.shape[1]
-    print(f"next-frame latent MSE per frame, {len(items)} held-out videos, checkpoint step {ckpt['step']} "
+    print(f"next-frame latent MSE per frame, {len(items)} held-out videos, checkpoint step {step} "
           "(frame 1 is the clip's first frame: the cue in the foveation tasks)")
     print(f"{'prediction':<16}" + "".join(f"{f'frame {t + 1}':>9}" for t in range(frames)))
     for name, row in rows.items():

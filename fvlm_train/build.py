@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from fvlm_data.store import FeatureStore
 from fvlm_data.synthetic import synthetic_vocabulary
 from fvlm_model import FoveatedVLM, load_lm
 
 from . import TrainError
-from .config import RunConfig
+from .checkpoint import load_checkpoint, saved_config
+from .config import RunConfig, check_store
 
 
 def build_model(config: RunConfig, attrs: dict[str, Any]) -> tuple[FoveatedVLM, Any]:
@@ -26,3 +29,15 @@ def build_model(config: RunConfig, attrs: dict[str, Any]) -> tuple[FoveatedVLM, 
                         fine_iterations=config.fine_iterations, lambda_recon=config.lambda_recon,
                         lambda_coarse=config.lambda_coarse, num_tokens=int(attrs["dino_tokens"]))
     return model, tokenizer
+
+
+def load_trained(store_path: str, checkpoint: str | Path) -> tuple[FoveatedVLM, Any, RunConfig, FeatureStore, int]:
+    """(model in eval mode, tokenizer, run config, store, step) of a checkpoint on the store it was
+    trained on (the analysis scripts' start); a mismatched store or checkpoint is a TrainError."""
+    ckpt = load_checkpoint(Path(checkpoint))
+    config = saved_config(ckpt)
+    store = FeatureStore.open(store_path)
+    check_store(config, store.attrs, store_path)
+    model, tokenizer = build_model(config, store.attrs)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), tokenizer, config, store, int(ckpt["step"])
