@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fvlm_data.dataset import CaptionCollator, FeatureDataset, to_device  # noqa: E402
-from fvlm_data.synthetic import FOVEATION_CUE_S, foveation_object_masks  # noqa: E402
+from fvlm_data.synthetic import FOVEATION_CUE_S, foveation_object_masks, parse_source_tag  # noqa: E402
 from fvlm_model.visualize import attention_figure, attention_grid, inspect_batch  # noqa: E402
 from fvlm_train import TrainError  # noqa: E402
 from fvlm_train.build import load_trained  # noqa: E402
@@ -82,7 +82,7 @@ def main() -> None:
 
     items = [ds[i] for i in range(min(opts.videos, len(ds)))]
     sources = [store.read_string("source", int(ds.slots[it["index"]])) for it in items]
-    if not items or not all(s.startswith("synthetic:foveation") for s in sources):
+    if not items or not all((parse_source_tag(s) or ("",))[0].startswith("foveation") for s in sources):
         sys.exit("error: needs held-out videos of --synthetic-task foveation (or foveation_nocue)")
     names, per_video = None, []  # per video: [passes + uniform, 3 masks, frames after the cue]
     for start in range(0, len(items), 64):
@@ -95,7 +95,7 @@ def main() -> None:
         for k, (item, source) in enumerate(zip(chunk, chunk_sources, strict=True)):
             timestamps = item["timestamps"].numpy()
             after_cue = timestamps >= FOVEATION_CUE_S
-            objects = patch_masks(foveation_object_masks(seed, int(source.rsplit(":", 1)[1]), timestamps, size),
+            objects = patch_masks(foveation_object_masks(seed, parse_source_tag(source)[1], timestamps, size),
                                   grid)[:, after_cue]  # [K, T', g, g]
             cued, others = objects[0], objects[1:].any(axis=0)
             path = objects[0].any(axis=0, keepdims=True) & ~cued & ~others  # the mover's other positions

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fvlm_data.synthetic import DURATION_S, get_task, render_synthetic, synthetic_caption
+from fvlm_data.synthetic import DURATION_S, get_task, render_synthetic, source_tag, synthetic_caption
 from fvlm_data.video import SEEK_MODES, InputError, VideoFile, sample_timestamps
 
 __all__ = ["VideoInput", "InputError", "DecodedVideo", "list_inputs", "load_frames", "expand_braces"]
@@ -77,7 +77,7 @@ def list_inputs(
         items = [
             VideoInput(
                 video_id=f"synthetic-{synthetic_task}-{seed}-{i:06d}",
-                source=f"synthetic:{synthetic_task}:{i}",
+                source=source_tag(synthetic_task, i),
                 caption=synthetic_caption(synthetic_task, seed, i),
                 synthetic=(synthetic_task, seed, i),
             )

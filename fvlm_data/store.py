@@ -49,6 +49,10 @@ DEFAULT_SHARD_VIDEOS = 64
 
 # Attributes that must match for a run to add rows to an existing store.
 COMPATIBILITY_KEYS = ("dino", "vae", "num_frames", "image_size", "feature_dtype")
+# Attributes that say what the features are: a checkpoint records them and runs only on a store that agrees.
+FEATURE_KEYS = ("dino", "vae", "preset", "num_frames", "image_size", "feature_dtype", "dino_tokens", "dino_dim",
+                "latent_shape")
+SHAPE_KEYS = ("dino_tokens", "dino_dim", "latent_shape")  # a model cannot even load on other shapes
 STRING_ARRAYS = ("caption", "video_id", "source", "failure")
 FRAME_ARRAYS = ("dino", "dino_scale", "latents", "timestamps")  # one inner chunk per video
 EMPTY = np.uint64(2**64 - 1)  # a shard index entry for an inner chunk that was never written

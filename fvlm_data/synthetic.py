@@ -216,6 +216,20 @@ def get_task(task: str) -> Task:
     return TASKS[task]
 
 
+def source_tag(task: str, index: int) -> str:
+    """The `source` a store records for synthetic video `index` of `task` (the seed is the store's)."""
+    return f"synthetic:{task}:{index}"
+
+
+def parse_source_tag(source: str) -> tuple[str, int] | None:
+    """(task, index) of a synthetic video's source tag, or None for any other source."""
+    kind, _, rest = source.partition(":")
+    task, _, index = rest.rpartition(":")
+    if kind != "synthetic" or not index.isdigit():
+        return None
+    return task, int(index)
+
+
 def synthetic_caption(task: str, seed: int, index: int) -> str:
     """The caption of one synthetic video, without rendering any frame."""
     return get_task(task)(seed, index, np.zeros(0), 1)[1]

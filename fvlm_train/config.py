@@ -14,13 +14,11 @@ from typing import Any
 
 import click
 
+from fvlm_data.store import FEATURE_KEYS, SHAPE_KEYS
+
 from . import TrainError
 
 LM_PRESETS = {"default": "HuggingFaceTB/SmolLM2-135M-Instruct", "tiny": "tiny"}
-# The store's attributes that change what the features are.
-STORE_KEYS = ("dino", "vae", "preset", "num_frames", "image_size", "feature_dtype", "dino_tokens", "dino_dim",
-              "latent_shape")
-SHAPE_KEYS = ("dino_tokens", "dino_dim", "latent_shape")  # a model cannot even load on other shapes
 
 
 def option(default: Any, help: str, type: Any = None) -> Any:  # noqa: A002 (click's own word)
@@ -115,7 +113,7 @@ def check_same(saved: RunConfig, now: RunConfig, names: tuple[str, ...], what: s
 
 
 def store_provenance(attrs: dict[str, Any]) -> dict[str, Any]:
-    return {k: attrs.get(k) for k in STORE_KEYS}
+    return {k: attrs.get(k) for k in FEATURE_KEYS}
 
 
 def check_store(saved: RunConfig, attrs: dict[str, Any], path: str, allow_other: bool = False) -> list[str]:
@@ -124,7 +122,7 @@ def check_store(saved: RunConfig, attrs: dict[str, Any], path: str, allow_other:
     Returns the differences."""
     now = store_provenance(attrs)
     diffs = [f"{k}: checkpoint's store {saved.store.get(k)!r}, {path} {now[k]!r}"
-             for k in STORE_KEYS if saved.store and saved.store.get(k) != now[k]]
+             for k in FEATURE_KEYS if saved.store and saved.store.get(k) != now[k]]
     shapes_differ = any(saved.store.get(k) != now[k] for k in SHAPE_KEYS) if saved.store else False
     if diffs and (shapes_differ or not allow_other):
         hint = "" if shapes_differ else "; add --other-store to evaluate on it anyway (it is labelled so)"

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
-from fvlm_data.synthetic import get_task
+from fvlm_data.synthetic import get_task, parse_source_tag
 from fvlm_model import FoveatedVLM
 from fvlm_model.generate import generate_captions
 from fvlm_model.visualize import attention_figure, attention_grid, inspect_batch
@@ -15,12 +15,12 @@ from fvlm_model.visualize import attention_figure, attention_grid, inspect_batch
 
 def synthetic_frames(attrs: dict[str, Any], source: str, timestamps: np.ndarray) -> np.ndarray | None:
     """The store keeps no pixels; a synthetic video can be rendered again from its source tag."""
-    kind, _, rest = source.partition(":")
-    task, _, index = rest.rpartition(":")
-    if kind != "synthetic" or not index.isdigit():
+    tag = parse_source_tag(source)
+    if tag is None:
         return None
+    task, index = tag
     seed = int(attrs.get("precompute_args", {}).get("seed", 0))
-    return get_task(task)(seed, int(index), timestamps, int(attrs["image_size"]))[0]
+    return get_task(task)(seed, index, timestamps, int(attrs["image_size"]))[0]
 
 
 def caption_table(model: FoveatedVLM, tokenizer: Any, batch: dict[str, Any], max_tokens: int,
