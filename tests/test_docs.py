@@ -11,8 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fvlm_data", "fvlm_model", "fvlm_train")
 TOP = (*PACKAGES, "bench", "experiments", "docs", "tests", ".ci")
-# A path into one of the project's folders, as prose, a command or a table names it.
-PATH = re.compile(r"(?<![\w/.-])((?:" + "|".join(re.escape(t) for t in TOP) + r")/[\w./-]*[\w/])")
+# A path into one of the project's folders, as prose, a command or a table names it (not `REV:path`, a
+# file of an earlier commit).
+PATH = re.compile(r"(?<![\w/.:-])((?:" + "|".join(re.escape(t) for t in TOP) + r")/[\w./-]*[\w/])")
 MODULE = re.compile(r"python -m ((?:bench|experiments)(?:\.\w+)+)")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
