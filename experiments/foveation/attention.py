@@ -1,6 +1,6 @@
 """Where do the queries look? Attention of every pass on the cued object of the `foveation` task.
 
-    python bench/foveation_attention.py --store S --checkpoint CKPT [--videos 256] [--figure attention.png]
+    python -m experiments.foveation.attention --store S --checkpoint CKPT [--videos 256] [--figure attention.png]
 
 For held-out videos of a store made with `--synthetic-task foveation` (or `foveation_nocue`), it
 prints, per pass, the mean share of the query attention (CLS token left out) that lands on the
@@ -20,19 +20,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fvlm_data.dataset import CaptionCollator, FeatureDataset, to_device  # noqa: E402
-from fvlm_data.synthetic import FOVEATION_CUE_S, foveation_object_masks, parse_source_tag  # noqa: E402
-from fvlm_model.visualize import attention_figure, attention_grid, inspect_batch  # noqa: E402
-from fvlm_train import TrainError  # noqa: E402
-from fvlm_train.build import load_trained  # noqa: E402
-from fvlm_train.visuals import synthetic_frames  # noqa: E402
+from fvlm_data.dataset import CaptionCollator, FeatureDataset, to_device
+from fvlm_data.synthetic import FOVEATION_CUE_S, foveation_object_masks, parse_source_tag
+from fvlm_model.visualize import attention_figure, attention_grid, inspect_batch
+from fvlm_train import TrainError
+from fvlm_train.build import load_trained
+from fvlm_train.visuals import synthetic_frames
 
 PATCH = 14  # DINOv2's patch size: the store's image_size / PATCH patches per side
 

@@ -1,6 +1,6 @@
 """Does either pass help predict the next frame? Per-frame latent error against copying the last frame.
 
-    python bench/foveation_next_frame.py --store S --checkpoint CKPT [--videos 256]
+    python -m experiments.foveation.next_frame --store S --checkpoint CKPT [--videos 256]
 
 For held-out videos it prints, per frame, the next-frame reconstruction error (MSE over the
 latent) of each pass's prediction, and of two baselines that use no model: copying the previous
@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fvlm_data.dataset import CaptionCollator, FeatureDataset, to_device  # noqa: E402
-from fvlm_model.visualize import pass_names  # noqa: E402
-from fvlm_train import TrainError  # noqa: E402
-from fvlm_train.build import load_trained  # noqa: E402
+from fvlm_data.dataset import CaptionCollator, FeatureDataset, to_device
+from fvlm_model.visualize import pass_names
+from fvlm_train import TrainError
+from fvlm_train.build import load_trained
 
 
 def main() -> None:
