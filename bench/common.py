@@ -6,11 +6,15 @@ Run the scripts from the repository root as modules: `python -m bench.data_path`
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
 import resource
+import shutil
 import statistics
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +153,19 @@ def shard_files(store: FeatureStore, slot: int) -> list[Path]:
         top = chunks / shard
         out += [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file())
     return out
+
+
+@contextlib.contextmanager
+def work_folder(keep: str | os.PathLike | None, prefix: str) -> Iterator[Path]:
+    """The folder a benchmark writes its data into: `keep` (`--workdir`: created if needed and left
+    in place), else a new temporary folder that is removed at the end."""
+    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix=prefix))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        yield root
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- one core, bytes read

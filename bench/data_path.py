@@ -34,8 +34,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,6 +62,7 @@ try:
         synthetic_caption,
         synthetic_features,
         synthetic_latents,
+        work_folder,
     )
 except ModuleNotFoundError:  # `python bench/data_path.py` puts bench/ on the path, not the repository
     raise SystemExit("run it from the repository root as a module: python -m bench.data_path") from None
@@ -468,11 +467,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fvlm_bench_"))
     if args.profile and args.videos < args.batch_size:
         raise SystemExit("--profile needs --videos >= --batch-size")
     reads = not (args.dataloader or args.profile)
-    try:
+    with work_folder(args.workdir, "fvlm_bench_") as root:
         t0 = time.perf_counter()
         paths = write_datasets(root, args.videos, with_int8=args.int8 and reads,
                                with_litdata=args.litdata and reads and litdata_available(),
@@ -486,9 +484,6 @@ def main(argv: list[str] | None = None) -> None:
             run_dataloader(args, paths)
         else:
             run_reads(args, paths)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

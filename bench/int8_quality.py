@@ -25,10 +25,8 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -220,13 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     clips = tuple(c for c in args.clips.split(",") if c)
     run_reconstruction([s for s in args.sources.split(",") if s], args.videos, clips)
     if args.train:
-        work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fvlm_int8_"))
-        work.mkdir(parents=True, exist_ok=True)
-        try:
+        with dp.work_folder(args.workdir, "fvlm_int8_") as work:
             run_training(args, work)
-        finally:
-            if not args.workdir:
-                shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,6 @@ features may compress differently from both.
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -182,11 +180,10 @@ def main(argv: list[str] | None = None) -> None:
     cpu = dp.pin_to_one_core()
     numcodecs.blosc.set_nthreads(1)
     zarr.config.set({"threading.max_workers": 1})
-    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fvlm_layouts_"))
     print(f"one core: pinned to CPU {cpu}, 1 torch / blosc / zarr thread; {args.videos} videos of float16 DINO "
           f"features [{dp.T},{dp.N},{dp.D}] ({RAW_BYTES / 1e6:.2f} MB raw) per layout; {args.samples} random "
           f"samples of 16 frames per layout per round, {args.rounds} rounds, layouts alternating")
-    try:
+    with dp.work_folder(args.workdir, "fvlm_layouts_") as root:
         for source in sources:
             feats, seconds = made.pop(source)
             origin = f"; clips {', '.join(clips)}" if source == "dinov2-random" else ""
@@ -208,9 +205,6 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"| {label} | {dp.fmt_bytes(nbytes)} | {RAW_BYTES / nbytes:.3f} | {dp.median(r['sps']):.1f} | "
                       f"{ratio:.3g}x | {rchar} |")
             del layouts
-    finally:
-        if not args.workdir:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
