@@ -45,7 +45,7 @@ t=$SECONDS
 timings+=("precompute $((SECONDS - t)) s")
 
 # lr 3e-4, not 1e-3: at 1e-3 the attention of both passes locks onto one shape within ~500
-# steps, before the fine queries learn to follow the cue, and cap_ratio ends at 0.99 (README).
+# steps, before the fine queries learn to follow the cue, and cap_ratio ends at 0.99 (RESULTS.md).
 stage "train: $STEPS steps, batch 32, lr 3e-4, $FINE_ITERATIONS fine pass(es), lambda_recon $LAMBDA_RECON"
 t=$SECONDS
 "$PY" "$ROOT/train.py" --store "$STORE" --preset tiny --num-frames 8 --fine-iterations "$FINE_ITERATIONS" \
