@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 try:
-    from bench.common import peak_flops, peak_memory_gb, random_init_model, sync
+    from bench.common import LATENT, peak_flops, peak_memory_gb, random_init_model, sync
 except ModuleNotFoundError:  # `python bench/train_step.py` puts bench/ on the path, not the repository
     raise SystemExit("run it from the repository root as a module: python -m bench.train_step") from None
 from fvlm_train.optim import make_optimizer
@@ -56,11 +56,11 @@ VARIANTS = {
 
 
 # ----------------------------------------------------------------------------- data, step
-def synthetic_batch(model: torch.nn.Module, batch: int, frames: int, tokens: int, caption_tokens: int,
+def synthetic_batch(model: torch.nn.Module, batch: int, frames: int, tokens: int, dim: int, caption_tokens: int,
                     device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random features of the store's shapes and captions of random lengths (right-padded, -100)."""
+    """Random features of the store's shapes (latents: SD-VAE's of 256 px frames) and captions of
+    random lengths (right-padded, labels -100)."""
     g = torch.Generator().manual_seed(seed)
-    c, s = model.config.latent_channels, model.config.latent_size
     vocab = model.lm.get_input_embeddings().weight.shape[0]
     ids = torch.randint(3, vocab, (batch, caption_tokens), generator=g)
     lengths = torch.randint(max(1, caption_tokens // 2), caption_tokens + 1, (batch,), generator=g)
@@ -69,8 +69,8 @@ def synthetic_batch(model: torch.nn.Module, batch: int, frames: int, tokens: int
     labels = ids.masked_fill(pad, -100)
     ids = ids.masked_fill(pad, 0)
     return {
-        "dino": torch.randn(batch, frames, tokens, model.config.dino_dim, generator=g).to(device),
-        "latents": torch.randn(batch, frames, c, s, s, generator=g).to(device),
+        "dino": torch.randn(batch, frames, tokens, dim, generator=g).to(device),
+        "latents": torch.randn(batch, frames, *LATENT, generator=g).to(device),
         "input_ids": ids.to(device),
         "labels": labels.to(device),
     }
@@ -123,7 +123,8 @@ def measure(variant: str, args: argparse.Namespace, device: torch.device, flops_
     if args.channels_last:
         model.head.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.01, device=device)
-    batch = synthetic_batch(model, args.batch_size, args.frames, args.tokens, args.caption_tokens, device, args.seed)
+    batch = synthetic_batch(model, args.batch_size, args.frames, args.tokens, args.dim, args.caption_tokens, device,
+                            args.seed)
     fn = wrap(model, variant)
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -211,7 +212,7 @@ def main() -> None:
     flops = None
     if not args.no_flops:
         model = random_init_model(args.lm, args.fine_iterations, args.dim, args.seed).to(device)
-        batch = synthetic_batch(model, args.batch_size, args.frames, args.tokens, args.caption_tokens, device,
+        batch = synthetic_batch(model, args.batch_size, args.frames, args.tokens, args.dim, args.caption_tokens, device,
                                 args.seed)
         flops = count_flops(model, batch)
         before = count_flops(model, batch, caption_in_every_pass=True)
