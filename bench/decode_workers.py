@@ -7,7 +7,7 @@ and the resident memory of a worker, for two pools in alternating rounds:
 - fvlm: `fvlm_data.workers.decode_executor`, whose workers skip the main script and import only
   the decode code (and exit with their parent).
 
-    python bench/decode_workers.py [--rounds 5] [--workers 2]
+    python -m bench.decode_workers [--rounds 5] [--workers 2]
 """
 
 from __future__ import annotations
@@ -16,16 +16,13 @@ import argparse
 import multiprocessing
 import os
 import statistics
-import sys
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import fvlm_data.encoders  # noqa: E402, F401  (what precompute.py imports: torch, transformers, diffusers)
-import fvlm_data.pipeline  # noqa: E402, F401
-from fvlm_data.workers import decode_executor, stop_decode_workers  # noqa: E402
+import fvlm_data.encoders  # noqa: F401  (what precompute.py imports: torch, transformers, diffusers)
+import fvlm_data.pipeline  # noqa: F401
+from fvlm_data.workers import decode_executor, stop_decode_workers
 
 
 def plain_pool(workers: int) -> Executor:

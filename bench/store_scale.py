@@ -1,7 +1,7 @@
 """Open-time scaling of the format-2 store: files on disk, FeatureStore.open and a train split.
 
-    python bench/store_scale.py                         # 10K, 100K and 1M slots under /tmp/fvlm_store_scale
-    python bench/store_scale.py --sizes 10000 --root DIR
+    python -m bench.store_scale                         # 10K, 100K and 1M slots under /tmp/fvlm_store_scale
+    python -m bench.store_scale --sizes 10000 --root DIR
 
 Each store has the real feature shapes in its metadata (24 x 325 x 384 DINO tokens, 24 x 4 x 32 x 32
 latents) and every small per-video array filled (caption, video_id, source, failure, timestamps,
@@ -15,26 +15,24 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import zarr
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+try:
+    from bench.common import T, create_store, pin_to_one_core
+except ModuleNotFoundError:  # `python bench/store_scale.py` puts bench/ on the path, not the repository
+    raise SystemExit("run it from the repository root as a module: python -m bench.store_scale") from None
+from fvlm_data import FeatureDataset, FeatureStore
 
-from fvlm_data import FeatureDataset, FeatureStore  # noqa: E402
-from fvlm_data.store import DEFAULT_SHARD_VIDEOS, FeatureShapes  # noqa: E402
-
-SHAPES = FeatureShapes(num_frames=24, dino_tokens=325, dino_dim=384, latent_shape=(4, 32, 32))
-ATTRS = dict(dino="facebook/dinov2-small", vae="stabilityai/sd-vae-ft-mse", num_frames=24, image_size=448,
-             feature_dtype="float16")
+ATTRS = dict(dino="facebook/dinov2-small", vae="stabilityai/sd-vae-ft-mse", image_size=448)
 
 
-def build(path: Path, n: int, shard_videos: int) -> None:
+def build(path: Path, n: int, shard_videos: int | None) -> None:
     """A store of n committed slots whose small arrays are filled (zarr writes whole shards)."""
-    FeatureStore.create_or_open(path, ATTRS, SHAPES, capacity=n, shard_videos=shard_videos)
+    create_store(path, n, "float16", shard_videos, **ATTRS)
     group = zarr.open_group(str(path), mode="r+")
     ids = np.array([f"video-{i:08d}" for i in range(n)], dtype=object)
     values = {
@@ -42,7 +40,7 @@ def build(path: Path, n: int, shard_videos: int) -> None:
         "caption": np.array([f"a caption of about this length for video {i}" for i in range(n)], dtype=object),
         "source": np.array([f"s3://bucket/videos/{i:08d}.mp4" for i in range(n)], dtype=object),
         "failure": np.full(n, "", dtype=object),
-        "timestamps": np.broadcast_to(np.arange(24, dtype=np.float32) + 0.5, (n, 24)),
+        "timestamps": np.broadcast_to(np.arange(T, dtype=np.float32) + 0.5, (n, T)),
         "duration": np.full(n, 24.0, dtype=np.float32),
         "committed": np.ones(n, dtype=np.uint8),  # last
     }
@@ -67,15 +65,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--root", type=Path, default=Path("/tmp/fvlm_store_scale"))
-    parser.add_argument("--shard-videos", type=int, default=DEFAULT_SHARD_VIDEOS)
+    parser.add_argument("--shard-videos", type=int, default=None, help="videos per shard (default: the store's)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core
-    print(f"shard_videos={args.shard_videos}; medians of {args.repeats} opens; one core")
+    pin_to_one_core()
+    print(f"shard_videos={args.shard_videos or 'the store default'}; medians of {args.repeats} opens; one core")
     print(f"{'slots':>10} {'build s':>8} {'files':>8} {'open+len s':>10} {'train split s':>14} {'train videos':>13}")
     for n in args.sizes:
-        path = args.root / f"s{n}-{args.shard_videos}.zarr"
+        path = args.root / f"s{n}-{args.shard_videos or 'default'}.zarr"
         built = "reused"
         if not path.exists():
             start = time.perf_counter()

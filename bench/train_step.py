@@ -1,8 +1,8 @@
 """Benchmark one full training step (forward + backward + clip + AdamW) of FoveatedVLM.
 
-    python bench/train_step.py                                    # SmolLM2-135M shape, the seed's settings, GPU
-    python bench/train_step.py --variants eager,compiled,compiled-cg --batch-size 64
-    python bench/train_step.py --lm tiny --device cpu --batch-size 4 --frames 8 --tokens 65 --caption-tokens 16
+    python -m bench.train_step                                    # SmolLM2-135M shape, the seed's settings, GPU
+    python -m bench.train_step --variants eager,compiled,compiled-cg --batch-size 64
+    python -m bench.train_step --lm tiny --device cpu --batch-size 4 --frames 8 --tokens 65 --caption-tokens 16
 
 The LM is random-initialised from its config (no network): `smollm2` is SmolLM2-135M's shape
 (width 576, 30 layers, 9 heads, 3 KV heads, vocab 49152, tied embeddings), `tiny` the 2-layer test
@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import gc
 import json
-import resource
 import statistics
 import sys
 import time
@@ -40,14 +39,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from fvlm_model import FoveatedVLM  # noqa: E402
-from fvlm_model.lm import smollm2_135m_config, tiny_llama_config  # noqa: E402
-from fvlm_train.optim import make_optimizer  # noqa: E402
-from fvlm_train.step import train_step  # noqa: E402
+try:
+    from bench.common import LATENT, peak_flops, peak_memory_gb, random_init_model, sync
+except ModuleNotFoundError:  # `python bench/train_step.py` puts bench/ on the path, not the repository
+    raise SystemExit("run it from the repository root as a module: python -m bench.train_step") from None
+from fvlm_train.optim import make_optimizer
+from fvlm_train.step import train_step
 
 VARIANTS = {
     "eager": None,
@@ -56,40 +53,14 @@ VARIANTS = {
     "compiled-max": {"mode": "max-autotune-no-cudagraphs"},
     "compiled-max-cg": {"mode": "max-autotune"},
 }
-# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by a substring of torch.cuda.get_device_name.
-# Order matters: the first match wins.
-PEAK_BF16 = (
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("GH200", 989e12), ("H200", 989e12), ("H100", 989e12),
-    ("H800", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
-    ("RTX 4090", 165e12), ("A10G", 70e12),
-)
 
 
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16 if key in name), None)
-
-
-# ----------------------------------------------------------------------------- model, data, step
-def build_model(lm: str = "smollm2", fine_iterations: int = 2, dim: int = 384, seed: int = 0) -> FoveatedVLM:
-    """FoveatedVLM over a random-initialised Llama of the named shape (fp32, CPU), seeded."""
-    from transformers import LlamaForCausalLM
-
-    config = smollm2_135m_config() if lm == "smollm2" else tiny_llama_config(vocab_size=512)
-    config.name_or_path = lm
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = FoveatedVLM(LlamaForCausalLM(config), dino_dim=dim, fine_iterations=fine_iterations)
-    return model
-
-
-def synthetic_batch(model: FoveatedVLM, batch: int, frames: int, tokens: int, caption_tokens: int,
+# ----------------------------------------------------------------------------- data, step
+def synthetic_batch(model: torch.nn.Module, batch: int, frames: int, tokens: int, dim: int, caption_tokens: int,
                     device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random features of the store's shapes and captions of random lengths (right-padded, -100)."""
+    """Random features of the store's shapes (latents: SD-VAE's of 256 px frames) and captions of
+    random lengths (right-padded, labels -100)."""
     g = torch.Generator().manual_seed(seed)
-    c, s = model.config.latent_channels, model.config.latent_size
     vocab = model.lm.get_input_embeddings().weight.shape[0]
     ids = torch.randint(3, vocab, (batch, caption_tokens), generator=g)
     lengths = torch.randint(max(1, caption_tokens // 2), caption_tokens + 1, (batch,), generator=g)
@@ -98,14 +69,14 @@ def synthetic_batch(model: FoveatedVLM, batch: int, frames: int, tokens: int, ca
     labels = ids.masked_fill(pad, -100)
     ids = ids.masked_fill(pad, 0)
     return {
-        "dino": torch.randn(batch, frames, tokens, model.config.dino_dim, generator=g).to(device),
-        "latents": torch.randn(batch, frames, c, s, s, generator=g).to(device),
+        "dino": torch.randn(batch, frames, tokens, dim, generator=g).to(device),
+        "latents": torch.randn(batch, frames, *LATENT, generator=g).to(device),
         "input_ids": ids.to(device),
         "labels": labels.to(device),
     }
 
 
-def wrap(model: FoveatedVLM, variant: str) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, variant: str) -> torch.nn.Module:
     """The callable module of a variant (eager: the model itself)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
@@ -117,12 +88,7 @@ def wrap(model: FoveatedVLM, variant: str) -> torch.nn.Module:
 
 
 # ----------------------------------------------------------------------------- measuring
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def count_flops(model: FoveatedVLM, batch: dict[str, torch.Tensor], caption_in_every_pass: bool = False) -> float:
+def count_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor], caption_in_every_pass: bool = False) -> float:
     """FLOPs of one forward + backward (eager), per sample. The optimiser step is not counted.
 
     `caption_in_every_pass`: the intermediate fine passes also run over the caption (and score it),
@@ -147,23 +113,18 @@ def count_flops(model: FoveatedVLM, batch: dict[str, torch.Tensor], caption_in_e
     return counter.get_total_flops() / batch["dino"].shape[0]
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB (Linux), whole process
-
-
 def measure(variant: str, args: argparse.Namespace, device: torch.device, flops_per_sample: float | None) -> dict:
     """Build a fresh model, run warm-up and timed steps; one result row."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    model = build_model(args.lm, args.fine_iterations, args.dim, args.seed).to(device)
+    model = random_init_model(args.lm, args.fine_iterations, args.dim, args.seed).to(device)
     if args.channels_last:
         model.head.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.01, device=device)
-    batch = synthetic_batch(model, args.batch_size, args.frames, args.tokens, args.caption_tokens, device, args.seed)
+    batch = synthetic_batch(model, args.batch_size, args.frames, args.tokens, args.dim, args.caption_tokens, device,
+                            args.seed)
     fn = wrap(model, variant)
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -250,8 +211,8 @@ def main() -> None:
 
     flops = None
     if not args.no_flops:
-        model = build_model(args.lm, args.fine_iterations, args.dim, args.seed).to(device)
-        batch = synthetic_batch(model, args.batch_size, args.frames, args.tokens, args.caption_tokens, device,
+        model = random_init_model(args.lm, args.fine_iterations, args.dim, args.seed).to(device)
+        batch = synthetic_batch(model, args.batch_size, args.frames, args.tokens, args.dim, args.caption_tokens, device,
                                 args.seed)
         flops = count_flops(model, batch)
         before = count_flops(model, batch, caption_in_every_pass=True)

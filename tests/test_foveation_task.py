@@ -164,13 +164,15 @@ def test_vocabulary_covers_every_caption():
 
 
 def test_demo_script_end_to_end(tmp_path):
-    """bench/foveation_demo.sh at its smallest, run as one row of bench/foveation_joint.sh (joint loss,
+    """experiments/foveation/demo.sh at its smallest, run as one row of experiments/foveation/joint.sh (joint loss,
     lambda_recon 0.1, training seed 1): precompute -> train -> the interface's short --eval-only command (settings
     from the checkpoint) -> attention shares and figure -> the joint table."""
     root = tmp_path / "joint"
     out = root / "foveation_lambda0.1_passes1_seed1"
-    env = {**os.environ, "FOVEATION_VIDEOS": "40", "FOVEATION_STEPS": "3", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "foveation_joint.sh"), str(root), "foveation:0.1:1:1"],
+    env = {**os.environ, "FOVEATION_VIDEOS": "40", "FOVEATION_STEPS": "3", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    joint = ROOT / "experiments" / "foveation" / "joint.sh"
+    proc = subprocess.run(["bash", str(joint), str(root), "foveation:0.1:1:1"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (out / "log.txt").read_text()
@@ -191,7 +193,7 @@ def test_demo_script_end_to_end(tmp_path):
     assert f"{float(shares[0][1]):.3f} / {float(shares[1][1]):.3f}" in row[0]  # on the target, coarse / fine
     assert f"{float(shares[0][2]):.3f} / {float(shares[1][2]):.3f}" in row[0]  # on the other objects
     # Where the passes' next-frame predictions stand against copying the last frame, on the same run.
-    nxt = subprocess.run([sys.executable, str(ROOT / "bench" / "foveation_next_frame.py"), "--store",
+    nxt = subprocess.run([sys.executable, "-m", "experiments.foveation.next_frame", "--store",
                           str(root / "foveation.zarr"), "--checkpoint", str(out / "run" / "checkpoint_latest.pt")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert nxt.returncode == 0, nxt.stderr[-3000:]

@@ -1,10 +1,11 @@
-"""The trainer's own step (`fvlm_train.step.train_step`, which train.py runs and bench/train_step.py
+"""The trainer's own step (`fvlm_train.step.train_step`, which train.py runs and `python -m bench.train_step`
 times) computes what a plain, written-out eager step computes, compiled or not; and gradient
 accumulation over two micro-batches of B/2 equals one batch of B.
 
 The tests run the trainer's step from the same initial weights on the same inputs as the plain
 step, and compare the loss, the summed caption and reconstruction losses, the gradient norm and
-every parameter after one AdamW step (the trainer's optimiser and parameter groups).
+every parameter after one AdamW step (the trainer's optimiser and parameter groups). The model is
+the one `fvlm_train.build.build_model` makes for a tiny-preset run, on tiny feature shapes.
 
 Backend: `torch.compile(..., backend="aot_eager")`, i.e. Dynamo's graph capture and AOTAutograd's
 joint forward/backward graph (the parts that could change *what* is computed: graph breaks,
@@ -22,12 +23,41 @@ import os
 import pytest
 import torch
 
-from bench.train_step import build_model, synthetic_batch
+from fvlm_train.build import build_model
+from fvlm_train.config import RunConfig
 from fvlm_train.optim import make_optimizer
 from fvlm_train.step import train_step
 
 SHAPES = {"batch": 3, "frames": 4, "tokens": 17, "caption_tokens": 9}
+DINO_DIM, LATENT = 32, (4, 32, 32)
 LR = 1e-3
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    """The tiny preset's model (2 fine passes, lambda_recon 0.1) on DINO features of width 32, seeded."""
+    config = RunConfig(preset="tiny", fine_iterations=2, lambda_recon=0.1)
+    attrs = {"dino_dim": DINO_DIM, "dino_tokens": SHAPES["tokens"], "latent_shape": list(LATENT)}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, _ = build_model(config, attrs)
+    return model
+
+
+def synthetic_batch(model: torch.nn.Module, batch: int, frames: int, tokens: int, caption_tokens: int,
+                    seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random features of the given shapes and captions of random lengths (right-padded, labels -100)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.lm.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(3, vocab, (batch, caption_tokens), generator=g)
+    lengths = torch.randint(max(1, caption_tokens // 2), caption_tokens + 1, (batch,), generator=g)
+    lengths[0] = caption_tokens  # the longest caption fills the padded length, as the collate pads
+    pad = torch.arange(caption_tokens)[None] >= lengths[:, None]
+    return {
+        "dino": torch.randn(batch, frames, tokens, DINO_DIM, generator=g),
+        "latents": torch.randn(batch, frames, *LATENT, generator=g),
+        "input_ids": ids.masked_fill(pad, 0),
+        "labels": ids.masked_fill(pad, -100),
+    }
 
 
 def plain_step(model, optimizer, batch):
@@ -43,10 +73,10 @@ def plain_step(model, optimizer, batch):
 
 
 def setup():
-    model = build_model("tiny", fine_iterations=2, dim=32, seed=0)
+    model = tiny_model(seed=0)
     optimizer = make_optimizer(model, lr=LR, weight_decay=0.01, device=torch.device("cpu"))
     batch = synthetic_batch(model, SHAPES["batch"], SHAPES["frames"], SHAPES["tokens"], SHAPES["caption_tokens"],
-                            torch.device("cpu"), seed=1)
+                            seed=1)
     return model, optimizer, batch
 
 
@@ -99,7 +129,7 @@ _INIT: dict[str, torch.Tensor] = {}
 def build_param(name: str) -> torch.Tensor:
     """A parameter's initial value (the models are built with a fixed seed)."""
     if not _INIT:
-        _INIT.update({n: p.detach().clone() for n, p in build_model("tiny", 2, 32, seed=0).named_parameters()})
+        _INIT.update({n: p.detach().clone() for n, p in tiny_model(seed=0).named_parameters()})
     return _INIT[name]
 
 
@@ -108,7 +138,7 @@ def test_two_micro_batches_of_half_equal_one_batch():
     caption) give the step one batch of 6 gives: losses, gradient norm and updated weights."""
     torch._dynamo.reset()
     one_model, one_opt, _ = setup()
-    batch = synthetic_batch(one_model, 6, SHAPES["frames"], SHAPES["tokens"], 12, torch.device("cpu"), seed=2)
+    batch = synthetic_batch(one_model, 6, SHAPES["frames"], SHAPES["tokens"], 12, seed=2)
     lengths = (batch["labels"] != -100).sum(1)
     # Halves with different token counts: normalising each micro-batch by its own tokens would differ.
     assert lengths[:3].sum() != lengths[3:].sum() and lengths[:3].max() != lengths[3:].max()

@@ -5,18 +5,19 @@
 # interval, and the shuffled-query control), the attention shares, and writes
 # OUT_DIR/eval.json and OUT_DIR/attention.png.
 #
-#   bash bench/foveation_demo.sh [OUT_DIR]                # default OUT_DIR: demo_foveation/
-#   FOVEATION_TASK=foveation_nocue bash bench/foveation_demo.sh demo_foveation_nocue   # no cue
+#   bash experiments/foveation/demo.sh [OUT_DIR]                # default OUT_DIR: demo_foveation/
+#   FOVEATION_TASK=foveation_nocue bash experiments/foveation/demo.sh demo_foveation_nocue   # no cue
 #
 # About 9 minutes on 2 quiet CPU cores (measured: precompute 3.4 min, training 5.5 min, evaluation 20 s);
 # no GPU, no network. Re-running continues: precompute skips written videos, training resumes
 # from OUT_DIR/run (or does nothing once at the last step), evaluation runs again.
 # FOVEATION_VIDEOS / FOVEATION_STEPS / FOVEATION_SEED / FOVEATION_LAMBDA_RECON / FOVEATION_FINE_ITERATIONS
-# override the recipe (e.g. a quick smoke run, or the joint-loss rows of bench/foveation_joint.sh);
+# override the recipe (e.g. a quick smoke run, or the joint-loss rows of experiments/foveation/joint.sh);
 # FOVEATION_STORE puts the store elsewhere, so that several runs share one.
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # for python -m experiments.foveation.X
 OUT_DIR=${1:-demo_foveation}
 TASK=${FOVEATION_TASK:-foveation}
 VIDEOS=${FOVEATION_VIDEOS:-3000}
@@ -44,7 +45,7 @@ t=$SECONDS
 timings+=("precompute $((SECONDS - t)) s")
 
 # lr 3e-4, not 1e-3: at 1e-3 the attention of both passes locks onto one shape within ~500
-# steps, before the fine queries learn to follow the cue, and cap_ratio ends at 0.99 (README).
+# steps, before the fine queries learn to follow the cue, and cap_ratio ends at 0.99 (RESULTS.md).
 stage "train: $STEPS steps, batch 32, lr 3e-4, $FINE_ITERATIONS fine pass(es), lambda_recon $LAMBDA_RECON"
 t=$SECONDS
 "$PY" "$ROOT/train.py" --store "$STORE" --preset tiny --num-frames 8 --fine-iterations "$FINE_ITERATIONS" \
@@ -58,7 +59,7 @@ t=$SECONDS
 # The model, frames and split come from the checkpoint.
 "$PY" "$ROOT/train.py" --store "$STORE" --resume "$RUN/checkpoint_latest.pt" --eval-only --json "$EVAL" \
   --workers 0 --captions 3
-"$PY" "$ROOT/bench/foveation_attention.py" --store "$STORE" --checkpoint "$RUN/checkpoint_latest.pt" \
+"$PY" -m experiments.foveation.attention --store "$STORE" --checkpoint "$RUN/checkpoint_latest.pt" \
   --figure "$OUT_DIR/attention.png" --figure-videos 8
 timings+=("evaluate $((SECONDS - t)) s")
 

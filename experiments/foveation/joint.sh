@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Does next-frame reconstruction (the joint loss) make the fine queries follow what moves?
-# Each row is bench/foveation_demo.sh (precompute -> train -> held-out evaluation -> attention share)
+# Each row is experiments/foveation/demo.sh (precompute -> train -> held-out evaluation -> attention share)
 # with its own task, lambda_recon and fine passes; rows of one task share one store, and every row
 # uses the same videos and training seed (0, or the row's fourth field). Prints one markdown table at the end
-# (bench/foveation_table.py) and keeps each row's eval.json, log and attention picture.
+# (experiments/foveation/table.py) and keeps each row's eval.json, log and attention picture.
 #
-#   bash bench/foveation_joint.sh [OUT_DIR] [TASK:LAMBDA_RECON:FINE_ITERATIONS[:SEED] ...]
+#   bash experiments/foveation/joint.sh [OUT_DIR] [TASK:LAMBDA_RECON:FINE_ITERATIONS[:SEED] ...]
 #
 # Default rows: the moving-object task without a cue (foveation_nocue) with caption loss only, and
 # joint with lambda_recon 0.1 and 1.0 (one fine pass each). Give rows to run others, e.g.
@@ -15,7 +15,8 @@
 # cores, plus ~4 minutes for a task's store the first time; a finished row is not re-run.
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # for python -m experiments.foveation.X
 OUT_DIR=${1:-demo_joint}
 shift || true
 ROWS=("$@")
@@ -34,7 +35,7 @@ for row in "${ROWS[@]}"; do
   mkdir -p "$dir"
   echo "== $row -> $dir ($(date +%H:%M:%S))" >&2
   FOVEATION_TASK=$task FOVEATION_STORE=$OUT_DIR/$task.zarr FOVEATION_LAMBDA_RECON=$lambda \
-    FOVEATION_FINE_ITERATIONS=$passes FOVEATION_SEED=$seed bash "$ROOT/bench/foveation_demo.sh" "$dir" > "$dir/log.tmp" 2>&1
+    FOVEATION_FINE_ITERATIONS=$passes FOVEATION_SEED=$seed bash "$ROOT/experiments/foveation/demo.sh" "$dir" > "$dir/log.tmp" 2>&1
   mv "$dir/log.tmp" "$dir/log.txt"
 done
-"${PYTHON:-python}" "$ROOT/bench/foveation_table.py" "$OUT_DIR"
+"${PYTHON:-python}" -m experiments.foveation.table "$OUT_DIR"

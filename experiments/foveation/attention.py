@@ -1,6 +1,6 @@
 """Where do the queries look? Attention of every pass on the cued object of the `foveation` task.
 
-    python bench/foveation_attention.py --store S --checkpoint CKPT [--videos 256] [--figure attention.png]
+    python -m experiments.foveation.attention --store S --checkpoint CKPT [--videos 256] [--figure attention.png]
 
 For held-out videos of a store made with `--synthetic-task foveation` (or `foveation_nocue`), it
 prints, per pass, the mean share of the query attention (CLS token left out) that lands on the
@@ -18,21 +18,17 @@ the split) as a PNG. The model, frames and split come from the checkpoint, as fo
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fvlm_data.dataset import CaptionCollator, FeatureDataset, to_device  # noqa: E402
-from fvlm_data.synthetic import FOVEATION_CUE_S, foveation_object_masks, parse_source_tag  # noqa: E402
-from fvlm_model.visualize import attention_figure, attention_grid, inspect_batch  # noqa: E402
-from fvlm_train import TrainError  # noqa: E402
-from fvlm_train.build import load_trained  # noqa: E402
-from fvlm_train.visuals import synthetic_frames  # noqa: E402
+try:
+    from experiments.foveation.common import load_held_out, parser
+except ModuleNotFoundError:  # run as a plain script: its folder is on the path, not the repository
+    raise SystemExit("run it from the repository root as a module: python -m experiments.foveation.attention") from None
+from fvlm_data.synthetic import FOVEATION_CUE_S, foveation_object_masks, parse_source_tag
+from fvlm_model.visualize import attention_figure, attention_grid, inspect_batch
+from fvlm_train.visuals import synthetic_frames
 
 PATCH = 14  # DINOv2's patch size: the store's image_size / PATCH patches per side
 
@@ -62,33 +58,23 @@ def save_figure(path: str, attrs: dict, items: list[dict], sources: list[str], a
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--store", required=True)
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--videos", type=int, default=256, help="Held-out videos measured (the first ones).")
+    ap = parser(__doc__)
     ap.add_argument("--figure", default=None, help="Write the first held-out videos' attention maps here (PNG).")
     ap.add_argument("--figure-videos", type=int, default=3, help="Videos in the figure (the first held-out ones).")
     opts = ap.parse_args()
-
-    try:
-        model, tokenizer, config, store, step = load_trained(opts.store, opts.checkpoint)
-    except TrainError as e:
-        sys.exit(f"error: {e}")
-    attrs = store.attrs
-    ds = FeatureDataset(opts.store, config.num_frames, split="val", val_fraction=config.val_fraction)
+    held = load_held_out(opts)
+    attrs = held.store.attrs
     seed = int(attrs.get("precompute_args", {}).get("seed", 0))
     size = int(attrs["image_size"])
     grid = size // PATCH
 
-    items = [ds[i] for i in range(min(opts.videos, len(ds)))]
-    sources = [store.read_string("source", int(ds.slots[it["index"]])) for it in items]
-    if not items or not all((parse_source_tag(s) or ("",))[0].startswith("foveation") for s in sources):
+    sources = held.store.read_strings("source", np.asarray(held.slots))
+    if not all((parse_source_tag(s) or ("",))[0].startswith("foveation") for s in sources):
         sys.exit("error: needs held-out videos of --synthetic-task foveation (or foveation_nocue)")
     names, per_video = None, []  # per video: [passes + uniform, 3 masks, frames after the cue]
-    for start in range(0, len(items), 64):
-        chunk, chunk_sources = items[start : start + 64], sources[start : start + 64]
-        batch = to_device(CaptionCollator(tokenizer, config.max_caption_tokens)(chunk), torch.device("cpu"))
-        info = inspect_batch(model, batch["dino"], batch["latents"], batch["input_ids"], batch["labels"])
+    for start, chunk, batch in held.batches():
+        chunk_sources = sources[start : start + len(chunk)]
+        info = inspect_batch(held.model, batch["dino"], batch["latents"], batch["input_ids"], batch["labels"])
         names = list(info["attention"])
         if start == 0 and opts.figure:
             save_figure(opts.figure, attrs, chunk[: opts.figure_videos], chunk_sources, info["attention"])
@@ -105,7 +91,7 @@ def main() -> None:
                              + [[mask.mean(axis=(1, 2)) for mask in masks]])
     shares = np.asarray(per_video)  # [V, P + 1, 3, T']
     mean = shares.mean(axis=(0, 3))
-    print(f"attention share over frames after the cue, {len(shares)} held-out videos, checkpoint step {step}")
+    print(f"attention share over frames after the cue, {len(shares)} held-out videos, checkpoint step {held.step}")
     print(f"{'pass':<16}{'cued object':>12}{'other objects':>15}{'its path':>10}")
     for name, (cued, others, path) in zip([*names, "uniform"], mean, strict=True):
         print(f"{name:<16}{cued:>12.3f}{others:>15.3f}{path:>10.3f}")

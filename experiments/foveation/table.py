@@ -1,23 +1,23 @@
-"""One markdown table of the foveation rows under a folder (written by bench/foveation_joint.sh).
+"""One markdown table of the foveation rows under a folder (written by experiments/foveation/joint.sh).
 
-    python bench/foveation_table.py OUT_DIR
+    python -m experiments.foveation.table OUT_DIR
 
 Per row folder: run/run_config.json (lambda_recon, fine passes, training seed), eval.json
-(train.py --eval-only), log.txt (foveation_demo.sh's output: the attention shares of
-bench/foveation_attention.py and the wall time). Rows are sorted by task, lambda, passes, seed.
+(train.py --eval-only), log.txt (demo.sh's output: the attention shares of
+experiments/foveation/attention.py and the wall time). Rows are sorted by task, lambda, passes, seed.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
 
 def attention_shares(log: str) -> dict[str, tuple[float, float]]:
     """Pass name -> shares of its attention on the target object (the mover / the cued shape) and
-    on the other objects (bench/foveation_attention.py's first two columns)."""
+    on the other objects (experiments/foveation/attention.py's first two columns)."""
     shares: dict[str, tuple[float, float]] = {}
     for m in re.finditer(r"^(coarse|fine_\d+)\s+([0-9.]+)\s+([0-9.]+)(?:\s+[0-9.]+)*$", log, re.M):
         shares.setdefault(m[1], (float(m[2]), float(m[3])))  # the first table; per-frame rows follow it
@@ -62,4 +62,6 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "demo_joint")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", nargs="?", default="demo_joint", help="joint.sh's OUT_DIR (default demo_joint)")
+    main(parser.parse_args().out_dir)

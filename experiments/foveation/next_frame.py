@@ -1,6 +1,6 @@
 """Does either pass help predict the next frame? Per-frame latent error against copying the last frame.
 
-    python bench/foveation_next_frame.py --store S --checkpoint CKPT [--videos 256]
+    python -m experiments.foveation.next_frame --store S --checkpoint CKPT [--videos 256]
 
 For held-out videos it prints, per frame, the next-frame reconstruction error (MSE over the
 latent) of each pass's prediction, and of two baselines that use no model: copying the previous
@@ -12,42 +12,24 @@ number). The model, frames and split come from the checkpoint, as for `train.py 
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fvlm_data.dataset import CaptionCollator, FeatureDataset, to_device  # noqa: E402
-from fvlm_model.visualize import pass_names  # noqa: E402
-from fvlm_train import TrainError  # noqa: E402
-from fvlm_train.build import load_trained  # noqa: E402
+try:
+    from experiments.foveation.common import load_held_out, parser
+except ModuleNotFoundError:  # run as a plain script: its folder is on the path, not the repository
+    raise SystemExit("run it from the repository root: python -m experiments.foveation.next_frame") from None
+from fvlm_model.visualize import pass_names
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--store", required=True)
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--videos", type=int, default=256, help="Held-out videos measured (the first ones).")
-    opts = ap.parse_args()
-    try:
-        model, tokenizer, config, store, step = load_trained(opts.store, opts.checkpoint)
-    except TrainError as e:
-        sys.exit(f"error: {e}")
-    ds = FeatureDataset(opts.store, config.num_frames, split="val", val_fraction=config.val_fraction)
-    items = [ds[i] for i in range(min(opts.videos, len(ds)))]
-    if not items:
-        sys.exit("error: the store has no held-out videos")
+    held = load_held_out(parser(__doc__).parse_args())
 
     errors, copy, zeros = [], [], []  # [P, B, T], [B, T - 1], [B, T]
     with torch.no_grad():
-        for start in range(0, len(items), 64):
-            batch = to_device(CaptionCollator(tokenizer, config.max_caption_tokens)(items[start : start + 64]),
-                              torch.device("cpu"))
-            out = model(batch["dino"], batch["latents"], batch["input_ids"], batch["labels"], score_all_passes=True)
+        for _, _, batch in held.batches():
+            out = held.model(batch["dino"], batch["latents"], batch["input_ids"], batch["labels"],
+                             score_all_passes=True)
             latents = batch["latents"].float()
             errors.append((out["pred_latents"].float() - latents).pow(2).mean(dim=(3, 4, 5)).numpy())
             copy.append((latents[:, 1:] - latents[:, :-1]).pow(2).mean(dim=(2, 3, 4)).numpy())
@@ -58,7 +40,7 @@ def main() -> None:
     rows["zeros"] = np.concatenate(zeros).mean(axis=0)
 
     frames = per_pass.shape[1]
-    print(f"next-frame latent MSE per frame, {len(items)} held-out videos, checkpoint step {step} "
+    print(f"next-frame latent MSE per frame, {len(held.items)} held-out videos, checkpoint step {held.step} "
           "(frame 1 is the clip's first frame: the cue in the foveation tasks)")
     print(f"{'prediction':<16}" + "".join(f"{f'frame {t + 1}':>9}" for t in range(frames)))
     for name, row in rows.items():
