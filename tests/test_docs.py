@@ -14,7 +14,7 @@ TOP = (*PACKAGES, "bench", "experiments", "docs", "tests", ".ci")
 # A path into one of the project's folders, as prose, a command or a table names it (not `REV:path`, a
 # file of an earlier commit).
 PATH = re.compile(r"(?<![\w/.:-])((?:" + "|".join(re.escape(t) for t in TOP) + r")/[\w./-]*[\w/])")
-MODULE = re.compile(r"python -m ((?:bench|experiments)(?:\.\w+)+)")
+MODULE = re.compile(r"python -m ((?:bench|experiments)(?:\.[a-z_][a-z0-9_]*)+)")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
