@@ -45,7 +45,7 @@ from fvlm_train.evaluation import evaluate, log_validation, print_eval_table, su
 from fvlm_train.optim import lr_at, make_optimizer, set_lr
 from fvlm_train.progress import IntervalLog, open_writer, write_log
 from fvlm_train.step import train_step
-from fvlm_train.visuals import caption_table, log_visuals, synthetic_frames
+from fvlm_train.visuals import caption_table, log_visuals, visual_samples
 
 COMPILE_PAD = 16  # with --compile, captions are padded to a multiple of this (a bounded set of shapes)
 
@@ -163,10 +163,8 @@ def train(store_path: str, run_dir: Path, resume: Path | None, given: dict[str, 
     step, epoch, micro_in_epoch, nonfinite_total = 0, 0, 0, 0
     main_rank, world_size = launch.rank == 0, launch.world_size
     if ckpt is not None:
-        model.load_state_dict(ckpt.model)
-        optimizer.load_state_dict(ckpt.optimizer)
+        ckpt.restore(model, optimizer, device)
         step, epoch, micro_in_epoch, nonfinite_total = ckpt.step, ckpt.epoch, ckpt.micro_in_epoch, ckpt.nonfinite_total
-        ckpt.restore_rng(device)
         if main_rank:
             click.echo(f"resumed from {resume} at step {step}", err=True)
     if step >= config.max_steps:
@@ -185,10 +183,7 @@ def train(store_path: str, run_dir: Path, resume: Path | None, given: dict[str, 
         fn = torch.compile(fn, dynamic=False)
     val_ds = splits.val
     val_loader = make_loader(val_ds, collate, config.batch_size, workers, None, pin)
-    # A few fixed validation videos whose attention and captions are shown in TensorBoard.
-    visual_items = [val_ds[i] for i in range(min(config.visual_videos, len(val_ds)))] if main_rank else []
-    visual_frames = [synthetic_frames(store.attrs, store.read_string("source", int(val_ds.slots[it["index"]])),
-                                      it["timestamps"].numpy()) for it in visual_items]
+    visual_items, visual_frames = visual_samples(store, val_ds, config.visual_videos if main_rank else 0)
 
     start_time = time.time()
     log = IntervalLog()

@@ -59,7 +59,10 @@ class Checkpoint:
             raise TrainError(f"{path} lacks {', '.join(missing)}: {WRITTEN_BY}")
         return cls(**{f.name: ckpt[f.name] for f in fields(cls)} | {"config": RunConfig.from_dict(ckpt["config"])})
 
-    def restore_rng(self, device: torch.device) -> None:
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+        """The weights, the optimiser's state and the random state, as they were saved."""
+        model.load_state_dict(self.model)
+        optimizer.load_state_dict(self.optimizer)
         torch.set_rng_state(self.rng["torch"])
         if device.type == "cuda" and "cuda" in self.rng:
             torch.cuda.set_rng_state(self.rng["cuda"], device)

@@ -65,8 +65,9 @@ def open_splits(store: FeatureStore, config: RunConfig) -> Splits:
     """The training and held-out datasets of the run, from one read of the store's video ids."""
     try:
         check_num_frames(config.num_frames, store)
-    except ValueError as e:
-        raise TrainError(f"{store.path}: {e}: lower --num-frames") from None
+    except ValueError:  # the same check, in the command line's words
+        raise TrainError(f"--num-frames {config.num_frames} but {store.path} stores {store.attrs['num_frames']} "
+                         "frames per video") from None
     return split_datasets(store, config.num_frames, config.val_fraction, config.frame_sampling, config.seed)
 
 
