@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -22,16 +21,15 @@ from typing import Any
 import click
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from fvlm_data.dataset import CaptionCollator, FeatureDataset, is_validation, to_device
-from fvlm_data.store import StoreError
-from fvlm_model.evaluation import pass_metrics
+from fvlm_data.dataset import CaptionCollator, Splits, is_validation, to_device
+from fvlm_data.distributed import Launch
+from fvlm_data.store import FeatureStore, StoreError
 from fvlm_model.generate import MODES
 from fvlm_train import TrainError
 from fvlm_train.build import build_model
-from fvlm_train.checkpoint import load_checkpoint, save_checkpoint, saved_config
+from fvlm_train.checkpoint import Checkpoint, rng_state
 from fvlm_train.config import (
     RunConfig,
     check_split,
@@ -41,12 +39,13 @@ from fvlm_train.config import (
     resolve,
     store_provenance,
 )
-from fvlm_train.data import TrainBatches, default_workers, make_loader, open_store, pad_captions
-from fvlm_train.distributed import Dist, all_sum, any_rank, init_distributed, shutdown
+from fvlm_train.data import TrainBatches, default_workers, make_loader, open_splits, open_store, pad_captions
+from fvlm_train.distributed import any_rank, init_distributed, shutdown
 from fvlm_train.evaluation import evaluate, log_validation, print_eval_table, summary_line
 from fvlm_train.optim import lr_at, make_optimizer, set_lr
-from fvlm_train.step import SUMS, train_step
-from fvlm_train.visuals import caption_table, log_visuals, synthetic_frames
+from fvlm_train.progress import IntervalLog, open_writer, write_log
+from fvlm_train.step import train_step
+from fvlm_train.visuals import caption_table, log_visuals, visual_samples
 
 COMPILE_PAD = 16  # with --compile, captions are padded to a multiple of this (a bounded set of shapes)
 
@@ -75,8 +74,8 @@ def main(store: str, out: str | None, resume: str | None, eval_only: bool, json_
          **given: Any) -> None:
     """Train (or with --eval-only, evaluate) the foveated VLM on precomputed features."""
     try:
-        d = init_distributed()
-        dev = torch.device(device or (f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu"))
+        launch = init_distributed()
+        dev = torch.device(device or (f"cuda:{launch.local_rank}" if torch.cuda.is_available() else "cpu"))
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise TrainError(f"--device {dev}: no CUDA device is available here")
         if eval_only:
@@ -86,8 +85,8 @@ def main(store: str, out: str | None, resume: str | None, eval_only: bool, json_
                                 other_store)
         else:
             run_dir = Path(out) if out else default_run_dir(store, given)
-            train(store, run_dir, Path(resume) if resume else None, given, d, dev, workers, compile_model)
-        shutdown(d.world)
+            train(store, run_dir, Path(resume) if resume else None, given, launch, dev, workers, compile_model)
+        shutdown(launch.world_size)
     except (TrainError, StoreError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
@@ -99,39 +98,38 @@ def default_run_dir(store: str, given: dict[str, Any]) -> Path:
 
 
 def prepare(store_path: str, config: RunConfig, saved: RunConfig | None,
-            other_store: bool = False) -> tuple[Any, FeatureDataset, list[str], list[str]]:
-    """The store (checked against the checkpoint's: the differences allowed), its held-out split
-    and that split's video ids."""
-    store = open_store(store_path, config.num_frames)
+            other_store: bool = False) -> tuple[FeatureStore, Splits, list[str]]:
+    """The store, opened once, its two splits, and how it differs from the checkpoint's training store
+    (only where `other_store` allows it)."""
+    store = open_store(store_path)
     differences = check_store(saved, store.attrs, store_path, other_store) if saved is not None else []
     config.store = store_provenance(store.attrs)
-    val_ds = FeatureDataset(store_path, config.num_frames, split="val", val_fraction=config.val_fraction)
-    val_ids = store.read_strings("video_id", val_ds.slots) if len(val_ds) else []
-    return store, val_ds, differences, val_ids
+    return store, open_splits(store, config), differences
 
 
 def evaluate_checkpoint(store_path: str, path: Path, given: dict[str, Any], device: torch.device, workers: int,
                         json_path: str | None, captions: int, other_split: bool, other_store: bool) -> None:
-    ckpt = load_checkpoint(path)
-    saved = saved_config(ckpt)
+    ckpt = Checkpoint.load(path)
+    saved = ckpt.config
     config = resolve(given, saved)
-    _, val_ds, differences, val_ids = prepare(store_path, config, saved, other_store)
-    held_out = held_out_fingerprint(val_ids, config.val_fraction)
+    _, splits, differences = prepare(store_path, config, saved, other_store)
+    val_ds = splits.val
+    held_out = held_out_fingerprint(splits.val_ids, config.val_fraction)
     same_split = held_out == saved.held_out
     if not same_split and not other_split:
         check_split(saved, held_out, "; add --other-split to evaluate on this split anyway (it is labelled so)")
     if len(val_ds) == 0:
         raise TrainError(f"{store_path} has no held-out videos at --val-fraction {config.val_fraction}")
     model, tokenizer = build_model(config, val_ds.attrs)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt.model)
     model.to(device)
     collate = CaptionCollator(tokenizer, config.max_caption_tokens)
     loader = make_loader(val_ds, collate, config.batch_size, workers, None, device.type == "cuda")
     m = evaluate(model, loader, device, config.val_batches)
-    m["checkpoint_step"] = ckpt["step"]
+    m["checkpoint_step"] = ckpt.step
     m["split"] = {"name": "held_out" if same_split else "other", **held_out,
                   "checkpoint_val_fraction": saved.val_fraction}
-    evaluated = val_ids[: m["num_videos"]]
+    evaluated = splits.val_ids[: m["num_videos"]]
     m["seen_in_training"] = sum(not is_validation(v, saved.val_fraction) for v in evaluated)
     m["store_differences"] = differences
     print_eval_table(m)
@@ -146,75 +144,51 @@ def evaluate_checkpoint(store_path: str, path: Path, given: dict[str, Any], devi
         click.echo(f"wrote {json_path}", err=True)
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB, process RSS on CPU
-
-
-def train(store_path: str, run_dir: Path, resume: Path | None, given: dict[str, Any], d: Dist,
+def train(store_path: str, run_dir: Path, resume: Path | None, given: dict[str, Any], launch: Launch,
           device: torch.device, workers: int, compile_model: bool | None) -> None:
     latest = run_dir / "checkpoint_latest.pt"
     resume = resume or (latest if latest.exists() else None)
-    ckpt = load_checkpoint(resume) if resume else None
-    saved = saved_config(ckpt) if ckpt else None
+    ckpt = Checkpoint.load(resume) if resume else None
+    saved = ckpt.config if ckpt else None
     config = resolve(given, saved)
     torch.manual_seed(config.seed)
-    store, val_ds, _, val_ids = prepare(store_path, config, saved)
-    held_out = held_out_fingerprint(val_ids, config.val_fraction)
+    store, splits, _ = prepare(store_path, config, saved)
+    config.held_out = held_out_fingerprint(splits.val_ids, config.val_fraction)
     if saved is not None:
-        check_split(saved, held_out, "")
-    config.held_out = held_out
+        check_split(saved, config.held_out, "")
     model, tokenizer = build_model(config, store.attrs)
     model.to(device)
     collate = CaptionCollator(tokenizer, config.max_caption_tokens)
     optimizer = make_optimizer(model, config.lr, config.weight_decay, device)
-    train_ds = FeatureDataset(store_path, config.num_frames, split="train", val_fraction=config.val_fraction,
-                              frame_sampling=config.frame_sampling, seed=config.seed)
     step, epoch, micro_in_epoch, nonfinite_total = 0, 0, 0, 0
+    main_rank, world_size = launch.rank == 0, launch.world_size
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, epoch, micro_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["micro_in_epoch"]
-        nonfinite_total = ckpt["nonfinite_total"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        if d.main:
+        ckpt.restore(model, optimizer, device)
+        step, epoch, micro_in_epoch, nonfinite_total = ckpt.step, ckpt.epoch, ckpt.micro_in_epoch, ckpt.nonfinite_total
+        if main_rank:
             click.echo(f"resumed from {resume} at step {step}", err=True)
     if step >= config.max_steps:
-        if d.main:
+        if main_rank:
             click.echo(f"{run_dir} is already at step {step} (--max-steps {config.max_steps}): nothing to do", err=True)
         return
     pin = device.type == "cuda"
-    batches = TrainBatches(train_ds, collate, config.batch_size, workers, config.seed, d.rank, d.world, pin,
-                           epoch, micro_in_epoch)
-
-    writer = None
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2))
-        writer = SummaryWriter(str(run_dir), purge_step=step + 1 if step else None)
-        if step == 0:
-            hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
-            writer.add_text("hparams", "\n".join(f"    {k}: {v}" for k, v in sorted(hparams.items())), 0)
-            writer.add_hparams(hparams, {"hparam/placeholder": 0.0}, run_name=".")
+    batches = TrainBatches(splits.train, collate, config.batch_size, workers, config.seed, launch.rank, world_size,
+                           pin, epoch, micro_in_epoch)
+    writer = open_writer(run_dir, config, step) if main_rank else None
     # Training runs through `fn` (DDP and/or compiled); evaluation, generation and checkpoints use
     # `model` itself (so state_dict keys carry no prefix).
-    fn = DistributedDataParallel(model) if d.world > 1 else model
+    fn = DistributedDataParallel(model) if world_size > 1 else model
     use_compile = compile_model if compile_model is not None else device.type == "cuda"
     if use_compile:
         fn = torch.compile(fn, dynamic=False)
+    val_ds = splits.val
     val_loader = make_loader(val_ds, collate, config.batch_size, workers, None, pin)
-    # A few fixed validation videos whose attention and captions are shown in TensorBoard.
-    visual_items = [val_ds[i] for i in range(min(config.visual_videos, len(val_ds)))] if d.main else []
-    visual_frames = [synthetic_frames(store.attrs, store.read_string("source", int(val_ds.slots[it["index"]])),
-                                      it["timestamps"].numpy()) for it in visual_items]
+    visual_items, visual_frames = visual_samples(store, val_ds, config.visual_videos if main_rank else 0)
 
-    start_time = interval_start = time.time()
-    acc = torch.zeros(len(SUMS) + 2, dtype=torch.float64)  # SUMS, grad-norm sum, finite steps
-    interval_samples, consecutive_nonfinite, stop_reason = 0, 0, None
-    bar = tqdm(total=config.max_steps, initial=step, disable=not d.main, dynamic_ncols=True, unit="step")
+    start_time = time.time()
+    log = IntervalLog()
+    consecutive_nonfinite, stop_reason = 0, None
+    bar = tqdm(total=config.max_steps, initial=step, disable=not main_rank, dynamic_ncols=True, unit="step")
     model.train()
     while step < config.max_steps:
         lr = lr_at(step, config.lr, config.warmup, config.max_steps)
@@ -222,15 +196,14 @@ def train(store_path: str, run_dir: Path, resume: Path | None, given: dict[str, 
         micro = [to_device(next(batches), device) for _ in range(config.grad_accum)]
         if use_compile:
             micro = [pad_captions(b, COMPILE_PAD, collate.pad_id) for b in micro]
-        result = train_step(model, fn, optimizer, micro, config.clip, d.world)
-        interval_samples += sum(b["labels"].shape[0] for b in micro) * d.world
+        result = train_step(model, fn, optimizer, micro, config.clip, world_size)
+        log.add(result, sum(b["labels"].shape[0] for b in micro) * world_size)
         if result["finite"]:
-            acc += torch.cat([result["sums"], torch.tensor([result["grad_norm"], 1.0], dtype=torch.float64)])
             consecutive_nonfinite = 0
         else:
             nonfinite_total += 1
             consecutive_nonfinite += 1
-            if d.main:
+            if main_rank:
                 tqdm.write(f"step {step}: non-finite loss or gradient, step skipped ({nonfinite_total} so far)")
             if consecutive_nonfinite >= config.max_nonfinite:
                 stop_reason = (f"{consecutive_nonfinite} non-finite steps in a row at step {step}: stopping; the "
@@ -238,28 +211,12 @@ def train(store_path: str, run_dir: Path, resume: Path | None, given: dict[str, 
         step += 1
         bar.update(1)
         out_of_time = config.max_hours is not None and time.time() - start_time > config.max_hours * 3600
-        last = step == config.max_steps or any_rank(out_of_time, d.world, device) or stop_reason is not None
+        last = step == config.max_steps or any_rank(out_of_time, world_size, device) or stop_reason is not None
 
         if step % config.log_every == 0 or last:
-            total = all_sum(acc[: len(SUMS)].to(device), d.world).cpu()  # every rank's videos
-            m: dict[str, float] = {"lr": lr, "samples_per_s": interval_samples / (time.time() - interval_start),
-                                   "peak_memory_gb": peak_memory_gb(device), "nonfinite_steps": nonfinite_total}
-            if acc[-1] > 0:  # a loss is logged only for steps that were taken
-                sums = dict(zip(SUMS, total.tolist(), strict=True))
-                metrics = pass_metrics([sums["cap_sum_coarse"], sums["cap_sum_fine"]], sums["cap_tokens"],
-                                       [sums["rec_sum_coarse"], sums["rec_sum_fine"]], sums["videos"], model.config)
-                m.update({k: v for k, v in metrics.items() if not isinstance(v, list)})
-                m["grad_norm"] = float(acc[-2] / acc[-1])
+            m = log.metrics(lr, nonfinite_total, model.config, device, world_size)
             if writer is not None:
-                for k, v in m.items():
-                    writer.add_scalar(k, v, step)
-                if "loss" in m:
-                    tqdm.write(f"step {step}: loss {m['loss']:.4f} cap_fine {m['cap_fine']:.4f} cap_coarse "
-                               f"{m['cap_coarse']:.4f} cap_ratio {m['cap_ratio']:.4f} rec_fine {m['rec_fine']:.4f} "
-                               f"lr {lr:.2e} {m['samples_per_s']:.1f} samples/s")
-            acc.zero_()
-            interval_samples, interval_start = 0, time.time()
-
+                write_log(writer, m, step)
         if (step % config.val_every == 0 or last) and writer is not None and len(val_ds):
             metrics = evaluate(model, val_loader, device, config.val_batches)
             log_validation(writer, metrics, step)
@@ -267,12 +224,9 @@ def train(store_path: str, run_dir: Path, resume: Path | None, given: dict[str, 
                 log_visuals(writer, model, tokenizer, to_device(collate(visual_items), device), visual_frames, step,
                             config.max_caption_tokens)
             tqdm.write(f"step {step} val: {summary_line(metrics)}\n  {metrics['verdict']}")
-        if (step % config.save_every == 0 or last) and d.main and stop_reason is None:
-            rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if pin else {})}
-            save_checkpoint(run_dir, {"config": config.to_dict(), "model": model.state_dict(),
-                                      "optimizer": optimizer.state_dict(), "step": step, "epoch": batches.epoch,
-                                      "micro_in_epoch": batches.micro_in_epoch, "nonfinite_total": nonfinite_total,
-                                      "rng": rng}, step, config.keep)
+        if (step % config.save_every == 0 or last) and main_rank and stop_reason is None:
+            Checkpoint(config, model.state_dict(), optimizer.state_dict(), step, batches.epoch, batches.micro_in_epoch,
+                       nonfinite_total, rng_state(device)).save(run_dir, config.keep)
         if last:
             break
     bar.close()

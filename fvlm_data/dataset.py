@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -35,12 +35,30 @@ def frame_indices(stored: int, wanted: int, offset: float = 0.5) -> np.ndarray:
     return np.minimum((np.arange(wanted) * stride + offset * stride).astype(np.int64), stored - 1)
 
 
+def check_num_frames(num_frames: int, store: FeatureStore) -> None:
+    """A sample takes at most the frames stored per video (ValueError otherwise)."""
+    stored = int(store.attrs["num_frames"])
+    if not 1 <= num_frames <= stored:
+        raise ValueError(f"asked for {num_frames} frames per sample but the store holds {stored} per video")
+
+
+def split_slots(store: FeatureStore, val_fraction: float) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(training slots, held-out slots, the held-out videos' ids) of the committed videos, split by
+    `validation_mask`: the store's committed and video_id arrays are read once (shard by shard,
+    V/S objects, no per-video files)."""
+    slots = store.committed_slots()
+    video_ids = store.read_strings("video_id", slots)
+    is_val = validation_mask(video_ids, val_fraction)
+    return slots[~is_val], slots[is_val], [video_ids[i] for i in np.flatnonzero(is_val)]
+
+
 class FeatureDataset(Dataset):
     """Samples of `num_frames` frames from committed videos of one split.
 
-    The store is opened lazily in each process that reads (DataLoader workers, fork or spawn),
-    and only the returned frames are read. Features stay in their stored half precision (or
-    int8 + scale); `to_device` converts them on the device.
+    Each process that reads opens the store itself, lazily (DataLoader workers, fork or spawn; the
+    process that made the dataset keeps the store it opened), and only the returned frames are read.
+    Features stay in their stored half precision (or int8 + scale); `to_device` converts them on the
+    device. `split_datasets` makes both splits of an open store in one pass.
     """
 
     def __init__(
@@ -54,27 +72,37 @@ class FeatureDataset(Dataset):
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        store = FeatureStore.open(path)
+        check_num_frames(num_frames, store)
+        if split == "all":
+            slots = store.committed_slots()
+        else:
+            train, val, _ = split_slots(store, val_fraction)
+            slots = val if split == "val" else train
+        self._bind(store, num_frames, slots, frame_sampling, seed)
+
+    @classmethod
+    def from_store(cls, store: FeatureStore, num_frames: int, slots: np.ndarray, frame_sampling: str = "uniform",
+                   seed: int = 0) -> FeatureDataset:
+        """The samples of `slots` of an already open store (used in this process until pickled)."""
+        check_num_frames(num_frames, store)
+        ds = cls.__new__(cls)
+        ds._bind(store, num_frames, slots, frame_sampling, seed)
+        return ds
+
+    def _bind(self, store: FeatureStore, num_frames: int, slots: np.ndarray, frame_sampling: str, seed: int) -> None:
         if frame_sampling not in ("uniform", "random"):
             raise ValueError(f"frame_sampling must be 'uniform' or 'random', got {frame_sampling!r}")
-        store = FeatureStore.open(path)
-        self.path = str(path)
+        self.path = str(store.path)
         self.attrs = store.attrs
         self.stored_frames = int(store.attrs["num_frames"])
-        if not 1 <= num_frames <= self.stored_frames:
-            raise ValueError(f"asked for {num_frames} frames per sample but the store holds "
-                             f"{self.stored_frames} per video")
         self.num_frames = num_frames
         self.frame_sampling = frame_sampling
         self.seed = seed
         self.epoch = 0
-        # Opening reads the committed and video_id arrays shard by shard (V/S objects), no per-video files.
-        slots = store.committed_slots()
-        if split != "all":
-            is_val = validation_mask(store.read_strings("video_id", slots), val_fraction)
-            slots = slots[is_val == (split == "val")]
         self.slots = slots
-        self._store: FeatureStore | None = None
-        self._store_pid = -1
+        self._store: FeatureStore | None = store
+        self._store_pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -121,6 +149,22 @@ class FeatureDataset(Dataset):
         if "dino_scale" in row:
             item["dino_scale"] = torch.from_numpy(row["dino_scale"])
         return item
+
+
+class Splits(NamedTuple):
+    train: FeatureDataset
+    val: FeatureDataset
+    val_ids: list[str]  # the held-out videos' ids, in the order of val.slots
+
+
+def split_datasets(store: FeatureStore, num_frames: int, val_fraction: float, frame_sampling: str = "uniform",
+                   seed: int = 0) -> Splits:
+    """Both splits of an open store in one pass (the same videos as FeatureDataset(split=...) takes).
+    Validation always takes evenly spaced frames; `frame_sampling` and `seed` are the training split's."""
+    check_num_frames(num_frames, store)
+    train, val, val_ids = split_slots(store, val_fraction)
+    return Splits(FeatureDataset.from_store(store, num_frames, train, frame_sampling, seed),
+                  FeatureDataset.from_store(store, num_frames, val), val_ids)
 
 
 class CaptionCollator:

@@ -150,7 +150,7 @@ def _load_pretrained(name: str) -> tuple[PreTrainedTokenizerBase, PreTrainedMode
 
     if _looks_like_path(name) and not os.path.isdir(os.path.expanduser(name)):
         raise ValueError(f"cannot load language model {name!r}: no such folder (give a local model folder or a "
-                         "hub id such as HuggingFaceTB/SmolLM2-135M-Instruct)")
+                         f"hub id such as {DEFAULT_LM})")
     try:
         return load(local_only=True)
     except Exception as e:  # not cached (or not a model folder): try the hub below

@@ -16,7 +16,7 @@ Shapes: B batch, T frames, N DINO tokens per frame, D DINO width, H LM width, L 
 P = 1 + fine_iterations passes, latents [C, S, S].
 """
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -33,24 +33,24 @@ IGNORE_INDEX = -100
 
 @dataclass
 class ModelConfig:
-    """What a checkpoint needs to rebuild the model (the LM itself is named by `lm_name`)."""
+    """The model's shape and loss weights, and their defaults: `FoveatedVLM(lm, config)`.
 
-    dino_dim: int = 384
+    The trainer makes it from its run configuration and the store's feature shapes
+    (`fvlm_train.build.model_config`); a checkpoint stores the run configuration, not this.
+    """
+
+    dino_dim: int = 384  # D
     num_tokens: int | None = None  # N; informational, the model accepts any N
-    latent_channels: int = 4
-    latent_size: int = 32
+    latent_channels: int = 4  # C
+    latent_size: int = 32  # S
     fine_iterations: int = 2
     lambda_recon: float = 0.1
     lambda_coarse: float = 1.0
-    lm_name: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    lm_name: str = ""  # informational: FoveatedVLM sets it to the name of the LM it wraps
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+    def __post_init__(self) -> None:
+        if self.fine_iterations < 1:
+            raise ValueError(f"fine_iterations must be >= 1, got {self.fine_iterations}")
 
 
 def joint_loss(config: ModelConfig, cap_coarse: Any, cap_fine: Any, rec_coarse: Any, rec_fine: Any) -> Any:
@@ -60,30 +60,11 @@ def joint_loss(config: ModelConfig, cap_coarse: Any, cap_fine: Any, rec_coarse: 
 
 
 class FoveatedVLM(nn.Module):
-    def __init__(
-        self,
-        lm: PreTrainedModel,
-        dino_dim: int = 384,
-        latent_channels: int = 4,
-        latent_size: int = 32,
-        fine_iterations: int = 2,
-        lambda_recon: float = 0.1,
-        lambda_coarse: float = 1.0,
-        num_tokens: int | None = None,
-    ):
+    def __init__(self, lm: PreTrainedModel, config: ModelConfig) -> None:
         super().__init__()
-        if fine_iterations < 1:
-            raise ValueError(f"fine_iterations must be >= 1, got {fine_iterations}")
-        self.config = ModelConfig(
-            dino_dim=dino_dim,
-            num_tokens=num_tokens,
-            latent_channels=latent_channels,
-            latent_size=latent_size,
-            fine_iterations=fine_iterations,
-            lambda_recon=lambda_recon,
-            lambda_coarse=lambda_coarse,
-            lm_name=lm.config.name_or_path or "unknown",
-        )
+        # A copy: changing one model's config changes no other model built from the same one.
+        self.config = replace(config, lm_name=lm.config.name_or_path or "unknown")
+        dino_dim, latent_channels, latent_size = config.dino_dim, config.latent_channels, config.latent_size
         self.lm = lm
         embed = lm.get_input_embeddings().weight
         hidden = embed.shape[1]

@@ -7,11 +7,19 @@ from typing import Any
 
 from fvlm_data.store import FeatureStore
 from fvlm_data.synthetic import synthetic_vocabulary
-from fvlm_model import FoveatedVLM, load_lm
+from fvlm_model import FoveatedVLM, ModelConfig, load_lm
 
 from . import TrainError
-from .checkpoint import load_checkpoint, saved_config
+from .checkpoint import Checkpoint
 from .config import RunConfig, check_store
+
+
+def model_config(config: RunConfig, attrs: dict[str, Any]) -> ModelConfig:
+    """The run's model options on the store's feature shapes (`attrs`)."""
+    c, h, _ = attrs["latent_shape"]
+    return ModelConfig(dino_dim=int(attrs["dino_dim"]), num_tokens=int(attrs["dino_tokens"]), latent_channels=c,
+                       latent_size=h, fine_iterations=config.fine_iterations, lambda_recon=config.lambda_recon,
+                       lambda_coarse=config.lambda_coarse)
 
 
 def build_model(config: RunConfig, attrs: dict[str, Any]) -> tuple[FoveatedVLM, Any]:
@@ -24,20 +32,15 @@ def build_model(config: RunConfig, attrs: dict[str, Any]) -> tuple[FoveatedVLM, 
         if attrs.get("preset") == "tiny" and lm_id != "tiny":
             hint = "; this store was made with the tiny preset: add --preset tiny to train on it offline"
         raise TrainError(f"{e}{hint}") from None
-    c, h, _ = attrs["latent_shape"]
-    model = FoveatedVLM(lm, dino_dim=int(attrs["dino_dim"]), latent_channels=c, latent_size=h,
-                        fine_iterations=config.fine_iterations, lambda_recon=config.lambda_recon,
-                        lambda_coarse=config.lambda_coarse, num_tokens=int(attrs["dino_tokens"]))
-    return model, tokenizer
+    return FoveatedVLM(lm, model_config(config, attrs)), tokenizer
 
 
 def load_trained(store_path: str, checkpoint: str | Path) -> tuple[FoveatedVLM, Any, RunConfig, FeatureStore, int]:
     """(model in eval mode, tokenizer, run config, store, step) of a checkpoint on the store it was
     trained on (the analysis scripts' start); a mismatched store or checkpoint is a TrainError."""
-    ckpt = load_checkpoint(Path(checkpoint))
-    config = saved_config(ckpt)
+    ckpt = Checkpoint.load(Path(checkpoint))
     store = FeatureStore.open(store_path)
-    check_store(config, store.attrs, store_path)
-    model, tokenizer = build_model(config, store.attrs)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), tokenizer, config, store, int(ckpt["step"])
+    check_store(ckpt.config, store.attrs, store_path)
+    model, tokenizer = build_model(ckpt.config, store.attrs)
+    model.load_state_dict(ckpt.model)
+    return model.eval(), tokenizer, ckpt.config, store, ckpt.step

@@ -1,7 +1,7 @@
 """Checkpoints: written atomically, loaded without unpickling code, refused with one line if wrong.
 
-A checkpoint is a dict of tensors and plain values: `config` (the RunConfig as a dict), `model`,
-`optimizer`, `step`, `epoch`, `micro_in_epoch`, `nonfinite_total`, `rng`.
+On disk a checkpoint is a dict of tensors and plain values: `format`, `version`, and the fields of
+`Checkpoint` under their own names (`config` as `RunConfig.to_dict()`).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,58 @@ from .config import RunConfig
 
 FORMAT = "fvlm-checkpoint"
 VERSION = 2  # 2: the run configuration (`config`) replaces `args` + `model_config`
+WRITTEN_BY = "give a checkpoint_*.pt that train.py wrote"
+
+
+@dataclass
+class Checkpoint:
+    """What a run saves and resumes from: its configuration, the weights and the loop's position."""
+
+    config: RunConfig
+    model: dict[str, torch.Tensor]  # the state_dict of the model itself (no DDP or compile prefix)
+    optimizer: dict[str, Any]
+    step: int
+    epoch: int  # with micro_in_epoch: the data order's position (fvlm_train.data.TrainBatches)
+    micro_in_epoch: int
+    nonfinite_total: int
+    rng: dict[str, torch.Tensor]  # "torch", and "cuda" when trained on CUDA
+
+    def save(self, run_dir: Path, keep: int) -> Path:
+        """checkpoint_step<step>.pt, with checkpoint_latest.pt a hard link to it swapped in atomically;
+        only the `keep` newest step files stay."""
+        step_path = run_dir / f"checkpoint_step{self.step:08d}.pt"
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        atomic_torch_save({"format": FORMAT, "version": VERSION, **state, "config": self.config.to_dict()}, step_path)
+        tmp = run_dir / f".checkpoint_latest.tmp{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        os.link(step_path, tmp)
+        os.replace(tmp, run_dir / "checkpoint_latest.pt")
+        for old in sorted(run_dir.glob("checkpoint_step*.pt"))[:-keep]:
+            old.unlink()
+        return step_path
+
+    @classmethod
+    def load(cls, path: Path) -> Checkpoint:
+        """The checkpoint at `path`, or a TrainError saying what is wrong and what to do."""
+        ckpt = _read(path)
+        missing = [f.name for f in fields(cls) if f.name not in ckpt]
+        if missing:
+            raise TrainError(f"{path} lacks {', '.join(missing)}: {WRITTEN_BY}")
+        return cls(**{f.name: ckpt[f.name] for f in fields(cls)} | {"config": RunConfig.from_dict(ckpt["config"])})
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+        """The weights, the optimiser's state and the random state, as they were saved."""
+        model.load_state_dict(self.model)
+        optimizer.load_state_dict(self.optimizer)
+        torch.set_rng_state(self.rng["torch"])
+        if device.type == "cuda" and "cuda" in self.rng:
+            torch.cuda.set_rng_state(self.rng["cuda"], device)
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The random state a checkpoint saves (`Checkpoint.rng`)."""
+    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)}
+                                               if device.type == "cuda" else {})}
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -36,37 +89,23 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         os.close(dir_fd)
 
 
-def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int) -> Path:
-    step_path = run_dir / f"checkpoint_step{step:08d}.pt"
-    atomic_torch_save({"format": FORMAT, "version": VERSION, **state}, step_path)
-    # checkpoint_latest is a hard link to the newest step file, swapped in atomically.
-    tmp = run_dir / f".checkpoint_latest.tmp{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    os.link(step_path, tmp)
-    os.replace(tmp, run_dir / "checkpoint_latest.pt")
-    for old in sorted(run_dir.glob("checkpoint_step*.pt"))[:-keep]:
-        old.unlink()
-    return step_path
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint at `path`, or a TrainError saying what is wrong and what to do."""
+def _read(path: Path) -> dict[str, Any]:
+    """The checkpoint file's dict, after the checks that say in one line what is wrong."""
     if not path.is_file():
         raise TrainError(f"no checkpoint at {path}")
     if path.stat().st_size == 0:
         raise TrainError(f"{path} is empty (0 bytes): not a checkpoint; use the run's checkpoint_latest.pt "
                          "or an earlier checkpoint_step*.pt")
     if not zipfile.is_zipfile(path):
-        raise TrainError(f"{path} is not a checkpoint (not a file torch.save writes): give a checkpoint_*.pt "
-                         "that train.py wrote")
+        raise TrainError(f"{path} is not a checkpoint (not a file torch.save writes): {WRITTEN_BY}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
     except Exception as e:
         kind = "holds Python objects other than tensors and plain values, which fvlm never loads" if isinstance(
             e, pickle.UnpicklingError) else f"cannot be read ({type(e).__name__}): truncated?"
-        raise TrainError(f"{path} {kind}; give a checkpoint_*.pt that train.py wrote") from None
+        raise TrainError(f"{path} {kind}; {WRITTEN_BY}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise TrainError(f"{path} is not an fvlm checkpoint: give a checkpoint_*.pt that train.py wrote")
+        raise TrainError(f"{path} is not an fvlm checkpoint: {WRITTEN_BY}")
     if ckpt.get("version", 0) > VERSION:
         raise TrainError(f"{path} has checkpoint version {ckpt['version']}; this fvlm reads up to {VERSION}: "
                          "upgrade fvlm")
@@ -75,7 +114,3 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                          f"was saved); this fvlm reads version {VERSION}: retrain, or evaluate it with an "
                          "older fvlm")
     return ckpt
-
-
-def saved_config(ckpt: dict[str, Any]) -> RunConfig:
-    return RunConfig.from_dict(ckpt["config"])

@@ -15,10 +15,13 @@ from typing import Any
 import click
 
 from fvlm_data.store import FEATURE_KEYS, SHAPE_KEYS
+from fvlm_model.lm import DEFAULT_LM, TINY
+from fvlm_model.model import ModelConfig
 
 from . import TrainError
 
-LM_PRESETS = {"default": "HuggingFaceTB/SmolLM2-135M-Instruct", "tiny": "tiny"}
+LM_PRESETS = {"default": DEFAULT_LM, "tiny": TINY}
+MODEL_DEFAULTS = ModelConfig()  # the model options' defaults are the model's own
 
 
 def option(default: Any, help: str, type: Any = None) -> Any:  # noqa: A002 (click's own word)
@@ -32,9 +35,12 @@ class RunConfig:
                          "tokenizer).", click.Choice(sorted(LM_PRESETS)))
     lm: str | None = option(None, "Causal LM: hub id or local folder [default: the preset's].")
     num_frames: int = option(16, "Frames per sample, of those stored.", click.IntRange(min=1))
-    fine_iterations: int = option(2, "Fine passes after the coarse one.", click.IntRange(min=1))
-    lambda_recon: float = option(0.1, "Weight of the next-frame reconstruction loss.", click.FloatRange(min=0))
-    lambda_coarse: float = option(1.0, "Weight of the coarse pass's losses.", click.FloatRange(min=0))
+    fine_iterations: int = option(MODEL_DEFAULTS.fine_iterations, "Fine passes after the coarse one.",
+                                  click.IntRange(min=1))
+    lambda_recon: float = option(MODEL_DEFAULTS.lambda_recon, "Weight of the next-frame reconstruction loss.",
+                                 click.FloatRange(min=0))
+    lambda_coarse: float = option(MODEL_DEFAULTS.lambda_coarse, "Weight of the coarse pass's losses.",
+                                  click.FloatRange(min=0))
     max_caption_tokens: int = option(64, "Caption tokens kept (EOS included).", click.IntRange(min=2))
     val_fraction: float = option(0.05, "Share of videos held out (by a hash of the video id).",
                                  click.FloatRange(0.0, 1.0))

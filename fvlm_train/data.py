@@ -1,4 +1,5 @@
-"""The training data order (resumable, per rank), loaders, and caption padding for compiled steps."""
+"""The run's store and splits, the training data order (resumable, per rank), loaders, and caption padding for
+compiled steps."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from fvlm_data.dataset import CaptionCollator, FeatureDataset
+from fvlm_data.dataset import CaptionCollator, FeatureDataset, Splits, check_num_frames, split_datasets
 from fvlm_data.store import FeatureStore, StoreError
 
 from . import TrainError
+from .config import RunConfig
 
 
 class ResumableSampler(Sampler[int]):
@@ -48,17 +50,25 @@ def make_loader(ds: FeatureDataset, collate: CaptionCollator, batch_size: int, w
                       prefetch_factor=4 if workers > 0 else None)
 
 
-def open_store(path: str, num_frames: int) -> FeatureStore:
+def open_store(path: str) -> FeatureStore:
+    """The run's store, opened once; not a store, or no videos in it, is a TrainError."""
     try:
         store = FeatureStore.open(path)
     except StoreError as e:
         raise TrainError(str(e)) from None
     if len(store) == 0:
         raise TrainError(f"{path} has no committed videos: run precompute.py first")
-    stored = int(store.attrs["num_frames"])
-    if num_frames > stored:
-        raise TrainError(f"--num-frames {num_frames} but {path} stores {stored} frames per video")
     return store
+
+
+def open_splits(store: FeatureStore, config: RunConfig) -> Splits:
+    """The training and held-out datasets of the run, from one read of the store's video ids."""
+    try:
+        check_num_frames(config.num_frames, store)
+    except ValueError:  # the same check, in the command line's words
+        raise TrainError(f"--num-frames {config.num_frames} but {store.path} stores {store.attrs['num_frames']} "
+                         "frames per video") from None
+    return split_datasets(store, config.num_frames, config.val_fraction, config.frame_sampling, config.seed)
 
 
 def pad_captions(batch: dict[str, Any], multiple: int, pad_id: int) -> dict[str, Any]:

@@ -1,50 +1,49 @@
-"""Process group setup for torchrun (NCCL on GPUs, gloo on CPU) and the few collectives used."""
+"""Process group setup for torchrun (NCCL on GPUs, gloo on CPU) and the few collectives used.
+
+The rank layout is `fvlm_data.distributed.Launch`, read from torchrun's environment there.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from fvlm_data.distributed import Launch, torchrun_launch
 
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
+from . import TrainError
 
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
+ONE_PROCESS = Launch(rank=0, world_size=1, local_rank=0, local_world_size=1)
 
 
-def init_distributed() -> Dist:
+def init_distributed() -> Launch:
     """One process, or the process group torchrun describes in the environment."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Dist()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        return ONE_PROCESS
+    launch = torchrun_launch()
+    if launch is None:
+        raise TrainError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but RANK, LOCAL_RANK, MASTER_ADDR or "
+                         "MASTER_PORT is not set: start several processes with torchrun")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
-        torch.cuda.set_device(d.local_rank)
-    return d
+        torch.cuda.set_device(launch.local_rank)
+    return launch
 
 
-def all_sum(values: torch.Tensor, world: int) -> torch.Tensor:
+def all_sum(values: torch.Tensor, world_size: int) -> torch.Tensor:
     """Sum over processes (a copy; the identity with one process)."""
     values = values.clone()
-    if world > 1:
+    if world_size > 1:
         dist.all_reduce(values)
     return values
 
 
-def any_rank(flag: bool, world: int, device: torch.device) -> bool:
+def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
     """True on every rank if it is true on any (so all ranks take the same branch)."""
-    return bool(all_sum(torch.tensor([float(flag)], device=device), world).item() > 0)
+    return bool(all_sum(torch.tensor([float(flag)], device=device), world_size).item() > 0)
 
 
-def shutdown(world: int) -> None:
-    if world > 1 and dist.is_initialized():
+def shutdown(world_size: int) -> None:
+    if world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()

@@ -7,7 +7,8 @@ import math
 import torch
 
 # Vectors and lookup tables: decaying them pulls queries/embeddings/norm gains towards 0, which
-# is not a regulariser of anything. Matched by parameter name, checked in tests/test_optim.py.
+# is not a regulariser of anything. Matched by parameter name, checked by test_weight_decay_rule in
+# tests/test_train_parts.py.
 NO_DECAY_NAMES = ("q_static", "q_init", "latent_init", "mode_embed", "embed_tokens", "lm_head", "norm", "bias")
 
 

@@ -7,6 +7,8 @@ from typing import Any
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
+from fvlm_data.dataset import FeatureDataset
+from fvlm_data.store import FeatureStore
 from fvlm_data.synthetic import get_task, parse_source_tag
 from fvlm_model import FoveatedVLM
 from fvlm_model.generate import generate_captions
@@ -21,6 +23,16 @@ def synthetic_frames(attrs: dict[str, Any], source: str, timestamps: np.ndarray)
     task, index = tag
     seed = int(attrs.get("precompute_args", {}).get("seed", 0))
     return get_task(task)(seed, index, timestamps, int(attrs["image_size"]))[0]
+
+
+def visual_samples(store: FeatureStore, ds: FeatureDataset, count: int) -> tuple[list[dict[str, Any]],
+                                                                                   list[np.ndarray | None]]:
+    """The first `count` videos of `ds` and their rendered frames (None where not synthetic): the
+    fixed validation videos whose attention and captions are shown in TensorBoard."""
+    items = [ds[i] for i in range(min(count, len(ds)))]
+    frames = [synthetic_frames(store.attrs, store.read_string("source", int(ds.slots[it["index"]])),
+                               it["timestamps"].numpy()) for it in items]
+    return items, frames
 
 
 def caption_table(model: FoveatedVLM, tokenizer: Any, batch: dict[str, Any], max_tokens: int,

@@ -9,7 +9,7 @@ import zarr
 from torch.utils.data import DataLoader
 
 from fvlm_data import CaptionCollator, FeatureDataset, FeatureStore
-from fvlm_data.dataset import frame_indices, to_device
+from fvlm_data.dataset import frame_indices, split_datasets, to_device
 from fvlm_data.store import FeatureShapes
 from fvlm_model import load_lm
 
@@ -102,6 +102,29 @@ def test_split_is_deterministic_disjoint_and_complete(store_path):
     assert set(train.slots.tolist()).isdisjoint(val.slots.tolist())
     assert len(train) + len(val) == 40 and 0 < len(val) < 20
     assert val.slots.tolist() == again.slots.tolist()
+
+
+def test_split_datasets_take_both_splits_in_one_pass(store_path):
+    """From one open store: the same videos as FeatureDataset(split=...), the held-out ids in slot
+    order, evenly spaced frames for validation, and datasets that read in spawn workers (pickled)."""
+    store = FeatureStore.open(store_path)
+    splits = split_datasets(store, 4, 0.25, frame_sampling="random", seed=3)
+    for name, ds in (("train", splits.train), ("val", splits.val)):
+        alone = FeatureDataset(store_path, num_frames=4, split=name, val_fraction=0.25)
+        assert ds.slots.tolist() == alone.slots.tolist()
+    assert splits.val_ids == store.read_strings("video_id", splits.val.slots) and len(splits.val_ids) > 0
+    assert (splits.train.frame_sampling, splits.train.seed, splits.val.frame_sampling) == ("random", 3, "uniform")
+    with pytest.raises(ValueError, match="holds 24"):
+        split_datasets(store, 25, 0.25)
+    _, tokenizer = load_lm("tiny")
+    loader = DataLoader(splits.train, batch_size=8, num_workers=2, multiprocessing_context="spawn",
+                        collate_fn=CaptionCollator(tokenizer, max_caption_tokens=6))
+    seen = []
+    for batch in loader:
+        for row, idx in enumerate(batch["index"].tolist()):
+            assert batch["latents"][row, 0, 0, 0, 0].item() == int(splits.train.slots[idx])
+        seen += batch["index"].tolist()
+    assert sorted(seen) == list(range(len(splits.train)))
 
 
 def test_refuses_more_frames_than_stored(store_path):

@@ -4,7 +4,7 @@ decoding against naive full re-runs, stopping at EOS, batching, sampling, autore
 import pytest
 import torch
 
-from fvlm_model import FoveatedVLM, load_lm
+from fvlm_model import FoveatedVLM, ModelConfig, load_lm
 from fvlm_model.generate import MODES, build_prefix, generate_captions
 from fvlm_model.model import COARSE, FINE
 
@@ -21,7 +21,7 @@ def eos_id() -> int:
 def model() -> FoveatedVLM:
     lm, _ = load_lm("tiny")
     torch.manual_seed(0)
-    return FoveatedVLM(lm, dino_dim=D, latent_channels=4, latent_size=8, fine_iterations=2).eval()
+    return FoveatedVLM(lm, ModelConfig(dino_dim=D, latent_channels=4, latent_size=8, fine_iterations=2)).eval()
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,13 @@ import torch
 from click.testing import CliRunner
 
 from fvlm_data.dataset import CaptionCollator, FeatureDataset, to_device
-from fvlm_model import FoveatedVLM, load_lm
+from fvlm_data.distributed import Launch
+from fvlm_model import FoveatedVLM, ModelConfig, load_lm
 from fvlm_train import TrainError
-from fvlm_train.checkpoint import load_checkpoint
+from fvlm_train.checkpoint import Checkpoint, rng_state
 from fvlm_train.config import RunConfig, check_split, check_store, click_options, held_out_fingerprint, resolve
 from fvlm_train.data import TrainBatches
+from fvlm_train.distributed import init_distributed
 from fvlm_train.optim import decays, make_optimizer
 from tests.test_dataset import build_store
 
@@ -22,7 +24,7 @@ from tests.test_dataset import build_store
 def test_weight_decay_rule():
     """Weight matrices decay; queries, embeddings, norms, biases, latent_init and q_init do not."""
     lm, _ = load_lm("tiny")
-    model = FoveatedVLM(lm, dino_dim=32, latent_size=7)
+    model = FoveatedVLM(lm, ModelConfig(dino_dim=32, latent_size=7))
     named = dict(model.named_parameters())
     never = ["q_static", "q_init", "latent_init", "mode_embed", "lm.model.embed_tokens.weight", "lm.model.norm.weight",
              "lm.model.layers.0.input_layernorm.weight", "proj.bias", "llm_to_query.bias", "head.encoder.0.bias"]
@@ -102,14 +104,52 @@ def test_bad_checkpoint_files_say_what_they_are(tmp_path):
     for name, (data, text) in cases.items():
         (tmp_path / name).write_bytes(data)
         with pytest.raises(TrainError, match=re.escape(text)) as e:
-            load_checkpoint(tmp_path / name)
+            Checkpoint.load(tmp_path / name)
         assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
     with pytest.raises(TrainError, match="is not an fvlm checkpoint"):
-        load_checkpoint(tmp_path / "foreign.pt")
+        Checkpoint.load(tmp_path / "foreign.pt")
     torch.save({"format": "fvlm-checkpoint", "version": 1}, tmp_path / "old.pt")
     with pytest.raises(TrainError, match="checkpoint version 1"):
-        load_checkpoint(tmp_path / "old.pt")
+        Checkpoint.load(tmp_path / "old.pt")
+
+
+def test_checkpoint_saves_and_restores_every_field(tmp_path):
+    """The record round-trips through the version-2 file layout (its keys on disk are fixed), the
+    latest link follows the newest step, `keep` step files stay, and a file missing a key is one line."""
+    config = RunConfig(preset="tiny", num_frames=4, held_out=held_out_fingerprint(["a", "b"], 0.25))
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    for step in (7, 8, 9):
+        ckpt = Checkpoint(config, model.state_dict(), optimizer.state_dict(), step=step, epoch=2, micro_in_epoch=3,
+                          nonfinite_total=1, rng=rng_state(torch.device("cpu")))
+        path = ckpt.save(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_step*.pt")) == ["checkpoint_step00000008.pt", path.name]
+    assert path.name == "checkpoint_step00000009.pt" and (tmp_path / "checkpoint_latest.pt").samefile(path)
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) == {"format", "version", "config", "model", "optimizer", "step", "epoch", "micro_in_epoch",
+                        "nonfinite_total", "rng"}
+    assert (raw["format"], raw["version"], raw["config"]) == ("fvlm-checkpoint", 2, config.to_dict())
+    back = Checkpoint.load(tmp_path / "checkpoint_latest.pt")
+    assert back.config == config and (back.step, back.epoch, back.micro_in_epoch, back.nonfinite_total) == (9, 2, 3, 1)
+    assert all(torch.equal(back.model[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(back.optimizer["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(back.rng["torch"], ckpt.rng["torch"])
+    torch.save({k: v for k, v in raw.items() if k != "rng"}, tmp_path / "partial.pt")
+    with pytest.raises(TrainError, match="partial.pt lacks rng: give a checkpoint_"):
+        Checkpoint.load(tmp_path / "partial.pt")
+
+
+def test_one_process_unless_torchrun_started_several(monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert init_distributed() == Launch(rank=0, world_size=1, local_rank=0, local_world_size=1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TrainError, match="WORLD_SIZE is 2 but .* start several processes with torchrun"):
+        init_distributed()
 
 
 def test_options_are_checked_by_click_and_all_have_help():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fvlm_model import FoveatedVLM, load_lm
+from fvlm_model import FoveatedVLM, ModelConfig, load_lm
 from fvlm_model.model import COARSE, FINE
 from fvlm_model.visualize import (
     attention_entropy,
@@ -159,7 +159,7 @@ B, T, NT, D = 2, 3, 17, 32
 def setup():
     lm, tok = load_lm("tiny")
     torch.manual_seed(0)
-    model = FoveatedVLM(lm, dino_dim=D, latent_channels=4, latent_size=8, fine_iterations=2).eval()
+    model = FoveatedVLM(lm, ModelConfig(dino_dim=D, latent_channels=4, latent_size=8, fine_iterations=2)).eval()
     g = torch.Generator().manual_seed(0)
     ids = [tok(c).input_ids + [tok.eos_token_id] for c in ["a red ball", "blue square moves left"]]
     length = max(map(len, ids))

@@ -1,0 +1,81 @@
+"""The training log: what an interval of steps reports, summed over every rank's videos."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from fvlm_model import ModelConfig
+from fvlm_model.evaluation import pass_metrics
+
+from .config import RunConfig
+from .distributed import all_sum
+from .step import SUMS
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB, process RSS on CPU
+
+
+class IntervalLog:
+    """The sums of the steps since the last log; a loss is logged only for steps that were taken."""
+
+    def __init__(self) -> None:
+        self.acc = torch.zeros(len(SUMS) + 2, dtype=torch.float64)  # SUMS, grad-norm sum, finite steps
+        self.samples, self.start = 0, time.time()
+
+    def reset(self) -> None:
+        self.acc.zero_()
+        self.samples, self.start = 0, time.time()
+
+    def add(self, result: dict[str, Any], samples: int) -> None:
+        """One `train_step` result over `samples` videos (of every rank)."""
+        self.samples += samples
+        if result["finite"]:
+            self.acc += torch.cat([result["sums"], torch.tensor([result["grad_norm"], 1.0], dtype=torch.float64)])
+
+    def metrics(self, lr: float, nonfinite_total: int, config: ModelConfig, device: torch.device,
+                world_size: int) -> dict[str, float]:
+        """The interval's metrics (a collective: every rank calls it), and a new interval."""
+        total = all_sum(self.acc[: len(SUMS)].to(device), world_size).cpu()  # every rank's videos
+        m: dict[str, float] = {"lr": lr, "samples_per_s": self.samples / (time.time() - self.start),
+                               "peak_memory_gb": peak_memory_gb(device), "nonfinite_steps": nonfinite_total}
+        if self.acc[-1] > 0:
+            sums = dict(zip(SUMS, total.tolist(), strict=True))
+            metrics = pass_metrics([sums["cap_sum_coarse"], sums["cap_sum_fine"]], sums["cap_tokens"],
+                                   [sums["rec_sum_coarse"], sums["rec_sum_fine"]], sums["videos"], config)
+            m.update({k: v for k, v in metrics.items() if not isinstance(v, list)})
+            m["grad_norm"] = float(self.acc[-2] / self.acc[-1])
+        self.reset()
+        return m
+
+
+def write_log(writer: SummaryWriter, m: dict[str, float], step: int) -> None:
+    for k, v in m.items():
+        writer.add_scalar(k, v, step)
+    if "loss" in m:
+        tqdm.write(f"step {step}: loss {m['loss']:.4f} cap_fine {m['cap_fine']:.4f} cap_coarse "
+                   f"{m['cap_coarse']:.4f} cap_ratio {m['cap_ratio']:.4f} rec_fine {m['rec_fine']:.4f} "
+                   f"lr {m['lr']:.2e} {m['samples_per_s']:.1f} samples/s")
+
+
+def open_writer(run_dir: Path, config: RunConfig, step: int) -> SummaryWriter:
+    """The run folder with its run_config.json, and its TensorBoard writer from `step` on; a new run
+    records its configuration as text and hparams."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    writer = SummaryWriter(str(run_dir), purge_step=step + 1 if step else None)
+    if step == 0:
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
+        writer.add_text("hparams", "\n".join(f"    {k}: {v}" for k, v in sorted(hparams.items())), 0)
+        writer.add_hparams(hparams, {"hparam/placeholder": 0.0}, run_name=".")
+    return writer
