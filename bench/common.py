@@ -10,7 +10,6 @@ import contextlib
 import ctypes
 import mmap
 import os
-import resource
 import shutil
 import statistics
 import tempfile
@@ -277,13 +276,6 @@ def peak_flops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_BF16 if key in name), None)
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    """CUDA: max_memory_allocated; CPU: this process's peak resident memory so far."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB (Linux), whole process
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -294,14 +286,14 @@ def random_init_model(lm: str = "smollm2", fine_iterations: int = 2, dim: int = 
     `tiny`: the test preset's), fp32 on the CPU, seeded. The one place the bench builds a model."""
     from transformers import LlamaForCausalLM
 
-    from fvlm_model import FoveatedVLM
+    from fvlm_model import FoveatedVLM, ModelConfig
     from fvlm_model.lm import smollm2_135m_config, tiny_llama_config
 
     config = smollm2_135m_config() if lm == "smollm2" else tiny_llama_config(vocab_size=512)
     config.name_or_path = lm
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return FoveatedVLM(LlamaForCausalLM(config), dino_dim=dim, fine_iterations=fine_iterations)
+        return FoveatedVLM(LlamaForCausalLM(config), ModelConfig(dino_dim=dim, fine_iterations=fine_iterations))
 
 
 # ----------------------------------------------------------------------------- tables

@@ -40,10 +40,11 @@ from pathlib import Path
 import torch
 
 try:
-    from bench.common import LATENT, peak_flops, peak_memory_gb, random_init_model, sync
+    from bench.common import LATENT, peak_flops, random_init_model, sync
 except ModuleNotFoundError:  # `python bench/train_step.py` puts bench/ on the path, not the repository
     raise SystemExit("run it from the repository root as a module: python -m bench.train_step") from None
 from fvlm_train.optim import make_optimizer
+from fvlm_train.progress import peak_memory_gb
 from fvlm_train.step import train_step
 
 VARIANTS = {
