@@ -41,8 +41,8 @@ class PrecomputeConfig:
     # Which inputs.
     videos: str | None = option(None, "A folder of video files (captions in <stem>.txt/.json) or a CSV/JSONL manifest.")
     webdataset: str | None = option(None, "Tar shards as video2dataset writes them, e.g. 'shards/{00000..00009}.tar'.")
-    synthetic: int | None = option(None, f"Render N synthetic videos (the default source, N={DEFAULT_SYNTHETIC_VIDEOS}).",
-                                   click.IntRange(min=1))
+    synthetic: int | None = option(None, "Render N synthetic videos (the default source, "
+                                   f"N={DEFAULT_SYNTHETIC_VIDEOS}).", click.IntRange(min=1))
     synthetic_task: str = option("shapes", "Which synthetic videos.", click.Choice(sorted(TASKS)))
     # How each input becomes frames, and the frames features.
     num_frames: int = option(24, "Frames sampled over each whole video.", click.IntRange(min=1))

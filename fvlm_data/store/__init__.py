@@ -25,8 +25,18 @@ local or remote, is `fvlm_data.objects`.
 
 from fvlm_data.objects import StoreError
 from fvlm_data.store.format import (
-    COMPATIBILITY_KEYS, DEFAULT_SHARD_VIDEOS, FEATURE_KEYS, FORMAT_NAME, FORMAT_VERSION, FRAME_ARRAYS, SHAPE_KEYS,
-    STRING_ARRAYS, FeatureRecipe, FeatureShapes, check_compatible, quantize_int8,
+    COMPATIBILITY_KEYS,
+    DEFAULT_SHARD_VIDEOS,
+    FEATURE_KEYS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    FRAME_ARRAYS,
+    SHAPE_KEYS,
+    STRING_ARRAYS,
+    FeatureRecipe,
+    FeatureShapes,
+    check_compatible,
+    quantize_int8,
 )
 from fvlm_data.store.reader import FeatureStore
 from fvlm_data.store.writer import ShardBuffer, ShardState, shard_states

@@ -18,7 +18,13 @@ import zarr
 
 from fvlm_data.objects import LocalObjects, ReadRequest, RemoteObjects, StoreError, objects_at
 from fvlm_data.store.format import (
-    FRAME_ARRAYS, STRING_ARRAYS, FeatureShapes, check_format, check_layout, chunk_nbytes, inner_chunks,
+    FRAME_ARRAYS,
+    STRING_ARRAYS,
+    FeatureShapes,
+    check_format,
+    check_layout,
+    chunk_nbytes,
+    inner_chunks,
 )
 from fvlm_data.store.shard_index import ShardIndex
 

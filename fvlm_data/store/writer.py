@@ -22,8 +22,16 @@ from zarr.core.sync import sync
 
 from fvlm_data.objects import LocalObjects, StoreError, objects_at
 from fvlm_data.store.format import (
-    DEFAULT_SHARD_VIDEOS, FRAME_ARRAYS, STRING_ARRAYS, FeatureRecipe, FeatureShapes, check_compatible, chunk_nbytes,
-    memory_objects, quantize_int8, schema,
+    DEFAULT_SHARD_VIDEOS,
+    FRAME_ARRAYS,
+    STRING_ARRAYS,
+    FeatureRecipe,
+    FeatureShapes,
+    check_compatible,
+    chunk_nbytes,
+    memory_objects,
+    quantize_int8,
+    schema,
 )
 from fvlm_data.store.reader import FeatureStore, open_group
 from fvlm_data.store.shard_index import ShardIndex
