@@ -224,3 +224,24 @@ def test_refuses_format_1_stores_with_what_to_do(tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(StoreError, match="format-1 store.*re-run precompute into a new --out"):
         FeatureStore.open(tmp_path / "s.zarr")
+
+
+def test_shard_index_reads_what_zarr_writes_and_refuses_damage(tmp_path):
+    """The index at the end of a shard object, as zarr's sharding codec writes it."""
+    from fvlm_data.store.shard_index import ShardIndex
+
+    rng = np.random.default_rng(7)
+    store = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=3, shard_videos=4)
+    rows = write_shard(store, 0, rng, fail={1})
+    data = (tmp_path / "s.zarr" / "dino" / "c" / "0" / "0" / "0" / "0").read_bytes()
+    index = ShardIndex.parse(data[-ShardIndex.nbytes(4):], len(data), 4, "dino shard 0")
+    frame_bytes = rows[0]["dino"][0].nbytes
+    assert not index.is_empty(0) and index.chunk_nbytes(0) == 6 * frame_bytes
+    assert index.is_empty(3)  # slot 3 is beyond the capacity: never written
+    assert np.frombuffer(index.chunk(data, 2), np.float16).tolist() == rows[2]["dino"].reshape(-1).tolist()
+    assert index.frame_ranges(2, np.array([0, 1, 2, 4, 5]), frame_bytes) == [
+        (index.offset(2), 0, 3), (index.offset(2) + 4 * frame_bytes, 3, 5)]
+    with pytest.raises(StoreError, match="dino shard 0 fails its index checksum"):
+        ShardIndex.parse(data[:-1] + bytes([data[-1] ^ 1]), len(data), 4, "dino shard 0")
+    with pytest.raises(StoreError, match=r"dino shard 0 is truncated \(10 bytes\)"):
+        ShardIndex.parse(data[-10:], 10, 4, "dino shard 0")
