@@ -14,8 +14,9 @@ Format 2: every array uses Zarr v3's sharding codec with S = attrs["shard_videos
 slots per shard object (index at the end, crc32c-checked). Inside `dino`, `dino_scale`, `latents`
 and `timestamps` shards the inner chunk is one video, uncompressed, so a reader fetches just the
 frames it needs by byte ranges computed from the shard index; the small per-video arrays keep a
-shard as one inner chunk. A store of V videos holds 9 V / S shard objects (10 V / S with int8
-features: `dino_scale` too), one per array per shard.
+shard as one inner chunk. A store of V videos holds one object per array per shard: 9 V / S
+objects (10 V / S with int8 features, whose `dino_scale` is one more array), plus a zarr.json per
+array and the group's.
 
 Modules, one job each: `format` (what a store holds and which attributes must agree),
 `shard_index` (zarr's shard index as a value), `reader` (the read-only `FeatureStore`), `writer`
