@@ -1,6 +1,6 @@
 """The frozen encoders: DINOv2 patch tokens and SD-VAE latents for batches of RGB frames.
 
-Defaults are the real models (`facebook/dinov2-small`, `stabilityai/sd-vae-ft-mse`). The
+Defaults are the real models (`DEFAULT_DINO`, `DEFAULT_VAE` below: DINOv2-small, SD's VAE). The
 `tiny` preset builds small random-initialised models of the same output shapes from configs,
 with no network access; a store made with it says so in its attributes.
 """

@@ -21,9 +21,9 @@ import torch
 from tqdm import tqdm
 
 from fvlm_data.encoders import FrozenEncoders
-from fvlm_data.sources import DecodedVideo, VideoInput
-from fvlm_data.store import FeatureShapes, FeatureStore, ShardBuffer, StoreError
-from fvlm_data.video import SEEK_MODES
+from fvlm_data.precompute_config import PrecomputeConfig
+from fvlm_data.sources import DecodedVideo, Decoding, VideoInput
+from fvlm_data.store import FeatureShapes, FeatureStore, ShardBuffer, StoreError, shard_states
 from fvlm_data.workers import decode_executor, decode_one, stop_decode_workers
 
 
@@ -58,24 +58,132 @@ class PrecomputeSummary:
         return total
 
 
+# The `frame_sampling` attribute for each --seek mode.
+FRAME_SAMPLING = {
+    "exact": "uniform over the whole duration (segment centres); short side resized, centre crop",
+    "keyframe": "keyframe nearest to each uniform target over the whole duration (segment centres), "
+                "decoding keyframes only; actual frame times in 'timestamps'; short side resized, centre crop",
+}
+
+
+def run_precompute(config: PrecomputeConfig, inputs: list[VideoInput], encoders: FrozenEncoders, *,
+                   progress: bool = True, barrier: Callable[[], None] | None = None) -> PrecomputeSummary:
+    """Fill (or continue filling) the store at `config.out` with this process's shards of `inputs`.
+
+    `config.shard_videos` (S) applies to a new store; an existing store keeps its own (asking for
+    another is refused). `barrier` (all `num_shards` processes call it once, e.g. a torch.distributed
+    barrier) makes process 0 create or grow the store before the others open it.
+    """
+    config.check()
+    store = _open_store(config, inputs, encoders, barrier)
+    plan = _plan(store, config, inputs)
+    summary = PrecomputeSummary(already_done=len(plan.skipped))
+    bar = tqdm(total=len(plan.todo), unit="video", disable=not progress, dynamic_ncols=True)
+    shards = _ShardsInProgress(store, len(inputs), plan.keep_existing, summary, bar)
+    executor = decode_executor(config.workers)
+    try:
+        window = max(2 * config.workers, 1) * config.batch_videos
+        results = _decoded_in_order(executor, plan.todo, window, config.decoding)
+        for batch in _batches(results, config.batch_videos, on_failure=shards.add_failure):
+            shards.add_rows(batch, *_encode(encoders, [video for _, _, video in batch], config.num_frames))
+    finally:
+        bar.close()
+        stop_decode_workers(executor)  # also on errors, Ctrl-C and SIGTERM: no orphaned workers
+    summary.store_bytes = store.nbytes_on_disk()
+    return summary
+
+
+def store_attributes(encoders: FrozenEncoders, shapes: FeatureShapes, config: PrecomputeConfig) -> dict[str, Any]:
+    """The group attributes: how the store was made. Consumers read these instead of asking again."""
+    return {
+        "dino": encoders.dino_id,
+        "vae": encoders.vae_id,
+        "preset": config.preset,
+        "encoders": encoders.describe(),
+        "image_size": config.image_size,
+        **shapes.as_attrs(),  # num_frames, dino_tokens, dino_dim, latent_shape
+        "feature_dtype": config.feature_dtype,
+        "latent_dtype": "float16",
+        "frame_sampling": FRAME_SAMPLING[config.seek],
+        "precompute_args": config.recorded(),
+    }
+
+
+def _open_store(config: PrecomputeConfig, inputs: list[VideoInput], encoders: FrozenEncoders,
+                barrier: Callable[[], None] | None) -> FeatureStore:
+    """The store, created or grown to one slot per input (by process 0 first, if there is a barrier)."""
+    (n_tokens, dim), latent_shape = encoders.output_shapes(config.image_size)
+    shapes = FeatureShapes(config.num_frames, n_tokens, dim, latent_shape)
+    attrs = store_attributes(encoders, shapes, config)
+    if config.num_shards > 1 and barrier is None and FeatureStore.exists(config.out):
+        # Growing a store while other processes write it would race on the array metadata.
+        capacity = FeatureStore.open(config.out).capacity
+        if capacity < len(inputs):
+            raise StoreError(f"{config.out} has {capacity} slots but this run lists {len(inputs)} inputs: "
+                             "grow it with a single process (--num-shards 1) first")
+    if barrier is not None:  # process 0 creates (or grows) the store while the others wait
+        if config.shard_index == 0:
+            FeatureStore.create_or_open(config.out, attrs, shapes, len(inputs), config.shard_videos)
+        barrier()
+    return FeatureStore.create_or_open(config.out, attrs, shapes, len(inputs), config.shard_videos)
+
+
+@dataclass
+class _Plan:
+    todo: list[tuple[int, VideoInput]]  # (slot, input) still to write
+    keep_existing: dict[int, bool]  # shard -> start from its stored rows
+    skipped: np.ndarray  # committed or failed slots
+
+
+def _plan(store: FeatureStore, config: PrecomputeConfig, inputs: list[VideoInput]) -> _Plan:
+    """This process's shards (I, I+K, ...): what is done, what to redo. Committed shards are checked
+    (object ends only), in batches; a damaged one is recomputed from scratch."""
+    size = store.shard_videos
+    owned = list(range(config.shard_index, -(-len(inputs) // size), config.num_shards))
+    states = {}
+    for i in range(0, len(owned), 1024):
+        states.update(shard_states(store, owned[i : i + 1024]))
+    plan = _Plan(todo=[], keep_existing={}, skipped=np.zeros(0, dtype=np.int64))
+    done_slots = [plan.skipped]
+    for shard in owned:
+        lo, hi = shard * size, min(shard * size + size, len(inputs))
+        state = states[shard]
+        if state.problem:
+            tqdm.write(f"recomputing shard {shard}: {state.problem}", file=sys.stderr)
+        done = state.done[: hi - lo]
+        done_slots.append(np.flatnonzero(done) + lo)
+        if done.all():
+            continue
+        # A committed shard that grew (more inputs) keeps its rows; a broken or unpublished one starts empty.
+        plan.keep_existing[shard] = state.kept
+        plan.todo += [(slot, inputs[slot]) for slot in range(lo, hi) if not done[slot - lo]]
+    plan.skipped = np.concatenate(done_slots)
+    for slot, stored_id in zip(plan.skipped.tolist(), store.read_strings("video_id", plan.skipped), strict=True):
+        if stored_id != inputs[slot].video_id:
+            raise StoreError(f"{config.out} slot {slot} holds video {stored_id!r} but this run's input {slot} is "
+                             f"{inputs[slot].video_id!r}: the input list changed; use a new --out")
+    return plan
+
+
 def _decoded_in_order(executor: Executor, items: list[tuple[int, VideoInput]], window: int,
-                      decode_args: tuple) -> Iterator[tuple[int, VideoInput, DecodedVideo | str]]:
+                      decoding: Decoding) -> Iterator[tuple[int, VideoInput, DecodedVideo | str]]:
     """Keep `window` decodes in flight and yield results in input order."""
     pending: collections.deque = collections.deque()
     it = iter(items)
     for slot, item in it:
-        pending.append((slot, item, executor.submit(decode_one, item, *decode_args)))
+        pending.append((slot, item, executor.submit(decode_one, item, decoding)))
         if len(pending) >= window:
             break
     while pending:
         slot, item, fut = pending.popleft()
         nxt = next(it, None)
         if nxt is not None:
-            pending.append((nxt[0], nxt[1], executor.submit(decode_one, nxt[1], *decode_args)))
+            pending.append((nxt[0], nxt[1], executor.submit(decode_one, nxt[1], decoding)))
         yield slot, item, fut.result()
 
 
 def _batches(results: Iterable, batch_videos: int, on_failure: Callable) -> Iterator[list]:
+    """Decoded videos in batches of `batch_videos`; a failed decode goes to `on_failure` at once."""
     batch: list = []
     for slot, item, result in results:
         if isinstance(result, str):
@@ -89,149 +197,47 @@ def _batches(results: Iterable, batch_videos: int, on_failure: Callable) -> Iter
         yield batch
 
 
-# The `frame_sampling` attribute for each --seek mode.
-FRAME_SAMPLING = {
-    "exact": "uniform over the whole duration (segment centres); short side resized, centre crop",
-    "keyframe": "keyframe nearest to each uniform target over the whole duration (segment centres), "
-                "decoding keyframes only; actual frame times in 'timestamps'; short side resized, centre crop",
-}
+def _encode(encoders: FrozenEncoders, videos: list[DecodedVideo], num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """DINO tokens [B, T, N, D] and latents [B, T, C, h, w] of a batch of decoded videos."""
+    encoded = encoders.encode(torch.from_numpy(np.concatenate([video.frames for video in videos])))
+    dino = encoded.dino.view(len(videos), num_frames, *encoded.dino.shape[1:]).cpu().numpy()
+    latents = encoded.latents.view(len(videos), num_frames, *encoded.latents.shape[1:]).cpu().numpy()
+    return dino, latents
 
 
-def store_attributes(encoders: FrozenEncoders, shapes: FeatureShapes, *, image_size: int,
-                     feature_dtype: str, preset: str | None, args: dict[str, Any],
-                     seek: str = "exact") -> dict[str, Any]:
-    """The group attributes: how the store was made. Consumers read these instead of asking again."""
-    return {
-        "dino": encoders.dino_id,
-        "vae": encoders.vae_id,
-        "preset": preset,
-        "encoders": encoders.describe(),
-        "num_frames": shapes.num_frames,
-        "image_size": image_size,
-        "dino_tokens": shapes.dino_tokens,
-        "dino_dim": shapes.dino_dim,
-        "latent_shape": list(shapes.latent_shape),
-        "feature_dtype": feature_dtype,
-        "latent_dtype": "float16",
-        "frame_sampling": FRAME_SAMPLING[seek],
-        "precompute_args": args,
-    }
+class _ShardsInProgress:
+    """This process's shards being filled: each buffered from its first row on, and published whole
+    (then dropped: ~1-2 shards live) once every slot of it is written or recorded as failed."""
 
+    def __init__(self, store: FeatureStore, num_inputs: int, keep_existing: dict[int, bool],
+                 summary: PrecomputeSummary, bar: tqdm) -> None:
+        self.store, self.num_inputs, self.keep_existing = store, num_inputs, keep_existing
+        self.summary, self.bar = summary, bar
+        self.buffers: dict[int, ShardBuffer] = {}
 
-def run_precompute(
-    inputs: list[VideoInput],
-    out: str,
-    encoders: FrozenEncoders,
-    *,
-    num_frames: int,
-    image_size: int,
-    min_duration: float = 0.0,
-    max_duration: float | None = None,
-    num_shards: int = 1,
-    shard_index: int = 0,
-    workers: int = 2,
-    batch_videos: int = 8,
-    feature_dtype: str = "float16",
-    shard_videos: int | None = None,
-    seek: str = "exact",
-    preset: str | None = None,
-    args: dict[str, Any] | None = None,
-    progress: bool = True,
-    barrier: Callable[[], None] | None = None,
-) -> PrecomputeSummary:
-    """Fill (or continue filling) the store at `out` with this process's shards of `inputs`.
+    def _buffer(self, slot: int) -> ShardBuffer:
+        shard = slot // self.store.shard_videos
+        if shard not in self.buffers:
+            self.buffers[shard] = self.store.shard_buffer(shard, keep_existing=self.keep_existing[shard])
+        return self.buffers[shard]
 
-    `shard_videos` (S) applies to a new store; an existing store keeps its own (asking for another is
-    refused). `barrier` (all `num_shards` processes call it once, e.g. a torch.distributed barrier)
-    makes process 0 create or grow the store before the others open it.
-    """
-    if not 0 <= shard_index < num_shards:
-        raise ValueError(f"--shard-index must be in 0..{num_shards - 1}, got {shard_index}")
-    if seek not in SEEK_MODES:
-        raise ValueError(f"--seek must be one of {', '.join(SEEK_MODES)}, got {seek!r}")
-    (n_tokens, dim), latent_shape = encoders.output_shapes(image_size)
-    shapes = FeatureShapes(num_frames, n_tokens, dim, latent_shape)
-    attrs = store_attributes(encoders, shapes, image_size=image_size, feature_dtype=feature_dtype,
-                             preset=preset, args=args or {}, seek=seek)
-    if num_shards > 1 and barrier is None and FeatureStore.exists(out):
-        # Growing a store while other processes write it would race on the array metadata.
-        capacity = FeatureStore.open(out).capacity
-        if capacity < len(inputs):
-            raise StoreError(f"{out} has {capacity} slots but this run lists {len(inputs)} inputs: "
-                             "grow it with a single process (--num-shards 1) first")
-    if barrier is not None:  # process 0 creates (or grows) the store while the others wait
-        if shard_index == 0:
-            FeatureStore.create_or_open(out, attrs, shapes, capacity=len(inputs), shard_videos=shard_videos)
-        barrier()
-    store = FeatureStore.create_or_open(out, attrs, shapes, capacity=len(inputs), shard_videos=shard_videos)
-    size = store.shard_videos
+    def _publish_if_complete(self, slot: int) -> None:
+        if self._buffer(slot).complete(until=self.num_inputs):
+            self.buffers.pop(slot // self.store.shard_videos).publish()
 
-    summary = PrecomputeSummary()
-    todo: list[tuple[int, VideoInput]] = []
-    keep_existing: dict[int, bool] = {}  # shard -> start from its stored rows
-    buffers: dict[int, ShardBuffer] = {}  # created on first use, dropped once published: ~1-2 shards live
-    done_slots: list[np.ndarray] = []  # committed or failed slots, skipped
-    owned = list(range(shard_index, -(-len(inputs) // size), num_shards))
-    states = {}
-    for i in range(0, len(owned), 1024):  # committed shards are checked (object ends only), in batches
-        states.update(store.shard_states(owned[i : i + 1024]))
-    for shard in owned:
-        lo, hi = shard * size, min(shard * size + size, len(inputs))
-        state = states[shard]
-        if isinstance(state, str):
-            tqdm.write(f"recomputing shard {shard}: {state}", file=sys.stderr)
-            state = None
-        done = np.zeros(hi - lo, dtype=bool) if state is None else (state[0] | state[1])[: hi - lo]
-        done_slots.append(np.flatnonzero(done) + lo)
-        if done.all():
-            continue
-        # A committed shard that grew (more inputs) keeps its rows; a broken or unpublished one starts empty.
-        keep_existing[shard] = state is not None
-        todo += [(slot, inputs[slot]) for slot in range(lo, hi) if not done[slot - lo]]
-    skipped = np.concatenate(done_slots) if done_slots else np.zeros(0, dtype=np.int64)
-    for slot, stored_id in zip(skipped.tolist(), store.read_strings("video_id", skipped), strict=True):
-        if stored_id != inputs[slot].video_id:
-            raise StoreError(f"{out} slot {slot} holds video {stored_id!r} but this run's input {slot} is "
-                             f"{inputs[slot].video_id!r}: the input list changed; use a new --out")
-    summary.already_done = len(skipped)
+    def add_failure(self, slot: int, item: VideoInput, reason: str) -> None:
+        self._buffer(slot).add_failure(slot, video_id=item.video_id, source=item.source, reason=reason)
+        self._publish_if_complete(slot)
+        self.summary.failed += 1
+        self.summary.failure_reasons[reason.split(":")[0]] += 1
+        self.bar.update(1)
 
-    def buffer(slot: int) -> ShardBuffer:
-        shard = slot // size
-        if shard not in buffers:
-            buffers[shard] = store.shard_buffer(shard, keep_existing=keep_existing[shard])
-        return buffers[shard]
-
-    def publish_if_complete(slot: int) -> None:
-        if buffer(slot).complete(until=len(inputs)):
-            buffers.pop(slot // size).publish()
-
-    def on_failure(slot: int, item: VideoInput, reason: str) -> None:
-        buffer(slot).add_failure(slot, video_id=item.video_id, source=item.source, reason=reason)
-        publish_if_complete(slot)
-        summary.failed += 1
-        summary.failure_reasons[reason.split(":")[0]] += 1
-        bar.update(1)
-
-    decode_args = (num_frames, image_size, min_duration, max_duration, seek)
-    executor = decode_executor(workers)
-    bar = tqdm(total=len(todo), unit="video", disable=not progress, dynamic_ncols=True)
-    try:
-        results = _decoded_in_order(executor, todo, window=max(2 * workers, 1) * batch_videos,
-                                    decode_args=decode_args)
-        for batch in _batches(results, batch_videos, on_failure):
-            frames = torch.from_numpy(np.concatenate([video.frames for _, _, video in batch]))
-            encoded = encoders.encode(frames)
-            dino = encoded.dino.view(len(batch), num_frames, *encoded.dino.shape[1:]).cpu().numpy()
-            latents = encoded.latents.view(len(batch), num_frames, *encoded.latents.shape[1:]).cpu().numpy()
-            for k, (slot, item, video) in enumerate(batch):
-                buffer(slot).add_row(slot, dino=dino[k], latents=latents[k], caption=item.caption or "",
-                                     video_id=item.video_id, source=item.source,
-                                     timestamps=video.timestamps, duration=video.duration)
-                publish_if_complete(slot)
-                summary.written += 1
-            bar.update(len(batch))
-    finally:
-        bar.close()
-        stop_decode_workers(executor)  # also on errors, Ctrl-C and SIGTERM: no orphaned workers
-    summary.store_bytes = store.nbytes_on_disk()
-    return summary
+    def add_rows(self, batch: list[tuple[int, VideoInput, DecodedVideo]], dino: np.ndarray,
+                 latents: np.ndarray) -> None:
+        for k, (slot, item, video) in enumerate(batch):
+            self._buffer(slot).add_row(slot, dino=dino[k], latents=latents[k], caption=item.caption or "",
+                                       video_id=item.video_id, source=item.source,
+                                       timestamps=video.timestamps, duration=video.duration)
+            self._publish_if_complete(slot)
+            self.summary.written += 1
+        self.bar.update(len(batch))

@@ -21,7 +21,7 @@ import numpy as np
 from fvlm_data.synthetic import DURATION_S, get_task, render_synthetic, source_tag, synthetic_caption
 from fvlm_data.video import SEEK_MODES, InputError, VideoFile, sample_timestamps
 
-__all__ = ["VideoInput", "InputError", "DecodedVideo", "list_inputs", "load_frames", "expand_braces"]
+__all__ = ["VideoInput", "InputError", "DecodedVideo", "Decoding", "list_inputs", "load_frames", "expand_braces"]
 
 CAPTION_EXTS = (".txt", ".json")
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov")  # webdataset members, in order of preference
@@ -44,6 +44,18 @@ class DecodedVideo:
     frames: np.ndarray  # uint8 [T, S, S, 3] RGB
     timestamps: np.ndarray  # float64 [T], seconds of each sampled frame within the video
     duration: float  # seconds
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How each input becomes frames (see `load_frames`): the decode workers' part of a precompute's
+    configuration, sent to them as this one small record."""
+
+    num_frames: int
+    image_size: int
+    min_duration: float = 0.0
+    max_duration: float | None = None
+    seek: str = "exact"
 
 
 def list_inputs(

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any
 
-from fvlm_data.sources import DecodedVideo, InputError, VideoInput, load_frames
+from fvlm_data.sources import DecodedVideo, Decoding, InputError, VideoInput, load_frames
 
 PARENT_POLL_S = 1.0
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -54,11 +54,11 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def decode_one(item: VideoInput, num_frames: int, image_size: int, min_duration: float,
-               max_duration: float | None, seek: str = "exact") -> DecodedVideo | str:
+def decode_one(item: VideoInput, decoding: Decoding) -> DecodedVideo | str:
     """Decode one input in a worker; a bad input comes back as its one-line reason, never raises."""
     try:
-        return load_frames(item, num_frames, image_size, min_duration, max_duration, seek=seek)
+        return load_frames(item, decoding.num_frames, decoding.image_size, decoding.min_duration,
+                           decoding.max_duration, seek=decoding.seek)
     except InputError as e:
         return str(e)
     except Exception as e:  # a decoder crash on one odd file must not end a long run

@@ -213,3 +213,20 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     proc = precompute("--out", str(tmp_path / "x.zarr"), "--synthetic", "2", "--num-shards", "2",
                       "--shard-index", "2", *SMALL, check=False)
     assert proc.returncode != 0 and "--shard-index" in proc.stderr
+
+
+def test_store_records_the_same_precompute_args_as_before_the_config():
+    """`precompute_args` keeps the keys stores made before PrecomputeConfig have, so that their
+    attributes compare equal; what only changes speed or output is not recorded."""
+    from fvlm_data.precompute_config import PrecomputeConfig
+
+    config = PrecomputeConfig(out="s.zarr", synthetic=12, num_frames=6)
+    assert config.recorded() == {
+        "out": "s.zarr", "preset": "default", "dino": None, "vae": None, "videos": None, "webdataset": None,
+        "synthetic": 12, "synthetic_task": "shapes", "num_frames": 6, "image_size": 256, "limit": None,
+        "min_duration": 0.0, "max_duration": None, "seek": "exact", "feature_dtype": "float16", "num_shards": 1,
+        "shard_index": 0, "shard_videos": None, "batch_videos": 8, "seed": 0,
+    }
+    assert (config.recipe.dino, config.recipe.vae, config.recipe.num_frames) == (
+        "facebook/dinov2-small", "stabilityai/sd-vae-ft-mse", 6)
+    assert config.decoding.num_frames == 6 and config.decoding.seek == "exact"

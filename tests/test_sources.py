@@ -198,14 +198,15 @@ def test_keyframe_mode_is_recorded_in_the_store(tmp_path, video_folder):
     from fvlm_data import FeatureStore
     from fvlm_data.encoders import FrozenEncoders
     from fvlm_data.pipeline import FRAME_SAMPLING, run_precompute
+    from fvlm_data.precompute_config import PrecomputeConfig
 
     inputs = list_inputs(videos=str(video_folder))
     encoders = FrozenEncoders("tiny", "tiny", "cpu")
     stores = {}
     for seek in ("exact", "keyframe"):
         out = tmp_path / f"{seek}.zarr"
-        summary = run_precompute(inputs, str(out), encoders, num_frames=4, image_size=28, workers=0,
-                                 seek=seek, args={"seek": seek}, progress=False)
+        config = PrecomputeConfig(out=str(out), preset="tiny", num_frames=4, image_size=28, workers=0, seek=seek)
+        summary = run_precompute(config, inputs, encoders, progress=False)
         assert summary.written == len(inputs) and summary.failed == 0
         stores[seek] = FeatureStore.open(out)
         assert stores[seek].attrs["frame_sampling"] == FRAME_SAMPLING[seek]
@@ -218,8 +219,8 @@ def test_keyframe_mode_is_recorded_in_the_store(tmp_path, video_folder):
         np.testing.assert_allclose(row["timestamps"], expected, atol=1e-6)  # stored as float32
         assert np.all(np.isin(np.round(row["timestamps"], 3), np.round(keyframe_times(item.path), 3)))
     with pytest.raises(ValueError, match="seek"):
-        run_precompute(inputs, str(tmp_path / "x.zarr"), encoders, num_frames=4, image_size=28, workers=0,
-                       seek="nearest", progress=False)
+        run_precompute(PrecomputeConfig(out=str(tmp_path / "x.zarr"), preset="tiny", num_frames=4, image_size=28,
+                                        workers=0, seek="nearest"), inputs, encoders, progress=False)
 
 
 # --- bad inputs ----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import zarr
 
 from fvlm_data import FeatureStore, StoreError
 from fvlm_data.store import FORMAT_VERSION, FeatureShapes, quantize_int8
+from tests.store_helpers import duration, shard_problem, slot_state, write_failure, write_row
 
 SHAPES = FeatureShapes(num_frames=6, dino_tokens=5, dino_dim=8, latent_shape=(4, 2, 2))
 
@@ -33,7 +34,7 @@ def test_rows_visible_only_after_commit_and_frames_read_exactly(tmp_path):
     store = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=4)
     rows = {slot: make_row(rng) for slot in (0, 2)}
     for slot, row in rows.items():
-        store.write_row(slot, caption=f"caption {slot}", video_id=f"v{slot}", source=f"/x/{slot}.mp4", **row)
+        write_row(store, slot, caption=f"caption {slot}", video_id=f"v{slot}", source=f"/x/{slot}.mp4", **row)
     reader = FeatureStore.open(tmp_path / "s.zarr")
     assert len(reader) == 2
     assert reader.attrs["format"] == "fvlm-features" and reader.attrs["num_frames"] == 6
@@ -64,19 +65,19 @@ def test_half_written_row_is_invisible(tmp_path):
     z["dino"][1] = row["dino"]
     z["caption"][1] = "half written"
     assert len(FeatureStore.open(tmp_path / "s.zarr")) == 0
-    assert store.slot_state(1) == "empty"
-    store.write_row(1, caption="done", video_id="v1", source="s", **row)
+    assert slot_state(store, 1) == "empty"
+    write_row(store, 1, caption="done", video_id="v1", source="s", **row)
     assert len(FeatureStore.open(tmp_path / "s.zarr")) == 1
 
 
 def test_failures_are_recorded_with_source_and_reason(tmp_path):
     store = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=3)
-    store.write_failure(1, video_id="bad", source="/videos/bad.mp4", reason="not a video: invalid data")
+    write_failure(store, 1, video_id="bad", source="/videos/bad.mp4", reason="not a video: invalid data")
     reader = FeatureStore.open(tmp_path / "s.zarr")
     assert len(reader) == 0
     assert reader.failures == [{"slot": 1, "source": "/videos/bad.mp4", "video_id": "bad",
                                 "reason": "not a video: invalid data"}]
-    assert store.slot_state(1) == "failed"
+    assert slot_state(store, 1) == "failed"
 
 
 def test_refuses_foreign_newer_and_missing_stores(tmp_path):
@@ -112,12 +113,12 @@ def test_grows_for_more_inputs_and_keeps_rows(tmp_path):
     rng = np.random.default_rng(2)
     store = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=3, shard_videos=2)
     row = make_row(rng)
-    store.write_row(2, caption="c", video_id="v2", source="s", **row)
+    write_row(store, 2, caption="c", video_id="v2", source="s", **row)
     bigger = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=5)
     assert bigger.capacity == 5 and bigger.shard_videos == 2
-    assert bigger.shard_problem(1) is None and bigger.slot_state(3) == "empty"
-    bigger.write_row(3, caption="d", video_id="v3", source="s", **make_row(rng))
-    bigger.write_row(4, caption="e", video_id="v4", source="s", **make_row(rng))
+    assert shard_problem(bigger, 1) is None and slot_state(bigger, 3) == "empty"
+    write_row(bigger, 3, caption="d", video_id="v3", source="s", **make_row(rng))
+    write_row(bigger, 4, caption="e", video_id="v4", source="s", **make_row(rng))
     reader = FeatureStore.open(tmp_path / "s.zarr")
     assert reader.committed_slots().tolist() == [2, 3, 4]
     np.testing.assert_array_equal(reader.read(0)["dino"], row["dino"])
@@ -131,7 +132,7 @@ def test_int8_storage_halves_bytes_and_keeps_values_close(tmp_path):
     store = FeatureStore.create_or_open(tmp_path / "q.zarr", attrs(num_frames=4, feature_dtype="int8"),
                                         shapes, capacity=1)
     row = make_row(rng, shapes)
-    store.write_row(0, caption="c", video_id="v", source="s", **row)
+    write_row(store, 0, caption="c", video_id="v", source="s", **row)
     got = FeatureStore.open(tmp_path / "q.zarr").read(0, frames=[1, 2])
     assert got["dino"].dtype == np.int8 and got["dino_scale"].shape == (2, 7)
     restored = got["dino"].astype(np.float32) * got["dino_scale"].astype(np.float32)[..., None]
@@ -177,7 +178,7 @@ def test_sharded_layout_few_objects_and_zarr_reads_the_same(tmp_path):
         np.testing.assert_array_equal(row["dino"], rows[slot]["dino"][frames])
         np.testing.assert_array_equal(row["latents"], z["latents"][slot][frames])
         assert row["caption"] == z["caption"][slot] == f"caption {slot}"
-    assert reader.duration(0) == 6.0 and reader.slot_state(5) == "failed" and reader.slot_state(4) == "committed"
+    assert duration(reader, 0) == 6.0 and slot_state(reader, 5) == "failed" and slot_state(reader, 4) == "committed"
 
 
 def test_unpublished_shard_is_invisible(tmp_path):
@@ -211,8 +212,8 @@ def test_damaged_shard_is_a_one_line_error_naming_it(tmp_path, damage):
     with pytest.raises(StoreError, match=r"shard 1 of 'latents' \(latents/c/1/0/0/0/0\)") as e:
         reader.read(5)
     assert "\n" not in str(e.value) and "re-run precompute" in str(e.value)
-    assert reader.shard_problem(0) is None
-    assert "shard 1 of 'latents'" in reader.shard_problem(1)
+    assert shard_problem(reader, 0) is None
+    assert "shard 1 of 'latents'" in shard_problem(reader, 1)
 
 
 def test_refuses_format_1_stores_with_what_to_do(tmp_path):
@@ -223,3 +224,24 @@ def test_refuses_format_1_stores_with_what_to_do(tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(StoreError, match="format-1 store.*re-run precompute into a new --out"):
         FeatureStore.open(tmp_path / "s.zarr")
+
+
+def test_shard_index_reads_what_zarr_writes_and_refuses_damage(tmp_path):
+    """The index at the end of a shard object, as zarr's sharding codec writes it."""
+    from fvlm_data.store.shard_index import ShardIndex
+
+    rng = np.random.default_rng(7)
+    store = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=3, shard_videos=4)
+    rows = write_shard(store, 0, rng, fail={1})
+    data = (tmp_path / "s.zarr" / "dino" / "c" / "0" / "0" / "0" / "0").read_bytes()
+    index = ShardIndex.parse(data[-ShardIndex.nbytes(4):], len(data), 4, "dino shard 0")
+    frame_bytes = rows[0]["dino"][0].nbytes
+    assert not index.is_empty(0) and index.chunk_nbytes(0) == 6 * frame_bytes
+    assert index.is_empty(3)  # slot 3 is beyond the capacity: never written
+    assert np.frombuffer(index.chunk(data, 2), np.float16).tolist() == rows[2]["dino"].reshape(-1).tolist()
+    assert index.frame_ranges(2, np.array([0, 1, 2, 4, 5]), frame_bytes) == [
+        (index.offset(2), 0, 3), (index.offset(2) + 4 * frame_bytes, 3, 5)]
+    with pytest.raises(StoreError, match="dino shard 0 fails its index checksum"):
+        ShardIndex.parse(data[:-1] + bytes([data[-1] ^ 1]), len(data), 4, "dino shard 0")
+    with pytest.raises(StoreError, match=r"dino shard 0 is truncated \(10 bytes\)"):
+        ShardIndex.parse(data[-10:], 10, 4, "dino shard 0")

@@ -1,0 +1,49 @@
+"""The feature store: one Zarr v3 group per dataset, one row (slot) per input video.
+
+Layout (V slots, T frames, N DINO tokens of width D, VAE latents C x h x w):
+
+    zarr.json      group attributes: format, version, shard_videos, encoders, sizes, dtypes, precompute args
+    dino           [V, T, N, D] float16 (or int8, with dino_scale [V, T, N] float16 per token)
+    latents        [V, T, C, h, w] float16
+    timestamps     [V, T] float32, seconds of each sampled frame
+    duration       [V] float32, seconds
+    caption, video_id, source, failure   [V] strings
+    committed      [V] uint8, written last: a shard's rows exist for readers once its object exists
+
+Format 2: every array uses Zarr v3's sharding codec with S = attrs["shard_videos"] consecutive
+slots per shard object (index at the end, crc32c-checked). Inside `dino`, `dino_scale`, `latents`
+and `timestamps` shards the inner chunk is one video, uncompressed, so a reader fetches just the
+frames it needs by byte ranges computed from the shard index; the small per-video arrays keep a
+shard as one inner chunk. A store of V videos holds one object per array per shard: 9 V / S
+objects (10 V / S with int8 features, whose `dino_scale` is one more array), plus a zarr.json per
+array and the group's.
+
+Modules, one job each: `format` (what a store holds and which attributes must agree),
+`shard_index` (zarr's shard index as a value), `reader` (the read-only `FeatureStore`), `writer`
+(creating and growing a store, shard states, whole-shard publishing). Byte access to objects,
+local or remote, is `fvlm_data.objects`.
+"""
+
+from fvlm_data.objects import StoreError
+from fvlm_data.store.format import (
+    COMPATIBILITY_KEYS,
+    DEFAULT_SHARD_VIDEOS,
+    FEATURE_KEYS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    FRAME_ARRAYS,
+    SHAPE_KEYS,
+    STRING_ARRAYS,
+    FeatureRecipe,
+    FeatureShapes,
+    check_compatible,
+    quantize_int8,
+)
+from fvlm_data.store.reader import FeatureStore
+from fvlm_data.store.writer import ShardBuffer, ShardState, shard_states
+
+__all__ = [
+    "COMPATIBILITY_KEYS", "DEFAULT_SHARD_VIDEOS", "FEATURE_KEYS", "FORMAT_NAME", "FORMAT_VERSION", "FRAME_ARRAYS",
+    "SHAPE_KEYS", "STRING_ARRAYS", "FeatureRecipe", "FeatureShapes", "FeatureStore", "ShardBuffer", "ShardState",
+    "StoreError", "check_compatible", "quantize_int8", "shard_states",
+]

@@ -1,0 +1,181 @@
+"""Store format 2: what a store holds, how it is laid out, and which of its attributes must agree.
+
+This module is the one place for these facts: the array specs and their Zarr schema, the layout
+check that the byte-range reader relies on, the format/version check, and `check_compatible`,
+which precompute (before loading any model) and the writer (on opening) both use.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from fvlm_data.objects import StoreError
+
+FORMAT_NAME = "fvlm-features"
+FORMAT_VERSION = 2
+DEFAULT_SHARD_VIDEOS = 64
+
+STRING_ARRAYS = ("caption", "video_id", "source", "failure")
+FRAME_ARRAYS = ("dino", "dino_scale", "latents", "timestamps")  # one inner chunk per video
+
+
+@dataclass(frozen=True)
+class FeatureRecipe:
+    """How a store's features are made. Rows made another way never join the store."""
+
+    dino: str
+    vae: str
+    num_frames: int
+    image_size: int
+    feature_dtype: str
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> FeatureRecipe:
+        return cls(**{key: attrs.get(key) for key in COMPATIBILITY_KEYS})
+
+
+# Attributes that must match for a run to add rows to an existing store.
+COMPATIBILITY_KEYS = tuple(f.name for f in fields(FeatureRecipe))
+SHAPE_KEYS = ("dino_tokens", "dino_dim", "latent_shape")  # a model cannot even load on other shapes
+# Attributes that say what the features are: a checkpoint records them and runs only on a store that agrees.
+FEATURE_KEYS = ("dino", "vae", "preset", "num_frames", "image_size", "feature_dtype", *SHAPE_KEYS)
+
+
+@dataclass(frozen=True)
+class FeatureShapes:
+    """Per-video shapes: T frames of N DINO tokens of width D, VAE latents (C, h, w) per frame."""
+
+    num_frames: int
+    dino_tokens: int
+    dino_dim: int
+    latent_shape: tuple[int, int, int]
+
+    def as_attrs(self) -> dict[str, Any]:
+        return {**asdict(self), "latent_shape": list(self.latent_shape)}
+
+
+def check_compatible(path: str | os.PathLike, existing: Mapping[str, Any], wanted: FeatureRecipe,
+                     shard_videos: int | None = None) -> None:
+    """Refuse to add rows made with other encoders, frame count, image size or feature dtype (or,
+    if `shard_videos` is asked for, another shard size)."""
+    pairs = [(key, existing.get(key), value) for key, value in asdict(wanted).items()]
+    if shard_videos is not None:  # not asked for: the store's own value is used
+        pairs.append(("shard_videos", existing.get("shard_videos"), shard_videos))
+    for key, have, want in pairs:
+        if have != want:
+            raise StoreError(f"{path} was made with {key}={have!r}, this run asks for {key}={want!r}: use a new --out")
+
+
+def check_format(path: str | os.PathLike, attrs: Mapping[str, Any]) -> None:
+    """Refuse a group this project did not write, a format-1 store, or a newer format."""
+    if attrs.get("format") != FORMAT_NAME:
+        raise StoreError(f"{path} is not an fvlm feature store (format={attrs.get('format')!r})")
+    version = attrs.get("format_version")
+    if version == 1:
+        raise StoreError(f"{path} is a format-1 store (one file per video); this fvlm reads format "
+                         f"{FORMAT_VERSION}: re-run precompute into a new --out")
+    if version != FORMAT_VERSION:
+        raise StoreError(f"{path} has store format version {version}; this fvlm reads version {FORMAT_VERSION}: "
+                         "upgrade fvlm")
+
+
+def array_specs(shapes: FeatureShapes, feature_dtype: str) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Per-slot shape and dtype of every array in the store."""
+    t, n, d = shapes.num_frames, shapes.dino_tokens, shapes.dino_dim
+    specs: dict[str, tuple[tuple[int, ...], Any]] = {
+        "dino": ((t, n, d), "int8" if feature_dtype == "int8" else "float16"),
+        "latents": ((t, *shapes.latent_shape), "float16"),
+        "timestamps": ((t,), "float32"),
+        "duration": ((), "float32"),
+        "committed": ((), "uint8"),
+    }
+    if feature_dtype == "int8":
+        specs["dino_scale"] = ((t, n), "float16")
+    for name in STRING_ARRAYS:
+        specs[name] = ((), str)
+    return specs
+
+
+def inner_chunks(name: str, shard_videos: int) -> int:
+    """Inner chunks per shard object: one per video for frame arrays, one for the small arrays."""
+    return shard_videos if name in FRAME_ARRAYS else 1
+
+
+def inner_chunk_videos(name: str, shard_videos: int) -> int:
+    """Videos per inner chunk: one for frame arrays, the whole shard for the small arrays."""
+    return shard_videos // inner_chunks(name, shard_videos)
+
+
+def chunk_nbytes(arr: zarr.Array) -> int:
+    """Bytes of one video's (uncompressed) inner chunk of a frame array."""
+    return int(np.prod(arr.shape[1:])) * np.dtype(arr.dtype).itemsize
+
+
+def schema(attrs: Mapping[str, Any], shapes: FeatureShapes, capacity: int, shard_videos: int) -> dict[str, bytes]:
+    """Every metadata object (zarr.json) of a new store, written by zarr into memory."""
+    mem = zarr.storage.MemoryStore()
+    group = zarr.open_group(mem, mode="w", zarr_format=3)
+    for name, (shape, dtype) in array_specs(shapes, attrs["feature_dtype"]).items():
+        group.create_array(
+            name,
+            shape=(capacity, *shape),
+            shards=(shard_videos, *shape),
+            # Frame arrays: one video per inner chunk, uncompressed, for byte-range reads of frames.
+            # Small arrays: the whole shard is one inner chunk (one read gives S values).
+            chunks=(inner_chunk_videos(name, shard_videos), *shape),
+            dtype=dtype,
+            compressors=None,
+            fill_value="" if dtype is str else 0,
+        )
+    group.attrs.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **attrs,
+                        "shard_videos": shard_videos})
+    return memory_objects(mem)
+
+
+def memory_objects(mem: zarr.storage.MemoryStore, keys: list[str] | None = None) -> dict[str, bytes]:
+    """The bytes of objects of an in-memory zarr store (all of them by default)."""
+
+    async def read() -> dict[str, bytes]:
+        names = keys if keys is not None else [key async for key in mem.list()]
+        return {key: (await mem.get(key, default_buffer_prototype())).to_bytes() for key in names}
+
+    return sync(read())
+
+
+def check_layout(path: str | os.PathLike, name: str, arr: zarr.Array, shard_videos: int) -> None:
+    """The byte-range reader assumes the layout `schema` writes; refuse anything else."""
+    codecs = arr.metadata.codecs
+    ok = len(codecs) == 1 and isinstance(codecs[0], zarr.codecs.ShardingCodec)
+    if ok:
+        sharding = codecs[0]
+        inner = [type(c).__name__ for c in sharding.codecs]
+        index = [type(c).__name__ for c in sharding.index_codecs]
+        ok = (
+            tuple(arr.shards or ()) == (shard_videos, *arr.shape[1:])
+            and tuple(sharding.chunk_shape) == (inner_chunk_videos(name, shard_videos), *arr.shape[1:])
+            and inner in (["BytesCodec"], ["VLenUTF8Codec"])
+            and (inner[0] != "BytesCodec" or getattr(sharding.codecs[0].endian, "value", "little") == "little")
+            and index == ["BytesCodec", "Crc32cCodec"]
+            and sharding.index_location.value == "end"
+            and getattr(arr.metadata.chunk_key_encoding, "separator", None) == "/"
+        )
+    if not ok:
+        raise StoreError(f"{path}: array {name!r} is not laid out as fvlm store format 2 expects")
+
+
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 with one float16 scale per token (last axis is the feature axis)."""
+    x = x.astype(np.float32)
+    scale = np.abs(x).max(axis=-1) / 127.0
+    # Smallest normal float16 as a floor: an all-zero token must not divide by zero.
+    scale = np.maximum(scale, np.finfo(np.float16).tiny).astype(np.float16)
+    q = np.clip(np.rint(x / scale[..., None].astype(np.float32)), -127, 127).astype(np.int8)
+    return q, scale

@@ -1,0 +1,232 @@
+"""Writing a store: creating or growing it, the state of its shards, and whole-shard publishing.
+
+Writers own whole shards: a shard's rows are buffered (`ShardBuffer`), encoded by zarr itself
+into memory and each array's shard object is published whole (temp file + rename locally, one
+PUT remotely), `committed` last. No two processes ever write the same object, and a reader sees
+a shard's rows once its `committed` object exists.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from fvlm_data.objects import LocalObjects, StoreError, objects_at
+from fvlm_data.store.format import (
+    DEFAULT_SHARD_VIDEOS,
+    FRAME_ARRAYS,
+    STRING_ARRAYS,
+    FeatureRecipe,
+    FeatureShapes,
+    check_compatible,
+    chunk_nbytes,
+    memory_objects,
+    quantize_int8,
+    schema,
+)
+from fvlm_data.store.reader import FeatureStore, open_group
+from fvlm_data.store.shard_index import ShardIndex
+
+
+def create_or_open(path: str | os.PathLike, attrs: dict[str, Any], shapes: FeatureShapes, capacity: int,
+                   shard_videos: int | None = None) -> FeatureStore:
+    """Open `path` for writing, creating it with `capacity` slots if it does not exist.
+
+    An existing store must have been made with the same encoders, frame count, image size,
+    feature dtype (and shard size, if one is asked for). Creation is atomic locally (built
+    beside the target, then renamed); remotely the group's metadata is written last and
+    concurrent creators write the same arrays, so several processes may start at once.
+    """
+    objects = objects_at(path, read_only=False)
+    if not objects.exists():
+        objs = schema(attrs, shapes, capacity, shard_videos or DEFAULT_SHARD_VIDEOS)
+        if isinstance(objects, LocalObjects):
+            _create_local(objects.root, objs)
+        else:
+            for key in sorted(objs, key=lambda k: k == "zarr.json"):  # group metadata last
+                objects.put(key, objs[key])
+    group = open_group(path, objects, mode="r+")
+    check_compatible(path, group.attrs, FeatureRecipe.from_attrs(attrs), shard_videos)
+    store = FeatureStore(path, objects, group, writable=True)
+    if store.capacity >= capacity:
+        return store
+    _grow(store, capacity)
+    return FeatureStore(path, objects, open_group(path, objects, mode="r+"), writable=True)
+
+
+def _create_local(path: Path, objs: dict[str, bytes]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        for key, data in objs.items():
+            (tmp / key).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / key).write_bytes(data)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not path.exists():
+                raise
+            # Another process created it first; its store is the one we use.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _grow(store: FeatureStore, capacity: int) -> None:
+    """More inputs than slots (e.g. a larger --limit): extend every array along the slot axis.
+
+    Shards are anchored at slot 0, so existing shard objects stay valid; the old last shard
+    becomes incomplete and its owner fills it in (keeping its rows)."""
+    for arr in store.arrays.values():
+        arr.resize((capacity, *arr.shape[1:]))
+
+
+@dataclass(frozen=True)
+class ShardState:
+    """What a shard's objects say about its slots (`committed`, `failed`: one flag per slot)."""
+
+    committed: np.ndarray
+    failed: np.ndarray
+    published: bool = True  # its `committed` object exists
+    problem: str | None = None  # why its objects cannot be trusted (then no slot counts as done)
+
+    @classmethod
+    def unusable(cls, slots: int, published: bool, problem: str | None = None) -> ShardState:
+        none = np.zeros(slots, dtype=bool)
+        return cls(none, none, published, problem)
+
+    @property
+    def kept(self) -> bool:
+        """Its rows can be kept: published and intact."""
+        return self.published and self.problem is None
+
+    @property
+    def done(self) -> np.ndarray:
+        """Slots written or recorded as failed."""
+        return self.committed | self.failed
+
+    def slot(self, j: int) -> str:
+        """'committed', 'failed' or 'empty' (never written, its shard not published, or untrusted)."""
+        return "committed" if self.committed[j] else "failed" if self.failed[j] else "empty"
+
+
+def shard_states(store: FeatureStore, shards: list[int]) -> dict[int, ShardState]:
+    """The state of each shard. A committed shard is trusted if every array's object of it exists, has
+    an intact index (size, crc32c) and holds the features of each committed video. Reads objects'
+    ends only, a few batches of requests for all the shards together."""
+    s = store.shard_videos
+    errors: dict[int, str] = {}
+    committed = store.shard_values(("committed",), shards, errors=errors)["committed"]
+    ok = [shard for shard in committed if shard not in errors]
+    small = [n for n in store.arrays if n not in FRAME_ARRAYS and n != "committed"]
+    frames = [n for n in store.arrays if n in FRAME_ARRAYS]
+    for names, chunks in ((small, 1), (frames, s)):
+        wanted = [(n, shard) for shard in ok for n in names]
+        tails = store.objects.tails([store.shard_key(n, shard) for n, shard in wanted], ShardIndex.nbytes(chunks))
+        for (name, shard), got in zip(wanted, tails, strict=True):
+            if shard in errors:
+                continue
+            if got is None:
+                errors[shard] = str(store.missing(name, shard))
+                continue
+            try:
+                index = ShardIndex.parse(*got, chunks, store.shard_name(name, shard))
+            except StoreError as e:
+                errors[shard] = str(e)
+                continue
+            if name in FRAME_ARRAYS:
+                n_slots = min(s, store.capacity - shard * s)
+                bad = (committed[shard][:n_slots] == 1) & (index.sizes()[:n_slots] != chunk_nbytes(store.arrays[name]))
+                if bad.any():
+                    errors[shard] = (f"{store.path}: shard {shard} of {name!r} lacks the features of committed "
+                                     f"slot {shard * s + int(np.flatnonzero(bad)[0])}")
+    failure = store.shard_values(("failure",), [sh for sh in ok if sh not in errors], errors=errors)["failure"]
+    out = {}
+    for shard in shards:
+        if shard in errors:
+            out[shard] = ShardState.unusable(s, published=True, problem=errors[shard])
+        elif shard not in committed:
+            out[shard] = ShardState.unusable(s, published=False)
+        else:
+            out[shard] = ShardState(committed[shard] == 1, np.array([bool(r) for r in failure[shard]]))
+    return out
+
+
+class ShardBuffer:
+    """The rows of one shard, in memory until published: S videos of features at most.
+
+    `keep_existing` starts from the shard's committed and failed rows (read by zarr's own reader)."""
+
+    def __init__(self, store: FeatureStore, shard: int, keep_existing: bool = False) -> None:
+        self.store, self.shard = store, shard
+        self.start = shard * store.shard_videos
+        self.stop = min(self.start + store.shard_videos, store.capacity)
+        n = self.stop - self.start
+        self.data: dict[str, np.ndarray] = {}
+        for name, arr in store.arrays.items():
+            if name in STRING_ARRAYS:
+                self.data[name] = np.full(n, "", dtype=object)
+            else:
+                self.data[name] = np.zeros((n, *arr.shape[1:]), dtype=np.dtype(arr.dtype))
+        self.filled = np.zeros(n, dtype=bool)
+        if keep_existing and shard in store.shard_values(("committed",), [shard])["committed"]:
+            for name, data in self.data.items():
+                data[...] = store.arrays[name][self.start : self.stop]
+            self.filled = (self.data["committed"] == 1) | np.array([bool(r) for r in self.data["failure"]])
+            for data in self.data.values():  # rows never completed are not kept
+                data[~self.filled] = "" if data.dtype == object else 0
+
+    def _clear(self, slot: int) -> int:
+        if not self.start <= slot < self.stop:
+            raise IndexError(f"slot {slot} is not in shard {self.shard} (slots {self.start}..{self.stop - 1})")
+        j = slot - self.start
+        for data in self.data.values():
+            data[j] = "" if data.dtype == object else 0
+        self.filled[j] = True
+        return j
+
+    def add_row(self, slot: int, *, dino: np.ndarray, latents: np.ndarray, caption: str, video_id: str,
+                source: str, timestamps: np.ndarray, duration: float) -> None:
+        j, d = self._clear(slot), self.data
+        if "dino_scale" in d:
+            d["dino"][j], d["dino_scale"][j] = quantize_int8(dino)
+        else:
+            d["dino"][j] = dino
+        d["latents"][j], d["timestamps"][j], d["duration"][j] = latents, timestamps, duration
+        d["caption"][j], d["video_id"][j], d["source"][j] = caption, video_id, source
+        d["committed"][j] = 1
+
+    def add_failure(self, slot: int, *, video_id: str, source: str, reason: str) -> None:
+        j, d = self._clear(slot), self.data
+        d["video_id"][j], d["source"][j] = video_id, source
+        d["failure"][j] = reason.replace("\n", " ")[:500] or "unknown error"
+
+    def complete(self, until: int | None = None) -> bool:
+        """Every slot below `until` (default: the shard's end) written or recorded as failed."""
+        until = self.stop if until is None else min(until, self.stop)
+        return bool(self.filled[: until - self.start].all())
+
+    def publish(self) -> None:
+        """Encode each array's shard with zarr (in memory) and write it whole; `committed` last."""
+        store = self.store
+        mem = zarr.storage.MemoryStore()
+        names = sorted(self.data, key=lambda n: n == "committed")
+        for name in names:
+            meta = store.arrays[name].metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"]
+            sync(mem.set(f"{name}/zarr.json", meta))
+            # Every in-bounds inner chunk is written, fill values included: a shard object exists even
+            # when all its values are empty, and a committed video always has an index entry.
+            arr = zarr.open_array(mem, path=name, mode="r+").with_config({"write_empty_chunks": True})
+            arr[self.start : self.stop] = self.data[name]
+        encoded = memory_objects(mem, [store.shard_key(name, self.shard) for name in names])
+        for key, data in encoded.items():  # in `names` order: committed last
+            store.objects.put(key, data)
+        store.refresh()  # this process's reads see the new shard
