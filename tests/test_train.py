@@ -22,6 +22,7 @@ from fvlm_data.store import FeatureShapes, FeatureStore
 from fvlm_model.evaluation import pass_metrics
 from fvlm_model.model import ModelConfig
 from fvlm_train.optim import lr_at
+from tests.store_helpers import write_row
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -250,8 +251,8 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
                                                    feature_dtype="float16", dino_tokens=17, dino_dim=384,
                                                    latent_shape=[4, 7, 7]), shapes, capacity=12)
     for i in range(12):
-        store.write_row(i, dino=np.full((4, 17, 384), np.nan, np.float16), latents=np.zeros((4, 4, 7, 7)),
-                        caption="a red circle", video_id=f"v{i}", source="s", timestamps=np.arange(4), duration=4)
+        write_row(store, i, dino=np.full((4, 17, 384), np.nan, np.float16), latents=np.zeros((4, 4, 7, 7)),
+                  caption="a red circle", video_id=f"v{i}", source="s", timestamps=np.arange(4), duration=4)
     proc = run(train_cmd(path, tmp_path / "run", "--max-steps", "50", "--max-nonfinite", "3", "--log-every", "1",
                          "--val-fraction", "0.0"), check=False)
     one_line_error(proc, "3 non-finite steps in a row")
