@@ -246,11 +246,15 @@ def small_disk(tmp_path):
         disk.close()
 
 
-def test_full_disk_ends_with_one_line_and_a_rerun_with_space_completes(videos, reference, small_disk):
-    out = small_disk.folder / "s.zarr"
+def test_full_disk_ends_with_one_line_and_a_rerun_with_space_completes(videos, small_disk, tmp_path):
     # One video per store shard, so that some shards are published before the disk is full.
-    cmd = [*PRECOMPUTE, "--out", str(out), "--videos", str(videos), "--workers", "0", "--batch-videos", "1",
-           "--shard-videos", "1", *SMALL]
+    args = ["--videos", str(videos), "--workers", "0", "--batch-videos", "1", "--shard-videos", "1", *SMALL]
+    # The same command on a disk with room: on some CPUs a convolution's last float16 bit depends on the
+    # encoder batch's size, so the rerun is compared with a run of the same batches.
+    uninterrupted = tmp_path / "uninterrupted.zarr"
+    run([*PRECOMPUTE, "--out", str(uninterrupted), *args])
+    out = small_disk.folder / "s.zarr"
+    cmd = [*PRECOMPUTE, "--out", str(out), *args]
     full = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=small_disk.env, timeout=300)
     assert full.returncode == 1, full.stderr
     assert "Traceback" not in full.stderr
@@ -263,4 +267,4 @@ def test_full_disk_ends_with_one_line_and_a_rerun_with_space_completes(videos, r
     rerun = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=small_disk.env, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"written {3 - held} videos, skipped {held + failed} already in the store" in rerun.stdout
-    assert_same_arrays(reference[0], out)
+    assert_same_arrays(uninterrupted, out)
