@@ -6,8 +6,7 @@ never just its first seconds, and each frame is resized on its short side and ce
 ``keyframes_at`` (``seek="keyframe"`` upstream) decodes keyframes only and takes the keyframe
 nearest to each target: several times faster, at the cost of frames up to half a keyframe
 interval off their targets (the actual times are returned either way). Every failure caused by
-the input file becomes an ``InputError`` with a short one-line reason, so a precompute run can
-record it and move on.
+the input file becomes an ``InputError`` with a short one-line reason (`fvlm_data.video_probe`).
 """
 
 from __future__ import annotations
@@ -15,12 +14,15 @@ from __future__ import annotations
 import io
 import itertools
 import os
-import struct
 from fractions import Fraction
 from typing import BinaryIO
 
 import av
 import numpy as np
+
+from fvlm_data.video_probe import FFMPEG_ERRORS, InputError, error_line, open_container, probe_duration
+
+__all__ = ["SEEK_MODES", "InputError", "VideoFile", "resize_center_crop", "sample_timestamps"]
 
 # Decoding forward is cheaper than a seek (which restarts at a keyframe) for short gaps.
 SEEK_GAP_S = 2.0
@@ -29,14 +31,6 @@ SEEK_GAP_S = 2.0
 SEEK_MIN_SKIP_S = 0.25
 # How frames are taken: "exact" (the frame nearest each target) or "keyframe" (the nearest keyframe).
 SEEK_MODES = ("exact", "keyframe")
-# Magic bytes of containers we recognise, to tell "corrupt video" from "not a video".
-_VIDEO_MAGIC = (b"\x1a\x45\xdf\xa3", b"RIFF", b"OggS", b"FLV", b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3")
-_MP4_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot", b"uuid", b"styp", b"moof"}
-_FFMPEG_ERRORS = (av.FFmpegError, OSError, EOFError)
-
-
-class InputError(Exception):
-    """A bad input; ``str(e)`` is a short one-line reason."""
 
 
 def sample_timestamps(duration: float, num_frames: int) -> np.ndarray:
@@ -58,31 +52,6 @@ def resize_center_crop(frame: av.VideoFrame, size: int, sar: Fraction | None = N
     rgb = frame.reformat(width=new_w, height=new_h, format="rgb24", interpolation="AREA").to_ndarray()
     top, left = (new_h - size) // 2, (new_w - size) // 2
     return np.ascontiguousarray(rgb[top : top + size, left : left + size])
-
-
-def _mp4_truncation(f: BinaryIO, size: int) -> str | None:
-    """Walk the top-level ISO-BMFF boxes; return a reason if one runs past the end of the file.
-
-    Cheap (a few header reads) and exact, whereas FFmpeg either fails with a vague message
-    (moov at the end) or silently decodes fewer frames (moov at the front).
-    """
-    pos = 0
-    while pos + 8 <= size:
-        f.seek(pos)
-        header = f.read(16)
-        box_size, kind = struct.unpack(">I4s", header[:8])
-        if pos == 0 and kind not in _MP4_BOXES:
-            return None  # not an mp4/mov file
-        if box_size == 1 and len(header) == 16:
-            box_size = struct.unpack(">Q", header[8:16])[0]
-        elif box_size == 0:
-            return None  # box extends to the end of the file by definition
-        if box_size < 8:
-            return None  # garbage; let FFmpeg judge
-        if pos + box_size > size:
-            return f"truncated: '{kind.decode('latin-1')}' box ends at byte {pos + box_size} > file size {size}"
-        pos += box_size
-    return None
 
 
 class VideoFile:
@@ -108,19 +77,7 @@ class VideoFile:
             raise
 
     def _open(self, f: BinaryIO, size: int, threads: bool) -> None:
-        if size == 0:
-            raise InputError("zero-length file")
-        reason = _mp4_truncation(f, size)
-        if reason:
-            raise InputError(reason)
-        f.seek(0)
-        head = f.read(12)
-        f.seek(0)
-        try:
-            self._container = av.open(f, mode="r")
-        except _FFMPEG_ERRORS as e:
-            known = head[4:8] in _MP4_BOXES or head.startswith(_VIDEO_MAGIC)
-            raise InputError(f"{'corrupt video' if known else 'not a video'}: {_msg(e)}") from None
+        self._container = open_container(f, size)
         if not self._container.streams.video:
             raise InputError("not a video: no video stream")
         self.stream = self._container.streams.video[0]
@@ -132,29 +89,7 @@ class VideoFile:
         self._start = float(self.stream.start_time * tb) if self.stream.start_time is not None else 0.0
         rate = self.stream.average_rate or self.stream.guessed_rate
         self._frame_interval = 1.0 / float(rate) if rate else 1.0 / 25
-        self.duration = self._probe_duration()
-
-    def _probe_duration(self) -> float:
-        stream, container = self.stream, self._container
-        if stream.duration and stream.time_base:
-            return float(stream.duration * stream.time_base)
-        if container.duration:
-            return container.duration / av.time_base - self._start
-        if stream.frames and stream.average_rate:
-            return stream.frames / float(stream.average_rate)
-        # No metadata: demux (no decoding) to find the end of the last packet, then rewind.
-        end = None
-        try:
-            for packet in container.demux(stream):
-                if packet.pts is not None:
-                    stop = float((packet.pts + (packet.duration or 0)) * stream.time_base)
-                    end = stop if end is None else max(end, stop)
-            container.seek(0)
-        except _FFMPEG_ERRORS as e:
-            raise InputError(f"corrupt video: {_msg(e)}") from None
-        if end is None:
-            raise InputError("not a video: no video packets")
-        return end - self._start
+        self.duration = probe_duration(self._container, self.stream, self._start)
 
     def frames_at(self, targets: np.ndarray, image_size: int) -> tuple[np.ndarray, np.ndarray]:
         """Decode the frame nearest to each of the sorted ``targets`` (seconds from the start).
@@ -197,8 +132,8 @@ class VideoFile:
                 frames = self._decode(seek_to=targets[j])
                 try:
                     first = next(frames, None)
-                except _FFMPEG_ERRORS as e:
-                    error = _msg(e)
+                except FFMPEG_ERRORS as e:
+                    error = error_line(e)
                     break
                 if first is None:
                     break
@@ -209,8 +144,8 @@ class VideoFile:
                 continue
             try:
                 item = next(frames, None)
-            except _FFMPEG_ERRORS as e:
-                error = _msg(e)
+            except FFMPEG_ERRORS as e:
+                error = error_line(e)
                 break
             if item is None:
                 break
@@ -243,7 +178,7 @@ class VideoFile:
             times = [float(p.pts * tb) - self._start for p in self._container.demux(stream)
                      if p.is_keyframe and p.pts is not None and p.size]
             self._container.seek(0)
-        except _FFMPEG_ERRORS:
+        except FFMPEG_ERRORS:
             self._rewind()
             return None
         return np.sort(np.array(times)) if times else None
@@ -271,8 +206,8 @@ class VideoFile:
                 end = max(end, t + float((packet.duration or 0) * tb))
                 if packet.is_keyframe:
                     keys.append((t, packet))
-        except _FFMPEG_ERRORS as e:
-            error = _msg(e)
+        except FFMPEG_ERRORS as e:
+            error = error_line(e)
         if not keys:
             if error is not None:
                 raise InputError(f"corrupt video: {error}")
@@ -303,8 +238,8 @@ class VideoFile:
                     keep(frame)
             for frame in stream.codec_context.decode(None):
                 keep(frame)
-        except _FFMPEG_ERRORS as e:
-            raise InputError(f"corrupt video: {_msg(e)}") from None
+        except FFMPEG_ERRORS as e:
+            raise InputError(f"corrupt video: {error_line(e)}") from None
         if None in decoded:
             self._rewind()
             return self.frames_at(targets, image_size)
@@ -321,8 +256,8 @@ class VideoFile:
     def _rewind(self) -> None:
         try:
             self._container.seek(int(self._start / self.stream.time_base), stream=self.stream, backward=True)
-        except _FFMPEG_ERRORS as e:
-            raise InputError(f"corrupt video: seek failed: {_msg(e)}") from None
+        except FFMPEG_ERRORS as e:
+            raise InputError(f"corrupt video: seek failed: {error_line(e)}") from None
 
     def _decode(self, seek_to: float | None = None):
         """Yield (frame, seconds from the start); optionally seek first (to the keyframe before)."""
@@ -331,8 +266,8 @@ class VideoFile:
             offset = int((seek_to + self._start) / stream.time_base)
             try:
                 self._container.seek(offset, stream=stream, backward=True, any_frame=False)
-            except _FFMPEG_ERRORS as e:
-                raise InputError(f"corrupt video: seek failed: {_msg(e)}") from None
+            except FFMPEG_ERRORS as e:
+                raise InputError(f"corrupt video: seek failed: {error_line(e)}") from None
         last = None
         for frame in self._container.decode(stream):
             t = frame.time
@@ -353,8 +288,3 @@ class VideoFile:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def _msg(e: BaseException) -> str:
-    """One line from an FFmpeg/OS error, without the file name PyAV appends."""
-    text = getattr(e, "strerror", None) or str(e)
-    return " ".join(str(text).split())[:200]
