@@ -45,7 +45,7 @@ except ModuleNotFoundError:  # `python bench/train_step.py` puts bench/ on the p
     raise SystemExit("run it from the repository root as a module: python -m bench.train_step") from None
 from fvlm_train.optim import make_optimizer
 from fvlm_train.progress import peak_memory_gb
-from fvlm_train.step import train_step
+from fvlm_train.step import random_batch, train_step
 
 VARIANTS = {
     "eager": None,
@@ -60,21 +60,10 @@ VARIANTS = {
 def synthetic_batch(model: torch.nn.Module, batch: int, frames: int, tokens: int, dim: int, caption_tokens: int,
                     device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random features of the store's shapes (latents: SD-VAE's of 256 px frames) and captions of
-    random lengths (right-padded, labels -100)."""
-    g = torch.Generator().manual_seed(seed)
+    random lengths, on the device."""
     vocab = model.lm.get_input_embeddings().weight.shape[0]
-    ids = torch.randint(3, vocab, (batch, caption_tokens), generator=g)
-    lengths = torch.randint(max(1, caption_tokens // 2), caption_tokens + 1, (batch,), generator=g)
-    lengths[0] = caption_tokens  # the longest caption fills the padded length, as the collate pads
-    pad = torch.arange(caption_tokens)[None] >= lengths[:, None]
-    labels = ids.masked_fill(pad, -100)
-    ids = ids.masked_fill(pad, 0)
-    return {
-        "dino": torch.randn(batch, frames, tokens, dim, generator=g).to(device),
-        "latents": torch.randn(batch, frames, *LATENT, generator=g).to(device),
-        "input_ids": ids.to(device),
-        "labels": labels.to(device),
-    }
+    return {k: v.to(device) for k, v in random_batch(vocab, batch, frames, tokens, dim, LATENT, caption_tokens,
+                                                     seed).items()}
 
 
 def wrap(model: torch.nn.Module, variant: str) -> torch.nn.Module:

@@ -51,3 +51,20 @@ def train_step(model: torch.nn.Module, fn: Callable[..., dict[str, torch.Tensor]
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"sums": sums.cpu(), "grad_norm": float(grad_norm), "loss": float(loss), "finite": finite}
+
+
+def random_batch(vocab_size: int, batch: int, frames: int, tokens: int, dino_dim: int, latent_shape: tuple[int, ...],
+                 caption_tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random features and captions of random lengths, laid out as CaptionCollator lays a batch out
+    (right-padded, labels -100): what the step benchmark times and the equivalence tests step on."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (batch, caption_tokens), generator=g)
+    lengths = torch.randint(max(1, caption_tokens // 2), caption_tokens + 1, (batch,), generator=g)
+    lengths[0] = caption_tokens  # the longest caption fills the padded length, as the collate pads
+    pad = torch.arange(caption_tokens)[None] >= lengths[:, None]
+    return {
+        "dino": torch.randn(batch, frames, tokens, dino_dim, generator=g),
+        "latents": torch.randn(batch, frames, *latent_shape, generator=g),
+        "input_ids": ids.masked_fill(pad, 0),
+        "labels": ids.masked_fill(pad, -100),
+    }

@@ -26,7 +26,7 @@ import torch
 from fvlm_train.build import build_model
 from fvlm_train.config import RunConfig
 from fvlm_train.optim import make_optimizer
-from fvlm_train.step import train_step
+from fvlm_train.step import random_batch, train_step
 
 SHAPES = {"batch": 3, "frames": 4, "tokens": 17, "caption_tokens": 9}
 DINO_DIM, LATENT = 32, (4, 32, 32)
@@ -45,19 +45,9 @@ def tiny_model(seed: int = 0) -> torch.nn.Module:
 
 def synthetic_batch(model: torch.nn.Module, batch: int, frames: int, tokens: int, caption_tokens: int,
                     seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random features of the given shapes and captions of random lengths (right-padded, labels -100)."""
-    g = torch.Generator().manual_seed(seed)
+    """Random features of the test's shapes and captions of random lengths (right-padded, labels -100)."""
     vocab = model.lm.get_input_embeddings().weight.shape[0]
-    ids = torch.randint(3, vocab, (batch, caption_tokens), generator=g)
-    lengths = torch.randint(max(1, caption_tokens // 2), caption_tokens + 1, (batch,), generator=g)
-    lengths[0] = caption_tokens  # the longest caption fills the padded length, as the collate pads
-    pad = torch.arange(caption_tokens)[None] >= lengths[:, None]
-    return {
-        "dino": torch.randn(batch, frames, tokens, DINO_DIM, generator=g),
-        "latents": torch.randn(batch, frames, *LATENT, generator=g),
-        "input_ids": ids.masked_fill(pad, 0),
-        "labels": ids.masked_fill(pad, -100),
-    }
+    return random_batch(vocab, batch, frames, tokens, DINO_DIM, LATENT, caption_tokens, seed)
 
 
 def plain_step(model, optimizer, batch):
