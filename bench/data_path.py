@@ -447,7 +447,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 store")
     p.add_argument("--no-litdata", dest="litdata", action="store_false",
                    help="skip LitData even when it is installed")
-    p.add_argument("--no-candidate", action="store_true", help=argparse.SUPPRESS)  # its reader was deleted
     p.add_argument("--no-cold", dest="cold", action="store_false", help="skip the page-cache-cold measurement")
     p.add_argument("--dataloader", action="store_true", help="measure a full DataLoader instead")
     p.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
