@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from fvlm_data import CaptionCollator, FeatureDataset, FeatureStore
-from fvlm_data.dataset import to_device
+from fvlm_data.dataset import split_slots, to_device
 from fvlm_train import TrainError
 from fvlm_train.build import load_trained
 from fvlm_train.config import RunConfig
@@ -52,7 +52,8 @@ def load_held_out(opts: argparse.Namespace) -> HeldOut:
         model, tokenizer, config, store, step = load_trained(opts.store, opts.checkpoint)
     except TrainError as e:
         sys.exit(f"error: {e}")
-    ds = FeatureDataset(opts.store, config.num_frames, split="val", val_fraction=config.val_fraction)
+    _, held_out, _ = split_slots(store, config.val_fraction)  # the store load_trained opened, not a second one
+    ds = FeatureDataset.from_store(store, config.num_frames, held_out)
     items = [ds[i] for i in range(min(opts.videos, len(ds)))]
     if not items:
         sys.exit("error: the store has no held-out videos")
