@@ -53,9 +53,9 @@ class Decoding:
 
     num_frames: int
     image_size: int
-    min_duration: float = 0.0
-    max_duration: float | None = None
-    seek: str = "exact"
+    min_duration: float
+    max_duration: float | None
+    seek: str
 
 
 def list_inputs(
