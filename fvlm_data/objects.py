@@ -251,6 +251,20 @@ class RemoteObjects:
         """One PUT: object stores make a whole object visible at once."""
         sync(self.store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
 
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create `key` only if no object has that name (a conditional PUT, If-None-Match: *); False if one
+        exists. A filesystem without conditional writes gets the closest it has: a check, then a PUT."""
+        path = f"{self.store.path}/{key}"
+        try:
+            sync(self.store.fs._pipe_file(path, data, mode="create"))
+        except FileExistsError:
+            return False
+        except (TypeError, NotImplementedError):  # an fsspec filesystem without mode="create"
+            if sync(self.store.exists(key)):
+                return False
+            self.put(key, data)
+        return True
+
     def nbytes(self) -> int:
         self._forget_listings()
 

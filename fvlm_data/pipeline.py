@@ -115,6 +115,7 @@ def _open_store(config: PrecomputeConfig, inputs: list[VideoInput], encoders: Fr
     (n_tokens, dim), latent_shape = encoders.output_shapes(config.image_size)
     shapes = FeatureShapes(config.num_frames, n_tokens, dim, latent_shape)
     attrs = store_attributes(encoders, shapes, config)
+    keys = [(item.video_id, item.source) for item in inputs]  # the store's input fingerprint is made of these
     if config.num_shards > 1 and barrier is None and FeatureStore.exists(config.out):
         # Growing a store while other processes write it would race on the array metadata.
         capacity = FeatureStore.open(config.out).capacity
@@ -123,9 +124,9 @@ def _open_store(config: PrecomputeConfig, inputs: list[VideoInput], encoders: Fr
                              "grow it with a single process (--num-shards 1) first")
     if barrier is not None:  # process 0 creates (or grows) the store while the others wait
         if config.shard_index == 0:
-            FeatureStore.create_or_open(config.out, attrs, shapes, len(inputs), config.shard_videos)
+            FeatureStore.create_or_open(config.out, attrs, shapes, len(inputs), config.shard_videos, keys)
         barrier()
-    return FeatureStore.create_or_open(config.out, attrs, shapes, len(inputs), config.shard_videos)
+    return FeatureStore.create_or_open(config.out, attrs, shapes, len(inputs), config.shard_videos, keys)
 
 
 @dataclass
@@ -137,12 +138,14 @@ class _Plan:
 
 def _plan(store: FeatureStore, config: PrecomputeConfig, inputs: list[VideoInput]) -> _Plan:
     """This process's shards (I, I+K, ...): what is done, what to redo. Committed shards are checked
-    (object ends only), in batches; a damaged one is recomputed from scratch."""
+    (object ends, in batches; with `--verify data`, the default, also every byte against its checksums);
+    a damaged one is recomputed from scratch."""
     size = store.shard_videos
     owned = list(range(config.shard_index, -(-len(inputs) // size), config.num_shards))
     states = {}
+    verify_data = getattr(config, "verify", "data") == "data"
     for i in range(0, len(owned), 1024):
-        states.update(shard_states(store, owned[i : i + 1024]))
+        states.update(shard_states(store, owned[i : i + 1024], verify_data=verify_data))
     plan = _Plan(todo=[], keep_existing={}, skipped=np.zeros(0, dtype=np.int64))
     done_slots = [plan.skipped]
     for shard in owned:
@@ -226,7 +229,8 @@ class _ShardsInProgress:
             self.buffers.pop(slot // self.store.shard_videos).publish()
 
     def add_failure(self, slot: int, item: VideoInput, reason: str) -> None:
-        self._buffer(slot).add_failure(slot, video_id=item.video_id, source=item.source, reason=reason)
+        self._buffer(slot).add_failure(slot, video_id=item.video_id, source=item.source, reason=reason,
+                                       file_id=getattr(item, "file_id", None))
         self._publish_if_complete(slot)
         self.summary.failed += 1
         self.summary.failure_reasons[reason.split(":")[0]] += 1
@@ -237,7 +241,8 @@ class _ShardsInProgress:
         for k, (slot, item, video) in enumerate(batch):
             self._buffer(slot).add_row(slot, dino=dino[k], latents=latents[k], caption=item.caption or "",
                                        video_id=item.video_id, source=item.source,
-                                       timestamps=video.timestamps, duration=video.duration)
+                                       timestamps=video.timestamps, duration=video.duration,
+                                       captions=getattr(item, "captions", ()), file_id=getattr(item, "file_id", None))
             self._publish_if_complete(slot)
             self.summary.written += 1
         self.bar.update(len(batch))

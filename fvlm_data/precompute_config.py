@@ -66,6 +66,9 @@ class PrecomputeConfig:
                           click.IntRange(min=0), recorded=False)
     batch_videos: int = option(8, "Videos encoded together in one batch.", click.IntRange(min=1))
     seed: int = option(0, "Seed of the synthetic source.", int)
+    verify: str = option("data", "What a rerun checks of the shards already in the store: data (every byte against "
+                         "its checksums) or index (object sizes and shard indexes only: for huge stores).",
+                         click.Choice(("data", "index")), recorded=False)
     quiet: bool = option(False, "No progress bar.", recorded=False, is_flag=True)
 
     @property

@@ -77,7 +77,7 @@ def test_synthetic_store_rows_attrs_and_rerun_is_a_no_op(reference_store):
     assert a["num_frames"] == 6 and a["image_size"] == 56
     assert (a["dino_tokens"], a["dino_dim"], a["latent_shape"]) == (17, 384, [4, 7, 7])  # 4x4 patches + CLS
     assert a["precompute_args"]["synthetic"] == 12
-    assert (a["format_version"], a["shard_videos"]) == (2, 3)
+    assert (a["format_version"], a["shard_videos"]) == (3, 3)
     # 12 videos in shards of 3: four objects per array, whatever the array.
     for name in ("dino", "latents", "timestamps", "caption", "video_id", "committed", "failure"):
         assert len([f for f in (reference_store / name).rglob("*") if f.is_file()]) == 4 + 1  # + zarr.json

@@ -156,10 +156,10 @@ def write_shard(store, shard, rng, fail=()):
 
 
 def test_sharded_layout_few_objects_and_zarr_reads_the_same(tmp_path):
-    """Format 2: one object per array per shard of 4 slots, readable by zarr-python itself."""
+    """Format 3: one object per array per shard of 4 slots, readable by zarr-python itself."""
     rng = np.random.default_rng(4)
     store = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=10, shard_videos=4)
-    assert (store.attrs["format_version"], store.attrs["shard_videos"]) == (2, 4)
+    assert (store.attrs["format_version"], store.attrs["shard_videos"]) == (3, 4)
     rows = {}
     for shard in range(3):  # the last shard holds slots 8 and 9 only
         rows.update(write_shard(store, shard, rng, fail={5}))

@@ -1,8 +1,12 @@
-"""Store format 2: what a store holds, how it is laid out, and which of its attributes must agree.
+"""Store format 3 (and 2): what a store holds, how it is laid out, and which of its attributes must agree.
 
 This module is the one place for these facts: the array specs and their Zarr schema, the layout
 check that the byte-range reader relies on, the format/version check, and `check_compatible`,
 which precompute (before loading any model) and the writer (on opening) both use.
+
+Format 3 adds to format 2: the caption table (`captions`, `file_id`), a crc32c per frame of each
+frame array (`<name>_crc32c`, [V, T] uint32), zarr's crc32c codec on every small array's inner
+chunk, and the attributes `store_id` and `inputs` (the input list's fingerprint).
 """
 
 from __future__ import annotations
@@ -20,11 +24,20 @@ from zarr.core.sync import sync
 from fvlm_data.objects import StoreError
 
 FORMAT_NAME = "fvlm-features"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # format-2 stores (no caption table, no checksums) stay readable and writable
 DEFAULT_SHARD_VIDEOS = 64
 
-STRING_ARRAYS = ("caption", "video_id", "source", "failure")
+# `captions` is "" when a slot has one caption (then it is `caption`), else a JSON list of all of them.
+STRING_ARRAYS = ("caption", "video_id", "source", "failure", "captions", "file_id")
+FORMAT_3_ARRAYS = ("captions", "file_id")  # and the checksum arrays
 FRAME_ARRAYS = ("dino", "dino_scale", "latents", "timestamps")  # one inner chunk per video
+CHECKSUM_SUFFIX = "_crc32c"
+
+
+def checksum_array(name: str) -> str:
+    """The [V, T] uint32 array holding the crc32c of each frame of frame array `name` (format 3)."""
+    return name + CHECKSUM_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -82,13 +95,14 @@ def check_format(path: str | os.PathLike, attrs: Mapping[str, Any]) -> None:
     if version == 1:
         raise StoreError(f"{path} is a format-1 store (one file per video); this fvlm reads format "
                          f"{FORMAT_VERSION}: re-run precompute into a new --out")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise StoreError(f"{path} has store format version {version}; this fvlm reads version {FORMAT_VERSION}: "
                          "upgrade fvlm")
 
 
-def array_specs(shapes: FeatureShapes, feature_dtype: str) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """Per-slot shape and dtype of every array in the store."""
+def array_specs(shapes: FeatureShapes, feature_dtype: str,
+                version: int = FORMAT_VERSION) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Per-slot shape and dtype of every array in a store of format `version`."""
     t, n, d = shapes.num_frames, shapes.dino_tokens, shapes.dino_dim
     specs: dict[str, tuple[tuple[int, ...], Any]] = {
         "dino": ((t, n, d), "int8" if feature_dtype == "int8" else "float16"),
@@ -100,7 +114,11 @@ def array_specs(shapes: FeatureShapes, feature_dtype: str) -> dict[str, tuple[tu
     if feature_dtype == "int8":
         specs["dino_scale"] = ((t, n), "float16")
     for name in STRING_ARRAYS:
-        specs[name] = ((), str)
+        if version >= 3 or name not in FORMAT_3_ARRAYS:
+            specs[name] = ((), str)
+    if version >= 3:
+        for name in [n for n in FRAME_ARRAYS if n in specs]:
+            specs[checksum_array(name)] = ((t,), "uint32")
     return specs
 
 
@@ -119,11 +137,14 @@ def chunk_nbytes(arr: zarr.Array) -> int:
     return int(np.prod(arr.shape[1:])) * np.dtype(arr.dtype).itemsize
 
 
-def schema(attrs: Mapping[str, Any], shapes: FeatureShapes, capacity: int, shard_videos: int) -> dict[str, bytes]:
-    """Every metadata object (zarr.json) of a new store, written by zarr into memory."""
+def schema(attrs: Mapping[str, Any], shapes: FeatureShapes, capacity: int, shard_videos: int,
+           version: int = FORMAT_VERSION) -> dict[str, bytes]:
+    """Every metadata object (zarr.json) of a new store, written by zarr into memory (`version` 2: the
+    format-2 layout, for tests that check old stores stay readable)."""
     mem = zarr.storage.MemoryStore()
     group = zarr.open_group(mem, mode="w", zarr_format=3)
-    for name, (shape, dtype) in array_specs(shapes, attrs["feature_dtype"]).items():
+    for name, (shape, dtype) in array_specs(shapes, attrs["feature_dtype"], version).items():
+        small = name not in FRAME_ARRAYS
         group.create_array(
             name,
             shape=(capacity, *shape),
@@ -132,10 +153,13 @@ def schema(attrs: Mapping[str, Any], shapes: FeatureShapes, capacity: int, shard
             # Small arrays: the whole shard is one inner chunk (one read gives S values).
             chunks=(inner_chunk_videos(name, shard_videos), *shape),
             dtype=dtype,
-            compressors=None,
+            # Format 3: zarr's own crc32c on the small arrays' inner chunks (any Zarr reader verifies them);
+            # the frame arrays' chunks stay raw for byte-range reads, their checksums are per frame.
+            compressors=[zarr.codecs.Crc32cCodec()] if small and version >= 3 else None,
             fill_value="" if dtype is str else 0,
         )
-    group.attrs.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **attrs,
+    # The shapes are the arrays' own: the attributes agree with the arrays by construction.
+    group.attrs.update({"format": FORMAT_NAME, "format_version": version, **attrs, **shapes.as_attrs(),
                         "shard_videos": shard_videos})
     return memory_objects(mem)
 
@@ -150,7 +174,8 @@ def memory_objects(mem: zarr.storage.MemoryStore, keys: list[str] | None = None)
     return sync(read())
 
 
-def check_layout(path: str | os.PathLike, name: str, arr: zarr.Array, shard_videos: int) -> None:
+def check_layout(path: str | os.PathLike, name: str, arr: zarr.Array, shard_videos: int,
+                 version: int = FORMAT_VERSION) -> None:
     """The byte-range reader assumes the layout `schema` writes; refuse anything else."""
     codecs = arr.metadata.codecs
     ok = len(codecs) == 1 and isinstance(codecs[0], zarr.codecs.ShardingCodec)
@@ -158,17 +183,18 @@ def check_layout(path: str | os.PathLike, name: str, arr: zarr.Array, shard_vide
         sharding = codecs[0]
         inner = [type(c).__name__ for c in sharding.codecs]
         index = [type(c).__name__ for c in sharding.index_codecs]
+        checksum = ["Crc32cCodec"] if version >= 3 and name not in FRAME_ARRAYS else []
         ok = (
             tuple(arr.shards or ()) == (shard_videos, *arr.shape[1:])
             and tuple(sharding.chunk_shape) == (inner_chunk_videos(name, shard_videos), *arr.shape[1:])
-            and inner in (["BytesCodec"], ["VLenUTF8Codec"])
+            and inner in (["BytesCodec", *checksum], ["VLenUTF8Codec", *checksum])
             and (inner[0] != "BytesCodec" or getattr(sharding.codecs[0].endian, "value", "little") == "little")
             and index == ["BytesCodec", "Crc32cCodec"]
             and sharding.index_location.value == "end"
             and getattr(arr.metadata.chunk_key_encoding, "separator", None) == "/"
         )
     if not ok:
-        raise StoreError(f"{path}: array {name!r} is not laid out as fvlm store format 2 expects")
+        raise StoreError(f"{path}: array {name!r} is not laid out as fvlm store format {version} expects")
 
 
 def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -2,12 +2,14 @@
 
 Frames are read by byte ranges computed from each shard's index (`ShardIndex`), a whole batch of
 rows in one batch of requests; the small per-video arrays (caption, video_id, committed, ...) are
-read a whole shard object at a time. Writing goes through `fvlm_data.store.writer`; the two
-writing entry points below only hand over to it.
+read a whole shard object at a time. In a format-3 store every byte read is checked against its
+checksum first (`checksums`). Writing goes through `fvlm_data.store.writer`; the two writing entry
+points below only hand over to it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
@@ -17,12 +19,15 @@ import numpy as np
 import zarr
 
 from fvlm_data.objects import LocalObjects, ReadRequest, RemoteObjects, StoreError, objects_at
+from fvlm_data.store.checksums import check_frames, checked_chunk
+from fvlm_data.store.consistency import check_attrs_match_arrays
 from fvlm_data.store.format import (
     FRAME_ARRAYS,
     STRING_ARRAYS,
     FeatureShapes,
     check_format,
     check_layout,
+    checksum_array,
     chunk_nbytes,
     inner_chunks,
 )
@@ -53,7 +58,7 @@ class FeatureStore:
     """
 
     INDEX_CACHE = 4096  # shard indexes kept per process (each S x 16 bytes)
-    SMALL_CACHE = 512  # caption / video_id shards kept per process
+    SMALL_CACHE = 2048  # caption / video_id / checksum shards kept per process (a few kB each)
 
     def __init__(self, path: str | os.PathLike, objects: LocalObjects | RemoteObjects, group: zarr.Group,
                  writable: bool = False) -> None:
@@ -61,10 +66,12 @@ class FeatureStore:
         self.objects = objects
         self.writable = writable
         self.attrs: dict[str, Any] = dict(group.attrs)
-        self.shard_videos = int(self.attrs["shard_videos"])
+        self.version = int(self.attrs["format_version"])
         self.arrays: dict[str, zarr.Array] = {name: group[name] for name in group.array_keys()}
+        check_attrs_match_arrays(self.path, self.attrs, self.arrays, self.version)
+        self.shard_videos = int(self.attrs["shard_videos"])
         for name, arr in self.arrays.items():
-            check_layout(self.path, name, arr, self.shard_videos)
+            check_layout(self.path, name, arr, self.shard_videos, self.version)
         self._index_cache: OrderedDict[tuple[str, int], ShardIndex] = OrderedDict()
         self._small_cache: OrderedDict[tuple[str, int], Any] = OrderedDict()
         self._committed: np.ndarray | None = None
@@ -81,11 +88,17 @@ class FeatureStore:
 
     @classmethod
     def create_or_open(cls, path: str | os.PathLike, attrs: dict[str, Any], shapes: FeatureShapes, capacity: int,
-                       shard_videos: int | None = None) -> FeatureStore:
+                       shard_videos: int | None = None,
+                       inputs: list[tuple[str, str]] | None = None) -> FeatureStore:
         """Open `path` for writing, creating (or growing) it: see `writer.create_or_open`."""
         from fvlm_data.store import writer
 
-        return writer.create_or_open(path, attrs, shapes, capacity, shard_videos)
+        return writer.create_or_open(path, attrs, shapes, capacity, shard_videos, inputs)
+
+    @property
+    def has_checksums(self) -> bool:
+        """Format 3: every byte read is checked (per-frame crc32c, crc32c codec on the small arrays)."""
+        return self.version >= 3
 
     def shard_buffer(self, shard: int, keep_existing: bool = False) -> ShardBuffer:
         """An in-memory shard to fill and publish: see `writer.ShardBuffer`."""
@@ -113,6 +126,9 @@ class FeatureStore:
         """How errors name a shard object."""
         return f"{self.path}: shard {shard} of {name!r} ({self.shard_key(name, shard)})"
 
+    def slot_name(self, name: str, slot: int) -> str:
+        return f"{self.shard_name(name, slot // self.shard_videos)}, slot {slot}"
+
     def missing(self, name: str, shard: int) -> StoreError:
         return StoreError(f"{self.shard_name(name, shard)} is missing although the shard is committed: "
                           "re-run precompute to recompute it")
@@ -130,15 +146,27 @@ class FeatureStore:
                 self._index_cache.popitem(last=False)
         return {w: self._index_cache[w] for w in wanted}
 
-    def _decode_small(self, name: str, shard: int, data: bytes) -> np.ndarray | list[str]:
-        """The values of a whole shard object of a small array (one inner chunk)."""
-        index = ShardIndex.parse(data, len(data), inner_chunks(name, self.shard_videos), self.shard_name(name, shard))
+    def decode_small(self, name: str, shard: int, data: bytes) -> np.ndarray | list[str]:
+        """The values of a whole shard object of a small array (one inner chunk), [S, ...]: its checksum
+        (format 3) and its size are checked before anything is decoded."""
+        where = self.shard_name(name, shard)
+        index = ShardIndex.parse(data, len(data), inner_chunks(name, self.shard_videos), where)
         if index.is_empty(0):
-            raise StoreError(f"{self.path}: shard {shard} of {name!r} holds no data: re-run precompute")
-        chunk = index.chunk(data)
+            raise StoreError(f"{where} holds no data: re-run precompute")
+        chunk = checked_chunk(index.chunk(data), where) if self.has_checksums else index.chunk(data)
+        damaged = StoreError(f"{where} cannot be decoded (the shard is damaged): re-run precompute to recompute it")
         if name in STRING_ARRAYS:
-            return _VLEN_UTF8.decode(chunk).tolist()
-        return np.frombuffer(chunk, dtype=np.dtype(self.arrays[name].dtype).newbyteorder("<"))
+            if len(chunk) < 4 or int.from_bytes(chunk[:4], "little") != self.shard_videos:
+                raise damaged  # a count that is not S: never allocate what a damaged header says
+            try:
+                return _VLEN_UTF8.decode(chunk).tolist()
+            except (ValueError, UnicodeDecodeError, MemoryError, RuntimeError):
+                raise damaged from None
+        arr = self.arrays[name]
+        dtype = np.dtype(arr.dtype).newbyteorder("<")
+        if len(chunk) != self.shard_videos * int(np.prod(arr.shape[1:])) * dtype.itemsize:
+            raise damaged
+        return np.frombuffer(chunk, dtype=dtype).reshape(self.shard_videos, *arr.shape[1:])
 
     def shard_values(self, names: tuple[str, ...], shards: list[int], cache: bool = False,
                      errors: dict[int, str] | None = None) -> dict[str, dict[int, Any]]:
@@ -158,7 +186,7 @@ class FeatureStore:
             if data is None:
                 continue
             try:
-                out[name][shard] = self._decode_small(name, shard, data)
+                out[name][shard] = self.decode_small(name, shard, data)
             except StoreError as e:
                 if errors is None:
                     raise
@@ -227,8 +255,9 @@ class FeatureStore:
         frame_names = [n for n in FRAME_ARRAYS if n in self.arrays]
         shards = [s // self.shard_videos for s in slots]
         indexes = self._indexes([(n, sh) for sh in shards for n in frame_names])
-        strings = self.shard_values(("caption", "video_id"), shards, cache=True)
-        captions, ids = strings["caption"], strings["video_id"]
+        sums = tuple(checksum_array(n) for n in frame_names) if self.has_checksums else ()
+        small = self.shard_values(("caption", "video_id", *self._captions_array(), *sums), shards, cache=True)
+        captions, ids = small["caption"], small["video_id"]
         # One buffer per array for the whole batch, rows are views of it: as 32 separate 4 MB arrays,
         # malloc gives a batch's memory back to the kernel and the next batch faults it in again 4 kB
         # at a time; numpy backs one large array with huge pages (bench/data_path.py, CANDIDATE rows).
@@ -236,12 +265,14 @@ class FeatureStore:
         batch = ({n: np.empty((len(slots), len(frames[0]), *self.arrays[n].shape[2:]),
                               dtype=np.dtype(self.arrays[n].dtype)) for n in frame_names}
                  if len(slots) > 1 and same_length else None)
-        rows, requests = [], []
+        rows, requests, checks = [], [], []
         for b, (slot, shard, want) in enumerate(zip(slots, shards, frames, strict=True)):
-            if shard not in captions or shard not in ids:
-                raise self.missing("caption" if shard not in captions else "video_id", shard)
+            for name, values in small.items():
+                if shard not in values:
+                    raise self.missing(name, shard)
             j = slot % self.shard_videos
-            row: dict[str, Any] = {"caption": captions[shard][j], "video_id": ids[shard][j], "slot": slot}
+            row: dict[str, Any] = {"caption": captions[shard][j], "video_id": ids[shard][j], "slot": slot,
+                                   "captions": self._all_captions(small, shard, j)}
             for name in frame_names:
                 arr = self.arrays[name]
                 t = arr.shape[1]
@@ -249,7 +280,10 @@ class FeatureStore:
                 if idx.size and (idx.min() < 0 or idx.max() >= t):
                     raise IndexError(f"frame index out of range 0..{t - 1}: {idx.tolist()}")
                 out = batch[name][b] if batch else np.empty((len(idx), *arr.shape[2:]), dtype=np.dtype(arr.dtype))
-                requests += self._frame_requests(name, slot, indexes[(name, shard)], idx, out)
+                got = self._frame_requests(name, slot, indexes[(name, shard)], idx, out)
+                if got and sums:
+                    checks.append((name, slot, out, small[checksum_array(name)][shard][j][idx], idx))
+                requests += got
                 row[name] = out
             rows.append(row)
         counts = self.objects.read_into(requests) if requests else []
@@ -257,7 +291,41 @@ class FeatureStore:
             if got != len(view):
                 raise StoreError(f"{self.path}: short read of {key}: the shard is truncated; "
                                  "re-run precompute to recompute it")
+        for name, slot, out, expected, idx in checks:  # exactly the frames read, nothing else
+            check_frames(out, expected, self.slot_name(name, slot), idx)
         return rows
+
+    def _captions_array(self) -> tuple[str, ...]:
+        return ("captions",) if "captions" in self.arrays else ()
+
+    def _all_captions(self, small: dict[str, dict[int, Any]], shard: int, j: int) -> list[str]:
+        """Every caption of a slot: `captions` holds "" for one caption (then it is `caption`), else a JSON list."""
+        table = small["captions"][shard][j] if "captions" in small else ""
+        if not table:
+            return [small["caption"][shard][j]]
+        try:
+            return json.loads(table)
+        except ValueError:
+            raise StoreError(f"{self.slot_name('captions', shard * self.shard_videos + j)} is not a JSON "
+                             "list of captions: the store is damaged") from None
+
+    def captions(self, slots: np.ndarray | list[int]) -> list[list[str]]:
+        """Every caption of each slot, first == its `caption` (no frames read; format 2: one each)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        shards = np.unique(slots // self.shard_videos).tolist()
+        small = self.shard_values(("caption", *self._captions_array()), shards, cache=len(slots) < 64)
+        out = []
+        for slot in slots.tolist():
+            shard, j = divmod(slot, self.shard_videos)
+            for name, values in small.items():
+                if shard not in values:
+                    raise self.missing(name, shard)
+            out.append(self._all_captions(small, shard, j))
+        return out
+
+    def file_ids(self, slots: np.ndarray | list[int] | None = None) -> list[str]:
+        """The file each slot was cut from (default: committed slots); format 2: the video ids."""
+        return self.read_strings("file_id" if "file_id" in self.arrays else "video_id", slots)
 
     def read_slot(self, slot: int, frames: np.ndarray | None = None) -> dict[str, Any]:
         return self.read_slots([slot], [frames])[0]

@@ -8,11 +8,11 @@ a shard's rows once its `committed` object exists.
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
-import tempfile
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,9 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from fvlm_data.objects import LocalObjects, StoreError, objects_at
+from fvlm_data.objects import StoreError, objects_at
+from fvlm_data.store.checksums import check_frames, frame_checksums, shard_data_problem
+from fvlm_data.store.creation import check_inputs, create_exclusive, inputs_fingerprint, new_store_id
 from fvlm_data.store.format import (
     DEFAULT_SHARD_VIDEOS,
     FRAME_ARRAYS,
@@ -28,6 +30,7 @@ from fvlm_data.store.format import (
     FeatureRecipe,
     FeatureShapes,
     check_compatible,
+    checksum_array,
     chunk_nbytes,
     memory_objects,
     quantize_int8,
@@ -38,46 +41,34 @@ from fvlm_data.store.shard_index import ShardIndex
 
 
 def create_or_open(path: str | os.PathLike, attrs: dict[str, Any], shapes: FeatureShapes, capacity: int,
-                   shard_videos: int | None = None) -> FeatureStore:
+                   shard_videos: int | None = None, inputs: Sequence[tuple[str, str]] | None = None) -> FeatureStore:
     """Open `path` for writing, creating it with `capacity` slots if it does not exist.
 
     An existing store must have been made with the same encoders, frame count, image size,
-    feature dtype (and shard size, if one is asked for). Creation is atomic locally (built
-    beside the target, then renamed); remotely the group's metadata is written last and
-    concurrent creators write the same arrays, so several processes may start at once.
+    feature dtype (and shard size, if one is asked for), and from the same `inputs` ((video_id,
+    source) per slot; a longer list grows the store): all checked before anything is written.
+    Creation is exclusive (`creation.create_exclusive`): of several writers started at once exactly
+    one creates the store, the others check it like any existing store.
     """
     objects = objects_at(path, read_only=False)
     if not objects.exists():
-        objs = schema(attrs, shapes, capacity, shard_videos or DEFAULT_SHARD_VIDEOS)
-        if isinstance(objects, LocalObjects):
-            _create_local(objects.root, objs)
-        else:
-            for key in sorted(objs, key=lambda k: k == "zarr.json"):  # group metadata last
-                objects.put(key, objs[key])
+        fingerprint = {} if inputs is None else {"inputs": inputs_fingerprint(inputs)}
+        identity = {"store_id": new_store_id(), **fingerprint}
+        objs = schema({**attrs, **identity}, shapes, capacity, shard_videos or DEFAULT_SHARD_VIDEOS)
+        create_exclusive(path, objects, objs, {**identity, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     group = open_group(path, objects, mode="r+")
     check_compatible(path, group.attrs, FeatureRecipe.from_attrs(attrs), shard_videos)
+    recorded = group.attrs.get("inputs")
+    check_inputs(path, recorded, inputs)
     store = FeatureStore(path, objects, group, writable=True)
-    if store.capacity >= capacity:
+    longer = inputs is not None and recorded is not None and recorded["count"] < len(inputs)
+    if store.capacity >= capacity and not longer:
         return store
-    _grow(store, capacity)
+    if store.capacity < capacity:
+        _grow(store, capacity)
+    if longer:  # after the arrays: a run killed in between redoes it
+        group.attrs["inputs"] = inputs_fingerprint(inputs)
     return FeatureStore(path, objects, open_group(path, objects, mode="r+"), writable=True)
-
-
-def _create_local(path: Path, objs: dict[str, bytes]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        for key, data in objs.items():
-            (tmp / key).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / key).write_bytes(data)
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not path.exists():
-                raise
-            # Another process created it first; its store is the one we use.
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _grow(store: FeatureStore, capacity: int) -> None:
@@ -118,10 +109,11 @@ class ShardState:
         return "committed" if self.committed[j] else "failed" if self.failed[j] else "empty"
 
 
-def shard_states(store: FeatureStore, shards: list[int]) -> dict[int, ShardState]:
+def shard_states(store: FeatureStore, shards: list[int], verify_data: bool = False) -> dict[int, ShardState]:
     """The state of each shard. A committed shard is trusted if every array's object of it exists, has
     an intact index (size, crc32c) and holds the features of each committed video. Reads objects'
-    ends only, a few batches of requests for all the shards together."""
+    ends only, a few batches of requests for all the shards together; `verify_data` also reads every
+    byte of each such shard and checks it against its checksums (`checksums.shard_data_problem`)."""
     s = store.shard_videos
     errors: dict[int, str] = {}
     committed = store.shard_values(("committed",), shards, errors=errors)["committed"]
@@ -148,6 +140,11 @@ def shard_states(store: FeatureStore, shards: list[int]) -> dict[int, ShardState
                 if bad.any():
                     errors[shard] = (f"{store.path}: shard {shard} of {name!r} lacks the features of committed "
                                      f"slot {shard * s + int(np.flatnonzero(bad)[0])}")
+    if verify_data:
+        for shard in [sh for sh in ok if sh not in errors]:
+            problem = shard_data_problem(store, shard)
+            if problem:
+                errors[shard] = problem
     failure = store.shard_values(("failure",), [sh for sh in ok if sh not in errors], errors=errors)["failure"]
     out = {}
     for shard in shards:
@@ -178,11 +175,24 @@ class ShardBuffer:
                 self.data[name] = np.zeros((n, *arr.shape[1:]), dtype=np.dtype(arr.dtype))
         self.filled = np.zeros(n, dtype=bool)
         if keep_existing and shard in store.shard_values(("committed",), [shard])["committed"]:
+            self._load_existing()
+
+    def _load_existing(self) -> None:
+        """The shard's committed and failed rows, read by zarr (which checks the small arrays' crc32c);
+        the kept rows' frames are checked against their checksums before they are published again."""
+        store = self.store
+        try:
             for name, data in self.data.items():
                 data[...] = store.arrays[name][self.start : self.stop]
-            self.filled = (self.data["committed"] == 1) | np.array([bool(r) for r in self.data["failure"]])
-            for data in self.data.values():  # rows never completed are not kept
-                data[~self.filled] = "" if data.dtype == object else 0
+        except ValueError as e:  # zarr's crc32c codec: "Stored and computed checksum do not match"
+            raise StoreError(f"{store.path}: shard {self.shard} fails a checksum ({e}): re-run precompute") from None
+        self.filled = (self.data["committed"] == 1) | np.array([bool(r) for r in self.data["failure"]])
+        for data in self.data.values():  # rows never completed are not kept
+            data[~self.filled] = "" if data.dtype == object else 0
+        for name in [n for n in FRAME_ARRAYS if checksum_array(n) in self.data]:
+            for j in np.flatnonzero(self.data["committed"] == 1).tolist():
+                check_frames(self.data[name][j], self.data[checksum_array(name)][j],
+                             store.slot_name(name, self.start + j), np.arange(self.data[name].shape[1]))
 
     def _clear(self, slot: int) -> int:
         if not self.start <= slot < self.stop:
@@ -194,7 +204,12 @@ class ShardBuffer:
         return j
 
     def add_row(self, slot: int, *, dino: np.ndarray, latents: np.ndarray, caption: str, video_id: str,
-                source: str, timestamps: np.ndarray, duration: float) -> None:
+                source: str, timestamps: np.ndarray, duration: float, captions: Sequence[str] = (),
+                file_id: str | None = None) -> None:
+        """One video's row. `captions`: all its captions, the first being `caption` (default: that one);
+        `file_id`: the file it was cut from (default: `video_id`, a whole file)."""
+        if captions and captions[0] != caption:
+            raise ValueError(f"captions[0] must be the caption: {captions[0]!r} != {caption!r}")
         j, d = self._clear(slot), self.data
         if "dino_scale" in d:
             d["dino"][j], d["dino_scale"][j] = quantize_int8(dino)
@@ -202,11 +217,16 @@ class ShardBuffer:
             d["dino"][j] = dino
         d["latents"][j], d["timestamps"][j], d["duration"][j] = latents, timestamps, duration
         d["caption"][j], d["video_id"][j], d["source"][j] = caption, video_id, source
+        if "captions" in d:  # format 3; one caption (the common case) is "", costing nothing
+            d["captions"][j] = json.dumps(list(captions), ensure_ascii=False) if len(captions) > 1 else ""
+            d["file_id"][j] = video_id if file_id is None else file_id
         d["committed"][j] = 1
 
-    def add_failure(self, slot: int, *, video_id: str, source: str, reason: str) -> None:
+    def add_failure(self, slot: int, *, video_id: str, source: str, reason: str, file_id: str | None = None) -> None:
         j, d = self._clear(slot), self.data
         d["video_id"][j], d["source"][j] = video_id, source
+        if "file_id" in d:
+            d["file_id"][j] = video_id if file_id is None else file_id
         d["failure"][j] = reason.replace("\n", " ")[:500] or "unknown error"
 
     def complete(self, until: int | None = None) -> bool:
@@ -217,6 +237,8 @@ class ShardBuffer:
     def publish(self) -> None:
         """Encode each array's shard with zarr (in memory) and write it whole; `committed` last."""
         store = self.store
+        for name in [n for n in FRAME_ARRAYS if checksum_array(n) in self.data]:  # every row: kept ones were checked
+            self.data[checksum_array(name)][...] = [frame_checksums(frames) for frames in self.data[name]]
         mem = zarr.storage.MemoryStore()
         names = sorted(self.data, key=lambda n: n == "committed")
         for name in names:

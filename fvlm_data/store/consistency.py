@@ -1,0 +1,79 @@
+"""The group's attributes checked against its arrays' metadata when a store is opened.
+
+Readers trust the attributes (frames, shapes, dtypes, shard size); a `zarr.json` edited by hand
+or damaged would otherwise read the wrong frames silently or fail later with a traceback. Every
+attribute a reader uses must agree with what the arrays' own metadata says, or the store is
+refused in one line naming the attribute and both values.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import zarr
+
+from fvlm_data.objects import StoreError
+from fvlm_data.store.format import FeatureShapes, array_specs
+
+REQUIRED = ("shard_videos", "num_frames", "dino_tokens", "dino_dim", "latent_shape", "feature_dtype")
+_FIX = "the store's zarr.json was edited or damaged"
+
+
+def _dtype_name(arr: zarr.Array) -> str:
+    return "str" if getattr(arr.dtype, "kind", "") in ("T", "U", "O") else str(np.dtype(arr.dtype))
+
+
+def check_attrs_match_arrays(path: str | os.PathLike, attrs: Mapping[str, Any], arrays: Mapping[str, zarr.Array],
+                             version: int) -> None:
+    """Refuse a store whose attributes disagree with its arrays (see the module docstring)."""
+
+    def refuse(what: str) -> None:
+        raise StoreError(f"{path}: {what}: {_FIX}")
+
+    for key in REQUIRED:
+        if key not in attrs:
+            refuse(f"attribute {key!r} is missing")
+    ints = ("shard_videos", "num_frames", "dino_tokens", "dino_dim")
+    for key in ints:
+        if not isinstance(attrs[key], int) or attrs[key] < 1:
+            refuse(f"attribute {key}={attrs[key]!r} is not a positive integer")
+    latent = attrs["latent_shape"]
+    if not (isinstance(latent, list) and len(latent) == 3 and all(isinstance(x, int) for x in latent)):
+        refuse(f"attribute latent_shape={latent!r} is not three integers")
+    if attrs["feature_dtype"] not in ("float16", "int8"):
+        refuse(f"attribute feature_dtype={attrs['feature_dtype']!r} is neither 'float16' nor 'int8'")
+    for name in ("dino", "latents", "committed"):
+        if name not in arrays:
+            refuse(f"array {name!r} is missing")
+    dino, latents = arrays["dino"], arrays["latents"]
+    said = [  # (attribute, its value, what the arrays say, which array says it)
+        ("num_frames", attrs["num_frames"], dino.shape[1] if dino.ndim == 4 else None, "dino"),
+        ("dino_tokens", attrs["dino_tokens"], dino.shape[2] if dino.ndim == 4 else None, "dino"),
+        ("dino_dim", attrs["dino_dim"], dino.shape[3] if dino.ndim == 4 else None, "dino"),
+        ("latent_shape", latent, list(latents.shape[2:]), "latents"),
+        ("feature_dtype", attrs["feature_dtype"], _dtype_name(dino), "dino"),
+    ]
+    if "latent_dtype" in attrs:
+        said.append(("latent_dtype", attrs["latent_dtype"], _dtype_name(latents), "latents"))
+    for key, value, actual, name in said:
+        if value != actual:
+            refuse(f"attribute {key}={value!r} but array {name!r} says {actual!r}")
+    for name, arr in arrays.items():
+        shard = (arr.shards or (None,))[0]
+        if shard != attrs["shard_videos"]:
+            refuse(f"attribute shard_videos={attrs['shard_videos']!r} but array {name!r} has shards of {shard!r} slots")
+    shapes = FeatureShapes(attrs["num_frames"], attrs["dino_tokens"], attrs["dino_dim"], tuple(latent))
+    capacity = arrays["committed"].shape[0]
+    for name, (shape, dtype) in array_specs(shapes, attrs["feature_dtype"], version).items():
+        if name not in arrays:
+            refuse(f"array {name!r} is missing")
+        arr = arrays[name]
+        want = "str" if dtype is str else str(np.dtype(dtype))
+        if (tuple(arr.shape[1:]), _dtype_name(arr)) != (shape, want):
+            refuse(f"array {name!r} is {_dtype_name(arr)} {list(arr.shape[1:])} per slot, format {version} says "
+                   f"{want} {list(shape)}")
+        if arr.shape[0] != capacity:
+            refuse(f"array {name!r} has {arr.shape[0]} slots but 'committed' has {capacity}")

@@ -1,0 +1,105 @@
+"""Creating a store exactly once: its identity, the fingerprint of its input list, exclusive creation.
+
+A format-3 store records `store_id` (a uuid4, written once at creation) and `inputs`, the
+fingerprint of the input list it is filled from: {"count": n, "sha256": ...} over (video_id,
+source) of each input in slot order. A writer whose inputs differ is refused before it writes
+anything; a longer list whose first `count` inputs agree grows the store (and the fingerprint).
+
+Creation is exclusive, so two writers started at once cannot both create (and then mix) a store:
+locally the store is built in a hidden folder beside the target and renamed into place, and
+rename(2) refuses a target that exists (the directory form of O_EXCL); on object storage a claim
+object holding the creator's identity and fingerprint is written with a conditional PUT
+(If-None-Match: *) before anything else, and a writer that loses the race reads the claim: other
+inputs are refused at once, the same inputs wait for the winner's metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fvlm_data.objects import LocalObjects, RemoteObjects, StoreError
+
+CLAIM_KEY = "fvlm_claim.json"  # remote stores only: who created the store (not a Zarr node)
+CLAIM_WAIT_S = 120.0  # how long a writer of the same inputs waits for the creator's metadata
+
+
+def new_store_id() -> str:
+    return uuid.uuid4().hex
+
+
+def inputs_fingerprint(inputs: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """{"count": n, "sha256": hex} over the (video_id, source) of each input, in slot order."""
+    digest = hashlib.sha256()
+    for video_id, source in inputs:
+        digest.update(json.dumps([video_id, source], ensure_ascii=False).encode() + b"\n")
+    return {"count": len(inputs), "sha256": digest.hexdigest()}
+
+
+def check_inputs(path: str | os.PathLike, recorded: Mapping[str, Any] | None,
+                 inputs: Sequence[tuple[str, str]] | None) -> None:
+    """Refuse inputs that are not the store's (a format-2 store has no fingerprint: nothing to check)."""
+    if recorded is None or inputs is None:
+        return
+    count = int(recorded["count"])
+    if len(inputs) < count:
+        raise StoreError(f"{path} was made from {count} inputs and this run lists {len(inputs)}: a shorter list "
+                         "cannot be checked against the store's fingerprint; give all of them, or use a new --out")
+    mine = inputs_fingerprint(inputs[:count])["sha256"]
+    if mine != recorded["sha256"]:
+        raise StoreError(f"{path} was made from another input list (its {count} inputs have fingerprint "
+                         f"{recorded['sha256'][:12]}, this run's first {count} {mine[:12]}): the input list "
+                         "changed; use a new --out")
+
+
+def create_exclusive(path: str | os.PathLike, objects: LocalObjects | RemoteObjects, objs: dict[str, bytes],
+                     claim: dict[str, Any]) -> None:
+    """Create the store from its metadata objects `objs` unless it exists or another writer creates it
+    first; in that case return once it is there (the caller then checks it)."""
+    if isinstance(objects, LocalObjects):
+        _create_local(objects.root, objs)
+        return
+    body = json.dumps(claim).encode()
+    if objects.put_if_absent(CLAIM_KEY, body):
+        for key in sorted(objs, key=lambda k: k == "zarr.json"):  # group metadata last: then readers see it
+            objects.put(key, objs[key])
+        return
+    theirs = objects.get_many([CLAIM_KEY])[0]
+    other = json.loads(theirs) if theirs else {}
+    mine, recorded = claim.get("inputs"), other.get("inputs")
+    if mine and recorded and mine["count"] == recorded["count"] and mine["sha256"] != recorded["sha256"]:
+        raise StoreError(f"{path} is being created by another writer from another input list (fingerprint "
+                         f"{recorded['sha256'][:12]}, this run's {mine['sha256'][:12]}): use a new --out")
+    # The same inputs (or another count, checked once the store is there): wait for the creator's metadata.
+    deadline = time.monotonic() + CLAIM_WAIT_S
+    while not objects.exists():
+        if time.monotonic() > deadline:
+            raise StoreError(f"{path} is being created by another writer since {other.get('created', '?')} "
+                             f"({CLAIM_KEY} exists, zarr.json does not after {CLAIM_WAIT_S:.0f} s): if no writer "
+                             f"is running, delete {path}/{CLAIM_KEY} and run again")
+        time.sleep(0.2)
+
+
+def _create_local(path: Path, objs: dict[str, bytes]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        for key, data in objs.items():
+            (tmp / key).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / key).write_bytes(data)
+        try:
+            os.rename(tmp, path)  # fails if `path` exists and is not empty: exactly one creator wins
+        except OSError:
+            if not path.exists():
+                raise
+            # Another writer created it first: the caller checks that its inputs are ours.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
