@@ -69,11 +69,12 @@ def shard_data_problem(store: FeatureStore, shard: int) -> str | None:
             arr = store.arrays[name]
             index = ShardIndex.parse(data, len(data), store.shard_videos, store.shard_name(name, shard))
             for j in np.flatnonzero(committed[:n_slots]).tolist():
+                slot = shard * store.shard_videos + j
                 if index.chunk_nbytes(j) != int(np.prod(arr.shape[1:])) * np.dtype(arr.dtype).itemsize:
-                    return f"{store.shard_name(name, shard)} lacks the features of slot {shard * store.shard_videos + j}"
+                    return f"{store.slot_name(name, slot)} lacks its features"
                 frames = np.frombuffer(index.chunk(data, j), dtype=np.dtype(arr.dtype)).reshape(arr.shape[1:])
-                check_frames(frames, small[checksum_array(name)][j], store.slot_name(name, shard * store.shard_videos + j),
-                             np.arange(len(frames)))
+                expected = small[checksum_array(name)][j]
+                check_frames(frames, expected, store.slot_name(name, slot), np.arange(len(frames)))
     except StoreError as e:
         return str(e)
     return None
