@@ -2,6 +2,7 @@
 
     python -m bench.data_path                      # one core, warm and page-cache-cold reads
     python -m bench.data_path --dataloader         # a full DataLoader, 1 and 2 workers
+    python -m bench.data_path --checksums          # the cost of verifying every byte read (format 3 vs 2)
 
 Every format holds the same real-model-shaped features (DINOv2-small at 256 px: 24 x 325 x 384,
 SD-VAE latents 24 x 4 x 32 x 32) with a DINO-like value distribution (not zeros, not plain N(0, 1)).
@@ -435,6 +436,71 @@ def run_profile(paths: dict[str, Any], videos: int, batch: int) -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(15)
 
 
+# ----------------------------------------------------------------------------- checksum cost
+def run_checksum_cost(args: argparse.Namespace, root: Path) -> None:
+    """Warm samples/s of `FeatureDataset.__getitems__` on the same rows in a format-3 store (every frame
+    read checked against its crc32c, small arrays against zarr's crc32c codec) and in a format-2 store
+    (no checksums), alternating in one process on one core; the ratio is taken per round."""
+    from bench.common import SHAPES
+    from fvlm_data.objects import LocalObjects
+    from fvlm_data.store.format import schema
+    from fvlm_data.store.reader import open_group
+
+    attrs = dict(dino="bench-synthetic", vae="bench-synthetic", num_frames=T, image_size=256, feature_dtype="float16")
+    on = FeatureStore.create_or_open(root / "format3.zarr", attrs, SHAPES, capacity=args.videos,
+                                     shard_videos=args.shard_videos)
+    off_path = root / "format2.zarr"
+    for key, data in schema(attrs, SHAPES, args.videos, on.shard_videos, version=2).items():
+        (off_path / key).parent.mkdir(parents=True, exist_ok=True)
+        (off_path / key).write_bytes(data)
+    off = FeatureStore(off_path, LocalObjects(off_path), open_group(off_path, LocalObjects(off_path), "r+"), True)
+    for shard in range(on.num_shard_objects):
+        buffers = [store.shard_buffer(shard) for store in (on, off)]
+        for i in range(buffers[0].start, buffers[0].stop):
+            dino, latents, caption = video_features(0, i)
+            for buf in buffers:
+                buf.add_row(i, dino=dino, latents=latents, caption=caption, video_id=video_id(i), source="synthetic",
+                            timestamps=TIMESTAMPS, duration=36.0)
+        for buf in buffers:
+            buf.publish()
+    cpu = pin_to_one_core()
+    datasets = {"on": FeatureDataset(root / "format3.zarr", num_frames=WANT, split="all"),
+                "off": FeatureDataset(off_path, num_frames=WANT, split="all")}
+    rng = np.random.default_rng(0)
+    for ds in datasets.values():  # warm the page cache and the shard caches
+        ds.__getitems__(list(range(args.videos)))
+    rates: dict[str, list[float]] = {"on": [], "off": []}
+    for r in range(args.rounds):
+        order = sample_order(rng, args.videos, args.samples, args.batch_size)
+        for name in (["on", "off"] if r % 2 == 0 else ["off", "on"]):
+            t0 = time.perf_counter()
+            for j in range(0, args.samples, args.batch_size):
+                datasets[name].__getitems__(order[j : j + args.batch_size])
+            rates[name].append(args.samples / (time.perf_counter() - t0))
+    ratio = median([a / b for a, b in zip(rates["on"], rates["off"], strict=True)])
+    print(f"\n### Checksums on the read path (warm page cache, one core: CPU {cpu}; {args.videos} videos, {WANT} of "
+          f"{T} frames, batches of {args.batch_size}, {args.rounds} alternating rounds of {args.samples} samples)\n")
+    print("| store | samples/s (median) |\n|---|---|")
+    print(f"| format 3: every frame read checked (crc32c), small arrays' crc32c codec | {median(rates['on']):.1f} |")
+    print(f"| format 2: no checksums | {median(rates['off']):.1f} |")
+    print(f"\nchecksums on / off: {ratio:.3f} (median of per-round ratios; target >= 0.90: "
+          f"{'met' if ratio >= 0.9 else 'NOT met'})")
+    # What `precompute.py --verify data` (the default) adds to a rerun: every byte of every shard checked.
+    from fvlm_data.store import shard_states
+
+    shards = list(range(on.num_shard_objects))
+    times = {True: [], False: []}
+    for _ in range(3):
+        for verify in (True, False):
+            t0 = time.perf_counter()
+            states = shard_states(on, shards, verify_data=verify)
+            times[verify].append(time.perf_counter() - t0)
+            assert all(state.problem is None for state in states.values())
+    size = on.nbytes_on_disk()
+    print(f"rerun check of {len(shards)} shards ({size / 1e9:.2f} GB, warm): --verify data {median(times[True]):.3f} s "
+          f"({size / 1e9 / median(times[True]):.2f} GB/s), --verify index {median(times[False]):.3f} s (median of 3)")
+
+
 # ----------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
@@ -456,6 +522,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-seed-format", dest="seed_format", action="store_false",
                    help="with --dataloader: skip the seed-format DataLoader")
     p.add_argument("--profile", action="store_true", help="cProfile the Dataset + collate path and exit")
+    p.add_argument("--checksums", action="store_true",
+                   help="only the cost of checksums on the read path: format 3 (verified) vs format 2, warm")
     p.add_argument("--workdir", default=None,
                    help="write (and keep) the data here (default: a temporary folder, removed at the end)")
     args = p.parse_args(argv)
@@ -470,6 +538,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--profile needs --videos >= --batch-size")
     reads = not (args.dataloader or args.profile)
     with work_folder(args.workdir, "fvlm_bench_") as root:
+        if args.checksums:
+            run_checksum_cost(args, root)
+            return
         t0 = time.perf_counter()
         paths = write_datasets(root, args.videos, with_int8=args.int8 and reads,
                                with_litdata=args.litdata and reads and litdata_available(),

@@ -8,20 +8,24 @@ Layout (V slots, T frames, N DINO tokens of width D, VAE latents C x h x w):
     timestamps     [V, T] float32, seconds of each sampled frame
     duration       [V] float32, seconds
     caption, video_id, source, failure   [V] strings
+    captions, file_id                    [V] strings (format 3): the caption table, the file of each row
+    <frame array>_crc32c                 [V, T] uint32 (format 3): crc32c of each frame
     committed      [V] uint8, written last: a shard's rows exist for readers once its object exists
 
-Format 2: every array uses Zarr v3's sharding codec with S = attrs["shard_videos"] consecutive
-slots per shard object (index at the end, crc32c-checked). Inside `dino`, `dino_scale`, `latents`
-and `timestamps` shards the inner chunk is one video, uncompressed, so a reader fetches just the
+Every array uses Zarr v3's sharding codec with S = attrs["shard_videos"] consecutive slots per
+shard object (index at the end, crc32c-checked). Inside `dino`, `dino_scale`, `latents` and
+`timestamps` shards the inner chunk is one video, uncompressed, so a reader fetches just the
 frames it needs by byte ranges computed from the shard index; the small per-video arrays keep a
-shard as one inner chunk. A store of V videos holds one object per array per shard: 9 V / S
-objects (10 V / S with int8 features, whose `dino_scale` is one more array), plus a zarr.json per
-array and the group's.
+shard as one inner chunk (format 3: with zarr's crc32c codec). A store holds one object per array
+per shard, plus a zarr.json per array and the group's. Format 3 adds the caption table, the
+checksums and the attributes `store_id` and `inputs`; format-2 stores stay readable.
 
 Modules, one job each: `format` (what a store holds and which attributes must agree),
-`shard_index` (zarr's shard index as a value), `reader` (the read-only `FeatureStore`), `writer`
-(creating and growing a store, shard states, whole-shard publishing). Byte access to objects,
-local or remote, is `fvlm_data.objects`.
+`consistency` (attributes checked against the arrays on open), `checksums` (computing and checking
+them), `creation` (identity, input fingerprint, exclusive creation), `shard_index` (zarr's shard
+index as a value), `shards` (shard objects: keys, indexes, small arrays' values), `reader` (the
+read-only `FeatureStore`), `writer` (creating and growing a store, shard states, whole-shard
+publishing). Byte access to objects, local or remote, is `fvlm_data.objects`.
 """
 
 from fvlm_data.objects import StoreError

@@ -28,7 +28,9 @@ from typing import Any
 
 from fvlm_data.objects import LocalObjects, RemoteObjects, StoreError
 
-CLAIM_KEY = "fvlm_claim.json"  # remote stores only: who created the store (not a Zarr node)
+# Remote stores only: who created the store, as the metadata of an empty Zarr group (so that zarr,
+# listing the store's members, sees a node it knows).
+CLAIM_KEY = "creation/zarr.json"
 CLAIM_WAIT_S = 120.0  # how long a writer of the same inputs waits for the creator's metadata
 
 
@@ -67,13 +69,13 @@ def create_exclusive(path: str | os.PathLike, objects: LocalObjects | RemoteObje
     if isinstance(objects, LocalObjects):
         _create_local(objects.root, objs)
         return
-    body = json.dumps(claim).encode()
+    body = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": claim}).encode()
     if objects.put_if_absent(CLAIM_KEY, body):
         for key in sorted(objs, key=lambda k: k == "zarr.json"):  # group metadata last: then readers see it
             objects.put(key, objs[key])
         return
     theirs = objects.get_many([CLAIM_KEY])[0]
-    other = json.loads(theirs) if theirs else {}
+    other = json.loads(theirs).get("attributes", {}) if theirs else {}
     mine, recorded = claim.get("inputs"), other.get("inputs")
     if mine and recorded and mine["count"] == recorded["count"] and mine["sha256"] != recorded["sha256"]:
         raise StoreError(f"{path} is being created by another writer from another input list (fingerprint "

@@ -2,8 +2,8 @@
 
 Frames are read by byte ranges computed from each shard's index (`ShardIndex`), a whole batch of
 rows in one batch of requests; the small per-video arrays (caption, video_id, committed, ...) are
-read a whole shard object at a time. In a format-3 store every byte read is checked against its
-checksum first (`checksums`). Writing goes through `fvlm_data.store.writer`; the two writing entry
+read a whole shard object at a time (`shards`). In a format-3 store every byte read is checked
+against its checksum (`checksums`). Writing goes through `fvlm_data.store.writer`; the two writing entry
 points below only hand over to it.
 """
 
@@ -14,29 +14,25 @@ import os
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-import numcodecs
 import numpy as np
 import zarr
 
 from fvlm_data.objects import LocalObjects, ReadRequest, RemoteObjects, StoreError, objects_at
-from fvlm_data.store.checksums import check_frames, checked_chunk
+from fvlm_data.store.checksums import check_frames
 from fvlm_data.store.consistency import check_attrs_match_arrays
 from fvlm_data.store.format import (
     FRAME_ARRAYS,
-    STRING_ARRAYS,
     FeatureShapes,
     check_format,
     check_layout,
     checksum_array,
     chunk_nbytes,
-    inner_chunks,
 )
 from fvlm_data.store.shard_index import ShardIndex
+from fvlm_data.store.shards import ShardObjects
 
 if TYPE_CHECKING:
     from fvlm_data.store.writer import ShardBuffer
-
-_VLEN_UTF8 = numcodecs.VLenUTF8()  # numcodecs' compiled decoder, the one zarr itself uses
 
 
 def open_group(path: str | os.PathLike, objects: LocalObjects | RemoteObjects, mode: str) -> zarr.Group:
@@ -51,14 +47,11 @@ def open_group(path: str | os.PathLike, objects: LocalObjects | RemoteObjects, m
     return group
 
 
-class FeatureStore:
+class FeatureStore(ShardObjects):
     """A Zarr feature store. `FeatureStore.open(path)` reads; `FeatureStore.create_or_open` writes.
 
     `path` is a folder or a URL (s3://bucket/prefix/store.zarr, gs://..., any fsspec protocol).
     """
-
-    INDEX_CACHE = 4096  # shard indexes kept per process (each S x 16 bytes)
-    SMALL_CACHE = 2048  # caption / video_id / checksum shards kept per process (a few kB each)
 
     def __init__(self, path: str | os.PathLike, objects: LocalObjects | RemoteObjects, group: zarr.Group,
                  writable: bool = False) -> None:
@@ -95,11 +88,6 @@ class FeatureStore:
 
         return writer.create_or_open(path, attrs, shapes, capacity, shard_videos, inputs)
 
-    @property
-    def has_checksums(self) -> bool:
-        """Format 3: every byte read is checked (per-frame crc32c, crc32c codec on the small arrays)."""
-        return self.version >= 3
-
     def shard_buffer(self, shard: int, keep_existing: bool = False) -> ShardBuffer:
         """An in-memory shard to fill and publish: see `writer.ShardBuffer`."""
         from fvlm_data.store.writer import ShardBuffer
@@ -108,100 +96,6 @@ class FeatureStore:
             raise StoreError(f"{self.path} was opened read-only")
 
         return ShardBuffer(self, shard, keep_existing)
-
-    # ------------------------------------------------------------------ shard objects
-    @property
-    def capacity(self) -> int:
-        return int(self.arrays["committed"].shape[0])
-
-    @property
-    def num_shard_objects(self) -> int:
-        """Shards along the slot axis (the last one may be partly beyond the capacity)."""
-        return -(-self.capacity // self.shard_videos)
-
-    def shard_key(self, name: str, shard: int) -> str:
-        return "/".join([name, "c", str(shard)] + ["0"] * (self.arrays[name].ndim - 1))
-
-    def shard_name(self, name: str, shard: int) -> str:
-        """How errors name a shard object."""
-        return f"{self.path}: shard {shard} of {name!r} ({self.shard_key(name, shard)})"
-
-    def slot_name(self, name: str, slot: int) -> str:
-        return f"{self.shard_name(name, slot // self.shard_videos)}, slot {slot}"
-
-    def missing(self, name: str, shard: int) -> StoreError:
-        return StoreError(f"{self.shard_name(name, shard)} is missing although the shard is committed: "
-                          "re-run precompute to recompute it")
-
-    def _indexes(self, wanted: list[tuple[str, int]]) -> dict[tuple[str, int], ShardIndex]:
-        """Shard indexes of frame arrays, cached per process; missing ones fetched in one batch."""
-        todo = sorted({w for w in wanted if w not in self._index_cache})
-        keys = [self.shard_key(name, shard) for name, shard in todo]
-        for (name, shard), got in zip(todo, self.objects.tails(keys, ShardIndex.nbytes(self.shard_videos)),
-                                      strict=True):
-            if got is None:
-                raise self.missing(name, shard)
-            self._index_cache[(name, shard)] = ShardIndex.parse(*got, self.shard_videos, self.shard_name(name, shard))
-            if len(self._index_cache) > self.INDEX_CACHE:
-                self._index_cache.popitem(last=False)
-        return {w: self._index_cache[w] for w in wanted}
-
-    def decode_small(self, name: str, shard: int, data: bytes) -> np.ndarray | list[str]:
-        """The values of a whole shard object of a small array (one inner chunk), [S, ...]: its checksum
-        (format 3) and its size are checked before anything is decoded."""
-        where = self.shard_name(name, shard)
-        index = ShardIndex.parse(data, len(data), inner_chunks(name, self.shard_videos), where)
-        if index.is_empty(0):
-            raise StoreError(f"{where} holds no data: re-run precompute")
-        chunk = checked_chunk(index.chunk(data), where) if self.has_checksums else index.chunk(data)
-        damaged = StoreError(f"{where} cannot be decoded (the shard is damaged): re-run precompute to recompute it")
-        if name in STRING_ARRAYS:
-            if len(chunk) < 4 or int.from_bytes(chunk[:4], "little") != self.shard_videos:
-                raise damaged  # a count that is not S: never allocate what a damaged header says
-            try:
-                return _VLEN_UTF8.decode(chunk).tolist()
-            except (ValueError, UnicodeDecodeError, MemoryError, RuntimeError):
-                raise damaged from None
-        arr = self.arrays[name]
-        dtype = np.dtype(arr.dtype).newbyteorder("<")
-        if len(chunk) != self.shard_videos * int(np.prod(arr.shape[1:])) * dtype.itemsize:
-            raise damaged
-        return np.frombuffer(chunk, dtype=dtype).reshape(self.shard_videos, *arr.shape[1:])
-
-    def shard_values(self, names: tuple[str, ...], shards: list[int], cache: bool = False,
-                     errors: dict[int, str] | None = None) -> dict[str, dict[int, Any]]:
-        """Per-video values of whole shards of small arrays, one batch of reads for all of them. A shard
-        without an object is left out, and so is a damaged one if `errors` collects the reasons
-        (otherwise it raises StoreError)."""
-        out: dict[str, dict[int, Any]] = {name: {} for name in names}
-        todo = []
-        for name in names:
-            for shard in dict.fromkeys(shards):
-                if cache and (name, shard) in self._small_cache:
-                    out[name][shard] = self._small_cache[(name, shard)]
-                else:
-                    todo.append((name, shard))
-        datas = self.objects.get_many([self.shard_key(n, s) for n, s in todo]) if todo else []
-        for (name, shard), data in zip(todo, datas, strict=True):
-            if data is None:
-                continue
-            try:
-                out[name][shard] = self.decode_small(name, shard, data)
-            except StoreError as e:
-                if errors is None:
-                    raise
-                errors.setdefault(shard, str(e))
-                continue
-            if cache:
-                self._small_cache[(name, shard)] = out[name][shard]
-                if len(self._small_cache) > self.SMALL_CACHE:
-                    self._small_cache.popitem(last=False)
-        return out
-
-    def _listed_shards(self, name: str) -> list[int]:
-        """Shards of `name` that have an object, from one listing (no per-video files exist)."""
-        n = self.num_shard_objects
-        return sorted(int(s) for s in self.objects.list_names(f"{name}/c") if s.isdigit() and int(s) < n)
 
     # ------------------------------------------------------------------ reading
     def committed_slots(self) -> np.ndarray:
