@@ -15,6 +15,14 @@ from typing import TYPE_CHECKING
 import google_crc32c
 import numpy as np
 
+try:  # the same crc32c, 2.5x faster on this project's machine (3-way interleaved SSE4.2); optional
+    from crc32c import crc32c as _crc32c
+
+    CRC32C_IMPLEMENTATION = "crc32c"
+except ImportError:
+    _crc32c = google_crc32c.value
+    CRC32C_IMPLEMENTATION = "google-crc32c"
+
 from fvlm_data.objects import StoreError
 from fvlm_data.store.format import FRAME_ARRAYS, checksum_array
 from fvlm_data.store.shard_index import ShardIndex
@@ -28,7 +36,7 @@ REPAIR = "re-run precompute to recompute it"
 def frame_checksums(frames: np.ndarray) -> np.ndarray:
     """crc32c of each frame (first axis) of `frames` as stored (little-endian, C order): [T] uint32."""
     flat = np.ascontiguousarray(frames).reshape(len(frames), -1)
-    return np.fromiter((google_crc32c.value(f.view(np.uint8)) for f in flat), dtype=np.uint32, count=len(flat))
+    return np.fromiter((_crc32c(f.view(np.uint8)) for f in flat), dtype=np.uint32, count=len(flat))
 
 
 def check_frames(frames: np.ndarray, expected: np.ndarray, where: str, frame_numbers: np.ndarray) -> None:
@@ -72,7 +80,8 @@ def shard_data_problem(store: FeatureStore, shard: int) -> str | None:
                 slot = shard * store.shard_videos + j
                 if index.chunk_nbytes(j) != int(np.prod(arr.shape[1:])) * np.dtype(arr.dtype).itemsize:
                     return f"{store.slot_name(name, slot)} lacks its features"
-                frames = np.frombuffer(index.chunk(data, j), dtype=np.dtype(arr.dtype)).reshape(arr.shape[1:])
+                chunk = index.chunk(memoryview(data), j)  # a view: no copy of the video's bytes
+                frames = np.frombuffer(chunk, dtype=np.dtype(arr.dtype)).reshape(arr.shape[1:])
                 expected = small[checksum_array(name)][j]
                 check_frames(frames, expected, store.slot_name(name, slot), np.arange(len(frames)))
     except StoreError as e:
