@@ -143,9 +143,8 @@ def _plan(store: FeatureStore, config: PrecomputeConfig, inputs: list[VideoInput
     size = store.shard_videos
     owned = list(range(config.shard_index, -(-len(inputs) // size), config.num_shards))
     states = {}
-    verify_data = getattr(config, "verify", "data") == "data"
     for i in range(0, len(owned), 1024):
-        states.update(shard_states(store, owned[i : i + 1024], verify_data=verify_data))
+        states.update(shard_states(store, owned[i : i + 1024], verify_data=config.verify == "data"))
     plan = _Plan(todo=[], keep_existing={}, skipped=np.zeros(0, dtype=np.int64))
     done_slots = [plan.skipped]
     for shard in owned:
