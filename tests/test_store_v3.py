@@ -213,3 +213,27 @@ def test_input_fingerprint_refuses_other_inputs_and_grows_with_a_longer_list(tmp
     assert grown.capacity == 6 and grown.attrs["store_id"] == store_id
     assert grown.attrs["inputs"] == inputs_fingerprint(keys(0, 4) + keys(9, 2))
     FeatureStore.create_or_open(path, ATTRS, SHAPES, capacity=6, inputs=keys(0, 4) + keys(9, 2))  # same: fine
+
+
+def test_of_writers_creating_one_store_at_once_exactly_one_wins(tmp_path):
+    """Eight creators of other inputs at the same moment (a barrier): one store, one winner, seven refusals."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    path, start = tmp_path / "s.zarr", threading.Barrier(8)
+
+    def create(seed: int) -> str:
+        start.wait()
+        try:
+            FeatureStore.create_or_open(path, ATTRS, SHAPES, capacity=4, shard_videos=2, inputs=keys(seed, 4))
+        except StoreError as e:
+            assert "another input list" in str(e)
+            return "refused"
+        return "created"
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(create, range(8)))
+    assert sorted(results) == ["created"] + ["refused"] * 7
+    winner = results.index("created")
+    assert FeatureStore.open(path).attrs["inputs"] == inputs_fingerprint(keys(winner, 4))
+    assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]  # no temporary folder left behind
