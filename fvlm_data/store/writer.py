@@ -194,9 +194,12 @@ class ShardBuffer:
         return j
 
     def add_row(self, slot: int, *, dino: np.ndarray, latents: np.ndarray, caption: str, video_id: str,
-                source: str, timestamps: np.ndarray, duration: float) -> None:
+                source: str, timestamps: np.ndarray, duration: float, dino_scale: np.ndarray | None = None) -> None:
+        """`dino_scale` given: `dino` is already int8 (quantized on the device by the same rule)."""
         j, d = self._clear(slot), self.data
-        if "dino_scale" in d:
+        if dino_scale is not None:
+            d["dino"][j], d["dino_scale"][j] = dino, dino_scale
+        elif "dino_scale" in d:
             d["dino"][j], d["dino_scale"][j] = quantize_int8(dino)
         else:
             d["dino"][j] = dino
