@@ -208,9 +208,13 @@ def _batches(results: Iterable, batch_videos: int, on_failure: Callable) -> Iter
 def _encode(encoders: FrozenEncoders, transfers: DeviceTransfers, videos: list[DecodedVideo],
             config: PrecomputeConfig) -> dict[str, torch.Tensor]:
     """A batch's features on the device, in their stored dtypes, shaped [B, T, ...] (see writeback.py)."""
-    encoded = encoders.encode(transfers.frames_to_device([video.frames for video in videos]), float32=False)
-    dino = encoded.dino.view(len(videos), config.num_frames, *encoded.dino.shape[1:])
-    latents = encoded.latents.view(len(videos), config.num_frames, *encoded.latents.shape[1:])
+    frames = [video.frames for video in videos]
+    if encoders.compiled:  # a short last batch is padded: one compiled shape, no second compilation
+        frames += [np.zeros_like(frames[0])] * (config.batch_videos - len(videos))
+    encoded = encoders.encode(transfers.frames_to_device(frames), float32=False)
+    n = len(videos) * config.num_frames
+    dino = encoded.dino[:n].view(len(videos), config.num_frames, *encoded.dino.shape[1:])
+    latents = encoded.latents[:n].view(len(videos), config.num_frames, *encoded.latents.shape[1:])
     return stored_features(dino, latents, config.feature_dtype)
 
 
