@@ -33,7 +33,10 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`fvlm_data.store.format.quantize_int8` on a tensor (any device), giving the same bytes:
     symmetric int8 with one float16 scale per token (last axis), a scale floor of float16's tiny."""
     x = x.float()
-    scale = (x.abs().amax(dim=-1) / 127.0).clamp_min(torch.finfo(torch.float16).tiny).half()
+    # A tensor divisor, not the number: CUDA turns division by a CPU scalar into a multiplication by its
+    # reciprocal, which can differ from numpy's division in the last bit.
+    scale = (x.abs().amax(dim=-1) / torch.tensor(127.0, device=x.device)).clamp_min(torch.finfo(torch.float16).tiny)
+    scale = scale.half()
     q = torch.round(x / scale.float().unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
