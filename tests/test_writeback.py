@@ -74,3 +74,32 @@ def test_writer_runs_jobs_in_order_and_raises_a_failure_on_the_callers_thread():
         writer.close()
     assert 10 + 99 not in done  # jobs after the failure were dropped, not run
     writer.abandon()
+
+
+def test_int8_store_from_precompute_holds_the_host_rules_bytes(tmp_path):
+    """run_precompute (writer thread, int8 quantized on the device) stores what the numpy rule gives
+    for the same encoder outputs, batch for batch."""
+    from fvlm_data.encoders import FrozenEncoders
+    from fvlm_data.pipeline import run_precompute
+    from fvlm_data.precompute_config import PrecomputeConfig
+    from fvlm_data.sources import list_inputs, load_frames
+    from fvlm_data.store import FeatureStore
+
+    config = PrecomputeConfig(out=str(tmp_path / "q.zarr"), preset="tiny", synthetic=4, num_frames=3, image_size=56,
+                              feature_dtype="int8", workers=0, batch_videos=2, shard_videos=3, quiet=True)
+    inputs = list_inputs(synthetic=4)
+    encoders = FrozenEncoders("tiny", "tiny")
+    summary = run_precompute(config, inputs, encoders, progress=False)
+    assert summary.written == 4
+    store = FeatureStore.open(config.out)
+    for lo in (0, 2):
+        frames = np.concatenate([load_frames(item, 3, 56).frames for item in inputs[lo : lo + 2]])
+        out = encoders.encode(torch.from_numpy(frames))
+        q, scale = quantize_int8_numpy(out.dino.numpy())
+        latents = out.latents.numpy().astype(np.float16)
+        for k in range(2):
+            row = store.read(lo + k)
+            assert row["dino"].dtype == np.int8
+            assert row["dino"].tobytes() == q[3 * k : 3 * k + 3].tobytes()
+            assert row["dino_scale"].tobytes() == scale[3 * k : 3 * k + 3].tobytes()
+            assert row["latents"].tobytes() == latents[3 * k : 3 * k + 3].tobytes()
