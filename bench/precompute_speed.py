@@ -3,6 +3,7 @@
     python -m bench.precompute_speed --part encoders                 # real-size random-init DINOv2-small + SD-VAE
     python -m bench.precompute_speed --part decode --clips /tmp/clips  # clips from python -m bench.make_clips
     python -m bench.precompute_speed --part encoders --device cpu --frames-per-batch 2 --iters 1
+    python -m bench.precompute_speed --part pipeline                  # the main thread's time per batch (CPU)
 
 Encoders (part `encoders`): DINOv2-small (transformers `Dinov2Config`: 384 wide, 12 layers, 6 heads,
 MLP x4, patch 14, 518 px position grid interpolated to 18x18 at 256 px) and the SD-VAE encoder of
@@ -16,7 +17,12 @@ diffusers' AutoencoderKL (a dependency); only its encoder runs, never the decode
   eager and compiled, -> videos/s.
 Decode (part `decode`, CPU only): `load_frames` on every .mp4 in --clips with --seek exact and
 keyframe: CPU seconds per video (one decode thread, so per core), videos/s per core, cores needed
-to feed --target videos/s, and keyframe mode's sampling error |actual - target| (s).
+to feed --target videos/s, and keyframe mode's sampling error |actual - target| (s); then exact
+decoding against the decoder before GOP planning (bench/reference_decode.py), repeats interleaved:
+CPU seconds of each, their ratio, and whether frames and timestamps are identical.
+Pipeline (part `pipeline`, bench/main_thread.py): `run_precompute` around a stand-in encoder of
+the real output shapes, the main thread's time per batch outside the encoders, against the loop
+as it was.
 """
 
 from __future__ import annotations
@@ -25,17 +31,18 @@ import argparse
 import gc
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-try:
-    from bench.common import dinov2_small, peak_flops, sync
-    from bench.main_thread import PIPE_HEADER, fmt_pipe, pipeline_rows
-except ModuleNotFoundError:  # `python bench/precompute_speed.py` puts bench/ on the path, not the repository
-    raise SystemExit("run it from the repository root as a module: python -m bench.precompute_speed") from None
+if __package__ in (None, ""):  # `python bench/precompute_speed.py` (the issue's command) puts bench/ on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import dinov2_small, peak_flops, sync  # noqa: E402
+from bench.main_thread import PIPE_HEADER, fmt_pipe, pipeline_rows  # noqa: E402
 
 SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "latent_channels": 4,
           "norm_num_groups": 32, "scaling_factor": 0.18215}
