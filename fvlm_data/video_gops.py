@@ -69,7 +69,6 @@ def decode_by_gop(container: av.container.InputContainer, stream: av.VideoStream
     tb = stream.time_base
     num, den = tb.numerator, tb.denominator
     length_size = _length_size(ctx.extradata)
-    times: list[float] = []  # every frame's time so far, in presentation order
     gop: list = []  # the current GOP's packets, in decoding order
     seen: set[int] = set()
     latest = -np.inf  # the latest frame time so far
@@ -81,24 +80,21 @@ def decode_by_gop(container: av.container.InputContainer, stream: av.VideoStream
 
     def finish_gop(next_key: float | None) -> bool:
         """The GOP is complete (the next keyframe's time is known, or the stream ended): resolve the
-        targets before `next_key`, decode what they pick in this GOP."""
+        targets before `next_key`, decode what they pick in this GOP. Earlier targets were resolved
+        at earlier GOPs, so only this GOP's frames and the next keyframe are candidates."""
         nonlocal j, carried
         gop_times = sorted(seconds(p.pts) for p in gop)
-        first = len(times)
-        times.extend(gop_times)
         wanted: dict[float, list[int]] = {gop_times[0]: carried} if carried else {}
         carried = []
-        known = times if next_key is None else [*times, next_key]
-        if next_key is None and len(targets) and targets[-1] - times[-1] > tolerance:
+        if next_key is None and len(targets) and targets[-1] - gop_times[-1] > tolerance:
             return False  # cut short: the full decode reports it
+        known = gop_times if next_key is None else [*gop_times, next_key]
         while j < len(targets) and (next_key is None or targets[j] < next_key):
             i = _nearest(known, targets[j])
-            if i == len(times):
+            if i == len(gop_times):
                 carried.append(j)
             else:
-                if i < first:
-                    return False  # cannot happen with sorted targets; never guess
-                wanted.setdefault(times[i], []).append(j)
+                wanted.setdefault(gop_times[i], []).append(j)
             j += 1
         return not wanted or _decode_gop(ctx, gop, wanted, seconds, start, take)
 
