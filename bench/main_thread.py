@@ -167,6 +167,8 @@ def _today_round(out: Path, args, decoded: list) -> dict:
 def pipeline_rows(args, rows: list[dict], emit) -> None:
     decoded = _videos(args.pipeline_videos, args.frames_per_video, 256)
     got: dict[str, list[dict]] = {"today": [], "writer thread": []}
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fvlm_pipeline_", dir=args.workdir) as tmp:
         for r in range(args.rounds):
             order = [("today", _today_round), ("writer thread", _new_round)]

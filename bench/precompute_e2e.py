@@ -58,6 +58,8 @@ def main() -> None:
     print(f"# precompute end to end on {name}: {'tiny' if args.tiny else 'DINOv2-small + SD-VAE (random init)'}, "
           f"{args.num_frames} frames of {args.image_size}px, batches of {args.batch_videos}, {args.workers} decode "
           f"workers, compile {'on' if compile_on else 'off'}", flush=True)
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fvlm_e2e_", dir=args.workdir) as tmp:
         def run(out: str, n: int) -> float:
             config = PrecomputeConfig(out=str(Path(tmp) / out), synthetic=n, num_frames=args.num_frames,
