@@ -40,7 +40,7 @@ else
   TRAIN=(--steps 20 --warmup 3)
   ENC=(--iters 5 --warmup 2)
   B32=32; B64=64
-  E2E=(--videos 512)
+  E2E=(--videos 256)
 fi
 "$PY" -c "import torch, transformers, importlib.util as u; print('torch', torch.__version__, '| transformers', \
 transformers.__version__, '| diffusers', 'yes' if u.find_spec('diffusers') else 'MISSING (pip install diffusers)')"
