@@ -103,3 +103,23 @@ def test_int8_store_from_precompute_holds_the_host_rules_bytes(tmp_path):
             assert row["dino"].tobytes() == q[3 * k : 3 * k + 3].tobytes()
             assert row["dino_scale"].tobytes() == scale[3 * k : 3 * k + 3].tobytes()
             assert row["latents"].tobytes() == latents[3 * k : 3 * k + 3].tobytes()
+
+
+def test_compile_is_on_for_cuda_and_off_on_the_cpu_unless_asked():
+    import click
+
+    from fvlm_data.precompute_config import PrecomputeConfig, click_options
+
+    got = []
+
+    @click.command()
+    @click_options
+    def cli(**args):
+        got.append(PrecomputeConfig(**args))
+
+    for argv in ([], ["--compile"], ["--no-compile"]):
+        cli(["--out", "s.zarr", *argv], standalone_mode=False)
+    default, on, off = got
+    assert (default.compile_on("cuda:0"), default.compile_on("cpu")) == (True, False)
+    assert (on.compile_on("cpu"), off.compile_on("cuda")) == (True, False)
+    assert "compile" not in default.recorded()  # speed only: not part of how the store was made
