@@ -110,7 +110,7 @@ def main(**args) -> None:
         click.echo(f"{rank}{len(inputs)} inputs; encoders dino={config.dino_id} vae={config.vae_id} on {device}",
                    err=True)
         encoders = FrozenEncoders(dino=config.dino_id, vae=config.vae_id, device=device,
-                                  vae_scaling_factor=recorded_scaling)
+                                  compile=config.compile_on(device), vae_scaling_factor=recorded_scaling)
         try:
             summary = run_precompute(config, inputs, encoders, progress=progress,
                                      barrier=group.barrier if group else None)

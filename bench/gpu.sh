@@ -11,8 +11,10 @@
 #   1. training step, batch 32 (the issue's reference: 83 samples/s, 16.8 GB): eager, compiled + CUDA graphs
 #   2. frozen encoders (reference: 14.4 videos/s; VAE ~550 frames/s, DINO ~12,000): DINOv2-small and
 #      SD-VAE eager/compiled, NCHW/channels-last, and FrozenEncoders.encode end to end
-#   3. training step, batch 64 (reference: 153 samples/s): eager, compiled + CUDA graphs
-#   4. training step, batch 32, compiled without CUDA graphs (if time is left)
+#   3. precompute end to end (goal: 60 videos/s): synthetic videos, decode workers, the real-size encoders
+#      compiled, the writer thread (bench/precompute_e2e.py)
+#   4. training step, batch 64 (reference: 153 samples/s): eager, compiled + CUDA graphs
+#   5. training step, batch 32, compiled without CUDA graphs (if time is left)
 # Decoding is CPU work: measure it with `python -m bench.precompute_speed --part decode` on a CPU machine.
 set -u
 cd "$(dirname "$0")/.."
@@ -29,6 +31,7 @@ if [[ -n "${FVLM_BENCH_SMOKE:-}" ]]; then
   TRAIN=(--lm tiny --frames 4 --tokens 17 --dim 32 --caption-tokens 8 --steps 2 --warmup 1)
   ENC=(--frames-per-batch 1 --image-size 28 --iters 1 --warmup 1)
   B32=2; B64=4
+  E2E=(--tiny --videos 8 --workers 1 --num-frames 4 --image-size 56 --batch-videos 4)
 else
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
     || { echo "gpu.sh: no CUDA device visible to torch (use FVLM_BENCH_SMOKE=1 to test the script on a CPU)"; exit 1; }
@@ -37,6 +40,7 @@ else
   TRAIN=(--steps 20 --warmup 3)
   ENC=(--iters 5 --warmup 2)
   B32=32; B64=64
+  E2E=(--videos 256)
 fi
 "$PY" -c "import torch, transformers, importlib.util as u; print('torch', torch.__version__, '| transformers', \
 transformers.__version__, '| diffusers', 'yes' if u.find_spec('diffusers') else 'MISSING (pip install diffusers)')"
@@ -64,6 +68,7 @@ stage train_b32 140 "$PY" -m bench.train_step "${DEV[@]}" "${TRAIN[@]}" --batch-
 stage encoders 75 "$PY" -m bench.precompute_speed --part encoders "${DEV[@]}" "${ENC[@]}" \
   --variants dino-eager,dino-compiled,vae-eager-nchw,vae-eager-cl,vae-compiled-cl,pipeline-eager,pipeline-compiled \
   --json "$OUT_DIR/encoders.json"
+stage precompute_e2e 120 "$PY" -m bench.precompute_e2e "${DEV[@]}" "${E2E[@]}" --json "$OUT_DIR/precompute_e2e.json"
 stage train_b64 120 "$PY" -m bench.train_step "${DEV[@]}" "${TRAIN[@]}" --batch-size "$B64" \
   --variants eager,compiled-cg --json "$OUT_DIR/train_b64.json"
 # Least important last: compiled without CUDA graphs (the inductor graph is cached from stage 1).
@@ -114,6 +119,13 @@ for r in enc:
     rows.append((what, speed, vs, "", g, mfu, first))
 if not enc:
     rows.append(("encoders", "not measured (see log / budget)", "", "", "", "", ""))
+for r in load("precompute_e2e"):
+    what = "precompute end to end" + (" (tiny)" if r["tiny"] else "")
+    rows.append((what, f"{r['videos_per_s']:.1f} videos/s", f"x{r['of_goal']:.2f} of the 60 videos/s goal", "",
+                 f"{r['decode_workers']} decode workers, compile {'on' if r['compile'] else 'off'}", "",
+                 f"{r['warmup_s']:.0f} s warm-up"))
+if not load("precompute_e2e"):
+    rows.append(("precompute end to end", "not measured (see log / budget)", "", "", "", "", ""))
 head = ("measurement", "throughput", "vs reference", "peak memory", "work", "of bf16 peak", "first step/call")
 print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
 for r in rows:

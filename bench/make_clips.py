@@ -39,7 +39,7 @@ def _texture(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def write_clip(path: Path, seconds: float, width: int, height: int, fps: int, gop_seconds: float,
-               crf: int = 23, seed: int = 0) -> dict:
+               crf: int = 23, seed: int = 0, open_gop: bool = False) -> dict:
     import av  # PyAV: only this script needs it
 
     rng = np.random.default_rng(seed)
@@ -57,6 +57,8 @@ def write_clip(path: Path, seconds: float, width: int, height: int, fps: int, go
         stream.gop_size = gop
         stream.options = {"crf": str(crf), "preset": "veryfast", "sc_threshold": "0",
                           "keyint_min": str(gop), "g": str(gop)}
+        if open_gop:  # keyframes become recovery-point I frames that the B frames before them refer across
+            stream.options["x264-params"] = "open-gop=1"
         for i in range(n):
             t = i / fps
             # Pan across the texture (a full cycle every 20 s) and move the shapes.
@@ -93,6 +95,7 @@ def main() -> None:
     p.add_argument("--fps", type=int, default=30)
     p.add_argument("--gop-seconds", type=float, default=2.0, help="Keyframe interval, seconds.")
     p.add_argument("--crf", type=int, default=23, help="x264 quality (23: its default).")
+    p.add_argument("--open-gop", action="store_true", help="x264's open GOPs (B frames refer across keyframes).")
     p.add_argument("--force", action="store_true", help="Rewrite clips that already exist.")
     args = p.parse_args()
     out = Path(args.out)
@@ -100,13 +103,13 @@ def main() -> None:
     for size in args.sizes.split(","):
         width, height = (int(v) for v in size.lower().split("x"))
         for seconds in (float(s) for s in args.durations.split(",")):
-            name = f"clip_{width}x{height}_{seconds:g}s_gop{args.gop_seconds:g}.mp4"
+            name = f"clip_{width}x{height}_{seconds:g}s_gop{args.gop_seconds:g}{'_open' if args.open_gop else ''}.mp4"
             path = out / name
             if path.exists() and not args.force:
                 print(f"exists: {path}")
                 continue
             info = write_clip(path, seconds, width, height, args.fps, args.gop_seconds, args.crf,
-                              seed=width + int(seconds))
+                              seed=width + int(seconds), open_gop=args.open_gop)
             path.with_suffix(".txt").write_text(f"a {seconds:g} second test clip with moving shapes\n")
             print(f"wrote {path}: {info['frames']} frames, {info['mbit_s']:.2f} Mbit/s, "
                   f"encoded in {info['encode_s']:.1f} s")

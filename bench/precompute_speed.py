@@ -3,6 +3,7 @@
     python -m bench.precompute_speed --part encoders                 # real-size random-init DINOv2-small + SD-VAE
     python -m bench.precompute_speed --part decode --clips /tmp/clips  # clips from python -m bench.make_clips
     python -m bench.precompute_speed --part encoders --device cpu --frames-per-batch 2 --iters 1
+    python -m bench.precompute_speed --part pipeline                  # the main thread's time per batch (CPU)
 
 Encoders (part `encoders`): DINOv2-small (transformers `Dinov2Config`: 384 wide, 12 layers, 6 heads,
 MLP x4, patch 14, 518 px position grid interpolated to 18x18 at 256 px) and the SD-VAE encoder of
@@ -16,7 +17,12 @@ diffusers' AutoencoderKL (a dependency); only its encoder runs, never the decode
   eager and compiled, -> videos/s.
 Decode (part `decode`, CPU only): `load_frames` on every .mp4 in --clips with --seek exact and
 keyframe: CPU seconds per video (one decode thread, so per core), videos/s per core, cores needed
-to feed --target videos/s, and keyframe mode's sampling error |actual - target| (s).
+to feed --target videos/s, and keyframe mode's sampling error |actual - target| (s); then exact
+decoding against the decoder before GOP planning (bench/reference_decode.py), repeats interleaved:
+CPU seconds of each, their ratio, and whether frames and timestamps are identical.
+Pipeline (part `pipeline`, bench/main_thread.py): `run_precompute` around a stand-in encoder of
+the real output shapes, the main thread's time per batch outside the encoders, against the loop
+as it was.
 """
 
 from __future__ import annotations
@@ -25,16 +31,18 @@ import argparse
 import gc
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-try:
-    from bench.common import dinov2_small, peak_flops, sync
-except ModuleNotFoundError:  # `python bench/precompute_speed.py` puts bench/ on the path, not the repository
-    raise SystemExit("run it from the repository root as a module: python -m bench.precompute_speed") from None
+if __package__ in (None, ""):  # `python bench/precompute_speed.py` (the issue's command) puts bench/ on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import dinov2_small, peak_flops, sync  # noqa: E402
+from bench.main_thread import PIPE_HEADER, fmt_pipe, pipeline_rows  # noqa: E402
 
 SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "latent_channels": 4,
           "norm_num_groups": 32, "scaling_factor": 0.18215}
@@ -214,6 +222,40 @@ def decode_rows(args, rows: list[dict], emit) -> None:
         emit(rows[-1])
 
 
+def decode_ratio_rows(args, rows: list[dict], emit) -> None:
+    """New exact decoding against today's (bench/reference_decode.py) on each clip: CPU time of
+    `frames_at` (opening the file included), repeats interleaved in alternating order, and whether
+    the frames and timestamps are identical."""
+    from bench.reference_decode import ReferenceVideoFile
+    from fvlm_data.video import VideoFile, sample_timestamps
+
+    for clip in sorted(Path(args.clips).glob("*.mp4")):
+        cpu: dict[str, list[float]] = {"new": [], "today": []}
+        outputs = {}
+        for r in range(args.repeats):
+            order = [("new", VideoFile), ("today", ReferenceVideoFile)]
+            for name, cls in order if r % 2 == 0 else order[::-1]:
+                c0 = time.process_time()
+                with cls(str(clip)) as video:
+                    outputs[name] = video.frames_at(sample_timestamps(video.duration, args.frames_per_video),
+                                                    args.image_size)
+                cpu[name].append(time.process_time() - c0)
+        same = all(a.tobytes() == b.tobytes() for a, b in zip(outputs["new"], outputs["today"], strict=True))
+        new, today = statistics.median(cpu["new"]), statistics.median(cpu["today"])
+        rows.append({"part": "decode-ratio", "clip": clip.name, "new_cpu_s": new, "today_cpu_s": today,
+                     "ratio": new / today, "identical": same, "repeats": args.repeats})
+        emit(rows[-1])
+
+
+def fmt_ratio(r: dict) -> str:
+    return (f"| {r['clip']} | {r['today_cpu_s']:.3f} | {r['new_cpu_s']:.3f} | {r['ratio']:.2f}x | "
+            f"{'yes' if r['identical'] else 'NO'} |")
+
+
+RATIO_HEADER = ("| clip | today's exact CPU s/video | new exact CPU s/video | new / today | identical frames |\n"
+                "|---|---|---|---|---|")
+
+
 def fmt_dec(r: dict, target: float) -> str:
     u = r["unique_frames"]
     return (f"| {r['clip']} | {r['seek']} | {r['cpu_s_per_video']:.3f} | {r['wall_s_per_video']:.3f} | "
@@ -230,7 +272,8 @@ def dec_header(target: float, frames: int) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--part", default="encoders,decode", help="encoders, decode, or both (comma-separated).")
+    p.add_argument("--part", default="encoders,decode",
+                   help="encoders, decode, pipeline (the main thread's time per batch), comma-separated.")
     p.add_argument("--device", default=None, help="Encoder device [default: cuda if available, else cpu].")
     p.add_argument("--videos", type=int, default=8, help="Videos per encoder batch (precompute's --batch-videos).")
     p.add_argument("--frames-per-video", type=int, default=24)
@@ -247,14 +290,22 @@ def main() -> None:
     p.add_argument("--seek", default="exact,keyframe")
     p.add_argument("--repeats", type=int, default=2, help="Decodes per clip and mode (median).")
     p.add_argument("--target", type=float, default=40.0, help="Videos/s the decoders must feed.")
+    p.add_argument("--pipeline-videos", type=int, default=128, help="Videos per round of the pipeline part.")
+    p.add_argument("--rounds", type=int, default=3, help="Interleaved rounds of the pipeline part (median).")
+    p.add_argument("--gpu-ms", type=float, default=360.0, help="The stand-in encoder's time per batch (pipeline).")
+    p.add_argument("--dino-tokens", type=int, default=257, help="DINO tokens per frame (pipeline part).")
+    p.add_argument("--workdir", default=None, help="Where the pipeline part writes its stores [default: system temp].")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
     parts = set(args.part.split(","))
     rows: list[dict] = []
 
+    formats = {"encoders": fmt_enc, "decode": lambda r: fmt_dec(r, args.target), "decode-ratio": fmt_ratio,
+               "pipeline": fmt_pipe}
+
     def emit(row: dict) -> None:
-        print(fmt_enc(row) if row["part"] == "encoders" else fmt_dec(row, args.target), flush=True)
+        print(formats[row["part"]](row), flush=True)
         if args.json:  # after every row: a run killed by a time limit keeps what it measured
             Path(args.json).write_text(json.dumps(rows, indent=2))
 
@@ -266,10 +317,19 @@ def main() -> None:
               f"{'bf16' if device.type == 'cuda' else 'fp32'}",
               flush=True)
         encoder_rows(args, device, rows, emit)
+    if "pipeline" in parts:
+        print(f"# precompute main loop, {args.videos} videos x {args.frames_per_video} frames per batch, DINO "
+              f"[{args.dino_tokens}, 384] and latents [4, 32, 32] stored as float16, a {args.gpu_ms:g} ms stand-in "
+              f"encoder, {args.pipeline_videos} videos per round, median of {args.rounds} interleaved rounds",
+              flush=True)
+        pipeline_rows(args, rows, emit)
     if "decode" in parts:
         print(f"# decode on CPU (one thread per decode), {args.frames_per_video} frames at {args.image_size}px, "
               f"median of {args.repeats}", flush=True)
         decode_rows(args, rows, emit)
+        print(f"# exact decoding, new against today's, CPU s per video, median of {args.repeats} interleaved",
+              flush=True)
+        decode_ratio_rows(args, rows, emit)
     if any(r["part"] == "encoders" for r in rows):
         print(ENC_HEADER)
         for r in rows:
@@ -280,6 +340,12 @@ def main() -> None:
         for r in rows:
             if r["part"] == "decode":
                 print(fmt_dec(r, args.target))
+    for part, header in (("decode-ratio", RATIO_HEADER), ("pipeline", PIPE_HEADER)):
+        if any(r["part"] == part for r in rows):
+            print(header)
+            for r in rows:
+                if r["part"] == part:
+                    print(formats[part](r))
 
 
 if __name__ == "__main__":

@@ -170,8 +170,10 @@ class FrozenEncoders:
         }
 
     @torch.inference_mode()
-    def encode(self, frames: torch.Tensor, *, _eager: bool = False) -> EncodedFrames:
-        """frames: uint8 [B, H, W, 3] (any device). Returns DINO tokens and scaled VAE latents (fp32)."""
+    def encode(self, frames: torch.Tensor, *, float32: bool = True, _eager: bool = False) -> EncodedFrames:
+        """frames: uint8 [B, H, W, 3] (any device). Returns DINO tokens and scaled VAE latents, on the
+        device: fp32, or with `float32=False` in the compute dtype (bf16 on CUDA: no fp32 copy is made
+        for features that are stored as fp16 or int8 anyway)."""
         x = frames.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         dino_in = ((x - self._mean) / self._std).to(self.dtype)
         tokens = (self._dino_tokens if _eager else self._dino_fn)(dino_in)
@@ -179,6 +181,8 @@ class FrozenEncoders:
         if self.channels_last:
             vae_in = vae_in.contiguous(memory_format=torch.channels_last)
         latents = (self._vae_mean if _eager else self._vae_fn)(vae_in) * self.vae_scaling_factor
+        if not float32:
+            return EncodedFrames(dino=tokens, latents=latents)
         return EncodedFrames(dino=tokens.float(), latents=latents.float())
 
     @torch.inference_mode()

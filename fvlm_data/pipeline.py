@@ -10,6 +10,7 @@ rest, so a kill loses at most the shard each process had in progress.
 from __future__ import annotations
 
 import collections
+import functools
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
@@ -25,6 +26,7 @@ from fvlm_data.precompute_config import PrecomputeConfig
 from fvlm_data.sources import DecodedVideo, Decoding, VideoInput
 from fvlm_data.store import FeatureShapes, FeatureStore, ShardBuffer, StoreError, shard_states
 from fvlm_data.workers import decode_executor, decode_one, stop_decode_workers
+from fvlm_data.writeback import BackgroundWriter, DeviceTransfers, HostCopy, stored_features
 
 
 @dataclass
@@ -81,12 +83,18 @@ def run_precompute(config: PrecomputeConfig, inputs: list[VideoInput], encoders:
     bar = tqdm(total=len(plan.todo), unit="video", disable=not progress, dynamic_ncols=True)
     shards = _ShardsInProgress(store, len(inputs), plan.keep_existing, summary, bar)
     executor = decode_executor(config.workers)
+    # This thread only feeds the encoders; a writer thread adds the rows and publishes (writeback.py).
+    transfers, writer = DeviceTransfers(encoders.device), BackgroundWriter()
     try:
         window = max(2 * config.workers, 1) * config.batch_videos
         results = _decoded_in_order(executor, plan.todo, window, config.decoding)
-        for batch in _batches(results, config.batch_videos, on_failure=shards.add_failure):
-            shards.add_rows(batch, *_encode(encoders, [video for _, _, video in batch], config.num_frames))
+        on_failure = functools.partial(writer.submit, shards.add_failure)
+        for batch in _batches(results, config.batch_videos, on_failure=on_failure):
+            features = _encode(encoders, transfers, [video for _, _, video in batch], config)
+            writer.submit(shards.add_rows, batch, transfers.to_host(features))
+        writer.close()  # the last shards published; a failed write is raised here
     finally:
+        writer.abandon()  # on errors, Ctrl-C and SIGTERM: queued writes dropped (a rerun redoes them)
         bar.close()
         stop_decode_workers(executor)  # also on errors, Ctrl-C and SIGTERM: no orphaned workers
     summary.store_bytes = store.nbytes_on_disk()
@@ -199,12 +207,17 @@ def _batches(results: Iterable, batch_videos: int, on_failure: Callable) -> Iter
         yield batch
 
 
-def _encode(encoders: FrozenEncoders, videos: list[DecodedVideo], num_frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """DINO tokens [B, T, N, D] and latents [B, T, C, h, w] of a batch of decoded videos."""
-    encoded = encoders.encode(torch.from_numpy(np.concatenate([video.frames for video in videos])))
-    dino = encoded.dino.view(len(videos), num_frames, *encoded.dino.shape[1:]).cpu().numpy()
-    latents = encoded.latents.view(len(videos), num_frames, *encoded.latents.shape[1:]).cpu().numpy()
-    return dino, latents
+def _encode(encoders: FrozenEncoders, transfers: DeviceTransfers, videos: list[DecodedVideo],
+            config: PrecomputeConfig) -> dict[str, torch.Tensor]:
+    """A batch's features on the device, in their stored dtypes, shaped [B, T, ...] (see writeback.py)."""
+    frames = [video.frames for video in videos]
+    if encoders.compiled:  # a short last batch is padded: one compiled shape, no second compilation
+        frames += [np.zeros_like(frames[0])] * (config.batch_videos - len(videos))
+    encoded = encoders.encode(transfers.frames_to_device(frames), float32=False)
+    n = len(videos) * config.num_frames
+    dino = encoded.dino[:n].view(len(videos), config.num_frames, *encoded.dino.shape[1:])
+    latents = encoded.latents[:n].view(len(videos), config.num_frames, *encoded.latents.shape[1:])
+    return stored_features(dino, latents, config.feature_dtype)
 
 
 class _ShardsInProgress:
@@ -235,13 +248,18 @@ class _ShardsInProgress:
         self.summary.failure_reasons[reason.split(":")[0]] += 1
         self.bar.update(1)
 
-    def add_rows(self, batch: list[tuple[int, VideoInput, DecodedVideo]], dino: np.ndarray,
-                 latents: np.ndarray) -> None:
+    def add_rows(self, batch: list[tuple[int, VideoInput, DecodedVideo]], features: HostCopy) -> None:
+        """On the writer thread: the batch's rows, from its features copied to the host."""
+        arrays = features.arrays()  # waits for the device-to-host copy
+        dino, latents, scale = arrays["dino"], arrays["latents"], arrays.get("dino_scale")
         for k, (slot, item, video) in enumerate(batch):
+            quantized = {} if scale is None else {"dino_scale": scale[k]}  # int8, quantized on the device
             self._buffer(slot).add_row(slot, dino=dino[k], latents=latents[k], caption=item.caption or "",
                                        video_id=item.video_id, source=item.source,
                                        timestamps=video.timestamps, duration=video.duration,
-                                       captions=getattr(item, "captions", ()), file_id=getattr(item, "file_id", None))
+                                       captions=getattr(item, "captions", ()), file_id=getattr(item, "file_id", None),
+                                       **quantized)
             self._publish_if_complete(slot)
             self.summary.written += 1
+        features.release()
         self.bar.update(len(batch))

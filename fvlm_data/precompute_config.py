@@ -65,6 +65,8 @@ class PrecomputeConfig:
     workers: int = option(min(8, os.cpu_count() or 1), "Decode worker processes (0: decode in this process).",
                           click.IntRange(min=0), recorded=False)
     batch_videos: int = option(8, "Videos encoded together in one batch.", click.IntRange(min=1))
+    compile: bool | None = option(None, "torch.compile the encoders (one compilation per batch shape) [default: on for "
+                                  "CUDA, off on the CPU].", recorded=False, flag_decls=("--compile/--no-compile",))
     seed: int = option(0, "Seed of the synthetic source.", int)
     verify: str = option("data", "What a rerun checks of the shards already in the store: data (every byte against "
                          "its checksums) or index (object sizes and shard indexes only: for huge stores).",
@@ -88,6 +90,10 @@ class PrecomputeConfig:
     def decoding(self) -> Decoding:
         return Decoding(self.num_frames, self.image_size, self.min_duration, self.max_duration, self.seek)
 
+    def compile_on(self, device: str) -> bool:
+        """Whether the encoders are compiled on `device`: --compile/--no-compile, else only on CUDA."""
+        return self.compile if self.compile is not None else device.startswith("cuda")
+
     def recorded(self) -> dict[str, Any]:
         """The store's `precompute_args`: every option but those that only change speed or output."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["recorded"]}
@@ -105,9 +111,10 @@ def click_options(func: Any) -> Any:
     for f in reversed(fields(PrecomputeConfig)):
         meta = f.metadata
         kwargs: dict[str, Any] = dict(meta["click"], help=meta["help"])
+        decls = kwargs.pop("flag_decls", (f"--{f.name.replace('_', '-')}",))
         if f.default is not MISSING:
             kwargs["default"] = f.default
         if meta["type"] is not None:
             kwargs["type"] = meta["type"]
-        func = click.option(f"--{f.name.replace('_', '-')}", **kwargs)(func)
+        func = click.option(*decls, f.name, **kwargs)(func)
     return func

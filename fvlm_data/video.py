@@ -20,6 +20,7 @@ from typing import BinaryIO
 import av
 import numpy as np
 
+from fvlm_data.video_gops import decode_by_gop
 from fvlm_data.video_probe import FFMPEG_ERRORS, InputError, error_line, open_container, probe_duration
 
 __all__ = ["SEEK_MODES", "InputError", "VideoFile", "resize_center_crop", "sample_timestamps"]
@@ -109,6 +110,10 @@ class VideoFile:
                 converted[:] = frame, resize_center_crop(frame, image_size, self.stream.sample_aspect_ratio)
             out[k], times[k] = converted[1], t
 
+        tolerance = max(1.0, 3 * self._frame_interval)  # how far past the last frame a target may lie
+        if decode_by_gop(self._container, self.stream, self._start, tolerance, targets, take):
+            return out, times  # the same frames, decoding only what the targets need (video_gops.py)
+        self._rewind()  # anything that shortcut cannot vouch for: decode as always
         j = 0  # next target to fill
         prev, prev_t = None, -np.inf  # last decoded frame before targets[j]
         pos = 0.0  # time of the last decoded frame
@@ -161,7 +166,6 @@ class VideoFile:
             # otherwise the file is cut short (or its metadata lies).
             if prev is None:
                 raise InputError(f"corrupt video: {error}" if error else "truncated: no frames decoded")
-            tolerance = max(1.0, 3 * self._frame_interval)
             if targets[-1] - prev_t > tolerance:
                 what = f"decoding failed: {error}" if error else "frames end"
                 raise InputError(f"truncated: {what} at {prev_t:.1f} s of {self.duration:.1f} s")

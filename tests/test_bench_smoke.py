@@ -31,6 +31,9 @@ RUNS = {
                  "| c. zstd-3, one chunk per video; zarr `arr[slot]`", "| d. one shard per video"]),
     "decode workers": (["decode_workers", "--rounds", "1", "--workers", "1"],
                        ["### Decode worker start-up", "| plain spawn ProcessPoolExecutor", "fvlm / plain: start "]),
+    "pipeline": (["precompute_speed", "--part", "pipeline", "--pipeline-videos", "16", "--rounds", "1", "--gpu-ms", "5",
+                  "--dino-tokens", "17", "--frames-per-video", "4"],
+                 ["| today | 1 |", "| writer thread | 1 |", "main thread outside the encoders per batch: CPU "]),
     "int8": (["int8_quality", "--no-train", "--sources", "random-normal,synthetic", "--videos", "1"],
              ["### int8 reconstruction error", "| random-normal", "| synthetic", "int8 + fp16 scale per token"]),
 }

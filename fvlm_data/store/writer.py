@@ -205,13 +205,16 @@ class ShardBuffer:
 
     def add_row(self, slot: int, *, dino: np.ndarray, latents: np.ndarray, caption: str, video_id: str,
                 source: str, timestamps: np.ndarray, duration: float, captions: Sequence[str] = (),
-                file_id: str | None = None) -> None:
+                file_id: str | None = None, dino_scale: np.ndarray | None = None) -> None:
         """One video's row. `captions`: all its captions, the first being `caption` (default: that one);
-        `file_id`: the file it was cut from (default: `video_id`, a whole file)."""
+        `file_id`: the file it was cut from (default: `video_id`, a whole file); `dino_scale` given:
+        `dino` is already int8 (quantized on the device by the same rule)."""
         if captions and captions[0] != caption:
             raise ValueError(f"captions[0] must be the caption: {captions[0]!r} != {caption!r}")
         j, d = self._clear(slot), self.data
-        if "dino_scale" in d:
+        if dino_scale is not None:
+            d["dino"][j], d["dino_scale"][j] = dino, dino_scale
+        elif "dino_scale" in d:
             d["dino"][j], d["dino_scale"][j] = quantize_int8(dino)
         else:
             d["dino"][j] = dino

@@ -1,0 +1,202 @@
+"""The precompute main thread's own work per encode batch, with the encoders replaced by a stand-in.
+
+    python -m bench.precompute_speed --part pipeline                  # 8 videos x 24 frames, real shapes
+    python -m bench.precompute_speed --part pipeline --pipeline-videos 16 --rounds 1   # quicker
+
+The stand-in encoder is a device-side no-op of the real output shapes (DINO [B*T, N, D], latents
+[B*T, 4, 32, 32], preallocated, in the CUDA compute dtype's place fp32 on the CPU) that sleeps
+--gpu-ms per batch, as a GPU encode would keep the main thread waiting without using its core
+(360 ms: 8 x 24 frames at the reference's H200 rates). `run_precompute` itself runs around it,
+on decoded videos held in memory (decode workers are other processes), into a real store on disk.
+Measured per batch (mean over a round, median over rounds): the main thread's time outside the
+encoders by its own CPU clock (`time.thread_time`: waits and the other threads do not count) and by
+the wall clock less its waits for a full writer queue, and of the CPU time the conversion to the
+stored dtypes (`stored_features`: a device kernel on CUDA, CPU work here), against the target of
+36 ms. `today` runs the loop as it was before the writer thread (encode, fp32 to the host,
+`add_row`, `publish`, all on the main thread), rounds interleaved with the new one. The writer
+thread's wall time per batch says whether it keeps up with the GPU (at most --gpu-ms).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fvlm_data import pipeline
+from fvlm_data.encoders import EncodedFrames
+from fvlm_data.precompute_config import PrecomputeConfig
+from fvlm_data.sources import DecodedVideo, VideoInput
+from fvlm_data.store import FeatureShapes, FeatureStore, ShardBuffer
+
+
+class NoOpEncoders:
+    """FrozenEncoders' interface: `encode` returns preallocated outputs after `gpu_s` of waiting."""
+
+    dino_id = vae_id = "bench-noop"
+    compiled = False
+    vae_scaling_factor = 1.0
+
+    def __init__(self, frames: int, tokens: int, dim: int, gpu_s: float) -> None:
+        self.device = torch.device("cpu")
+        self.shapes = ((tokens, dim), (4, 32, 32))
+        gen = torch.Generator().manual_seed(0)
+        self._dino = torch.randn(frames, tokens, dim, generator=gen)
+        self._latents = torch.randn(frames, 4, 32, 32, generator=gen)
+        self.gpu_s = gpu_s
+        self.calls: list[tuple[float, float, float, float]] = []  # (wall, CPU) at each call's start, then end
+
+    def output_shapes(self, image_size: int) -> tuple:
+        return self.shapes
+
+    def describe(self) -> dict:
+        return {"dino": self.dino_id, "vae": self.vae_id, "vae_scaling_factor": 1.0}
+
+    def encode(self, frames: torch.Tensor, *, float32: bool = True) -> EncodedFrames:
+        w0, c0 = time.perf_counter(), time.thread_time()
+        time.sleep(self.gpu_s)  # the GPU's time; the main thread only waits
+        n = len(frames)
+        self.calls.append((w0, c0, time.perf_counter(), time.thread_time()))
+        return EncodedFrames(dino=self._dino[:n], latents=self._latents[:n])
+
+
+class _Clock:
+    """Wall and CPU time spent inside wrapped functions: (name, thread, wall start, wall s, CPU s) each call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, float, float, float]] = []
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            w0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.calls.append((name, threading.current_thread().name, w0, time.perf_counter() - w0,
+                                   time.thread_time() - c0))
+        return timed
+
+    def total(self, name: str, thread: str, wall: bool) -> float:
+        return sum(c[3] if wall else c[4] for c in self.calls if c[0] == name and c[1] == thread)
+
+    def within(self, name: str, lo: float, hi: float) -> float:
+        """Wall seconds of `name`'s calls that started in [lo, hi)."""
+        return sum(c[3] for c in self.calls if c[0] == name and lo <= c[2] < hi)
+
+
+def _videos(n: int, frames: int, size: int) -> list[tuple[int, VideoInput, DecodedVideo]]:
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, (frames, size, size, 3), dtype=np.uint8) for _ in range(4)]
+    stamps = (np.arange(frames) + 0.5) * 1.5
+    return [(i, VideoInput(f"v{i:05d}", "bench", "a caption of a few words"),
+             DecodedVideo(pixels[i % 4], stamps, 36.0)) for i in range(n)]
+
+
+def _between_encodes(encoders: NoOpEncoders, clock: _Clock | None) -> dict:
+    """The main thread between one encode's end and the next one's start: CPU, and wall less the
+    waits for a full writer queue (with a GPU those waits would be the writer falling behind)."""
+    calls = encoders.calls
+    pairs = list(zip(calls, calls[1:], strict=False))
+    cpu = [nxt[1] - cur[3] for cur, nxt in pairs]
+    waits = [clock.within("submit", cur[2], nxt[0]) if clock else 0.0 for cur, nxt in pairs]
+    wall = [nxt[0] - cur[2] - w for (cur, nxt), w in zip(pairs, waits, strict=True)]
+    # Means, not medians: a shard is published once every 8 batches and its cost counts per batch.
+    return {"main_ms": 1e3 * statistics.mean(cpu), "main_max_ms": 1e3 * max(cpu),
+            "main_wall_ms": 1e3 * statistics.mean(wall), "wait_ms": 1e3 * statistics.mean(waits),
+            "per_batch_ms": [round(1e3 * x, 1) for x in cpu],
+            "encoder_ms": 1e3 * statistics.median(c[2] - c[0] for c in calls)}
+
+
+def _new_round(out: Path, args, decoded: list) -> dict:
+    """`run_precompute` around the stand-in: main-thread ms per batch outside the encoders."""
+    frames = args.videos * args.frames_per_video
+    encoders = NoOpEncoders(frames, args.dino_tokens, 384, args.gpu_ms / 1e3)
+    config = PrecomputeConfig(out=str(out), preset="tiny", num_frames=args.frames_per_video, image_size=256,
+                              workers=0, batch_videos=args.videos, quiet=True, shard_videos=64)
+    clock = _Clock()
+    shards, writer = pipeline._ShardsInProgress, pipeline.BackgroundWriter
+    saved = pipeline._decoded_in_order, pipeline.stored_features, shards.add_rows, writer.submit
+    pipeline._decoded_in_order = lambda executor, items, window, decoding: iter(decoded)
+    pipeline.stored_features = clock.wrap("convert", saved[1])
+    shards.add_rows = clock.wrap("add_rows", saved[2])
+    writer.submit = clock.wrap("submit", saved[3])
+    try:
+        t0 = time.perf_counter()
+        pipeline.run_precompute(config, [item for _, item, _ in decoded], encoders, progress=False)
+        wall = time.perf_counter() - t0
+    finally:
+        pipeline._decoded_in_order, pipeline.stored_features, shards.add_rows, writer.submit = saved
+    batches = len(encoders.calls)
+    return {**_between_encodes(encoders, clock),
+            "convert_ms": 1e3 * clock.total("convert", "MainThread", wall=False) / batches,
+            "writer_ms": 1e3 * clock.total("add_rows", "store-writer", wall=True) / batches,
+            "wall_ms": 1e3 * wall / batches}
+
+
+def _today_round(out: Path, args, decoded: list) -> dict:
+    """The loop as it was: encode, fp32 to the host, add_row and publish on the main thread."""
+    frames, t = args.videos * args.frames_per_video, args.frames_per_video
+    encoders = NoOpEncoders(frames, args.dino_tokens, 384, args.gpu_ms / 1e3)
+    shapes = FeatureShapes(t, args.dino_tokens, 384, (4, 32, 32))
+    attrs = dict(dino="bench", vae="bench", num_frames=t, image_size=256, feature_dtype="float16")
+    store = FeatureStore.create_or_open(out, attrs, shapes, capacity=len(decoded), shard_videos=64)
+    buffers: dict[int, ShardBuffer] = {}
+    t0 = time.perf_counter()
+    for i in range(0, len(decoded), args.videos):
+        batch = decoded[i : i + args.videos]
+        encoded = encoders.encode(torch.from_numpy(np.concatenate([v.frames for _, _, v in batch])))
+        dino = encoded.dino.view(len(batch), t, *encoded.dino.shape[1:]).cpu().numpy()
+        latents = encoded.latents.view(len(batch), t, *encoded.latents.shape[1:]).cpu().numpy()
+        for k, (slot, item, video) in enumerate(batch):
+            shard = slot // 64
+            buf = buffers.setdefault(shard, store.shard_buffer(shard))
+            buf.add_row(slot, dino=dino[k], latents=latents[k], caption=item.caption, video_id=item.video_id,
+                        source=item.source, timestamps=video.timestamps, duration=video.duration)
+            if buf.complete():
+                buffers.pop(shard).publish()
+    wall = time.perf_counter() - t0
+    return {**_between_encodes(encoders, None), "convert_ms": 0.0, "writer_ms": 0.0,
+            "wall_ms": 1e3 * wall / len(encoders.calls)}
+
+
+def pipeline_rows(args, rows: list[dict], emit) -> None:
+    decoded = _videos(args.pipeline_videos, args.frames_per_video, 256)
+    got: dict[str, list[dict]] = {"today": [], "writer thread": []}
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fvlm_pipeline_", dir=args.workdir) as tmp:
+        for r in range(args.rounds):
+            order = [("today", _today_round), ("writer thread", _new_round)]
+            for name, fn in order if r % 2 == 0 else order[::-1]:  # interleaved, alternating order
+                got[name].append(fn(Path(tmp) / f"{name.split()[0]}{r}.zarr", args, decoded))
+    for name, runs in got.items():
+        row = {"part": "pipeline", "variant": name, "rounds": len(runs),
+               **{k: statistics.median(run[k] for run in runs) for k in runs[0] if k != "per_batch_ms"},
+               "per_batch_ms": [run["per_batch_ms"] for run in runs]}
+        print(f"# {name}: main thread ms outside the encoders, batch by batch, round by round: "
+              f"{row['per_batch_ms']}", flush=True)
+        rows.append(row)
+        emit(row)
+    today, new = rows[-2], rows[-1]
+    print(f"main thread outside the encoders per batch: CPU {new['main_ms']:.1f} ms, wall less waits "
+          f"{new['main_wall_ms']:.1f} ms (target 36 ms); today CPU {today['main_ms']:.1f} ms, wall "
+          f"{today['main_wall_ms']:.1f} ms: {new['main_wall_ms'] / today['main_wall_ms']:.3f}x of today's wall; "
+          f"the writer thread {new['writer_ms']:.0f} ms per batch against the encoder's {new['encoder_ms']:.0f}",
+          flush=True)
+
+
+PIPE_HEADER = ("| main loop | rounds | encoder ms/batch (stand-in) | main thread CPU ms/batch outside the encoders "
+               "(mean) | max | main thread wall ms/batch outside the encoders, less waits for the writer | of the "
+               "CPU: dtype conversion | waits for the writer ms/batch | writer thread wall ms/batch | "
+               "wall ms/batch |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
+def fmt_pipe(r: dict) -> str:
+    return (f"| {r['variant']} | {r['rounds']} | {r['encoder_ms']:.0f} | {r['main_ms']:.1f} | {r['main_max_ms']:.1f} | "
+            f"{r['main_wall_ms']:.1f} | {r['convert_ms']:.1f} | {r['wait_ms']:.0f} | {r['writer_ms']:.0f} | "
+            f"{r['wall_ms']:.0f} |")
