@@ -24,7 +24,7 @@ from fvlm_data.encoders import FrozenEncoders
 from fvlm_data.precompute_config import PrecomputeConfig
 from fvlm_data.sources import DecodedVideo, Decoding, VideoInput
 from fvlm_data.store import FeatureShapes, FeatureStore, ShardBuffer, StoreError, shard_states
-from fvlm_data.workers import decode_executor, decode_one, stop_decode_workers
+from fvlm_data.workers import decode_executor, decoded_in_order, stop_decode_workers
 
 
 @dataclass
@@ -167,19 +167,8 @@ def _plan(store: FeatureStore, config: PrecomputeConfig, inputs: list[VideoInput
 
 def _decoded_in_order(executor: Executor, items: list[tuple[int, VideoInput]], window: int,
                       decoding: Decoding) -> Iterator[tuple[int, VideoInput, DecodedVideo | str]]:
-    """Keep `window` decodes in flight and yield results in input order."""
-    pending: collections.deque = collections.deque()
-    it = iter(items)
-    for slot, item in it:
-        pending.append((slot, item, executor.submit(decode_one, item, decoding)))
-        if len(pending) >= window:
-            break
-    while pending:
-        slot, item, fut = pending.popleft()
-        nxt = next(it, None)
-        if nxt is not None:
-            pending.append((nxt[0], nxt[1], executor.submit(decode_one, nxt[1], decoding)))
-        yield slot, item, fut.result()
+    """Keep `window` decodes in flight and yield results in input order (a file's segments decoded together)."""
+    return decoded_in_order(executor, items, window, decoding)
 
 
 def _batches(results: Iterable, batch_videos: int, on_failure: Callable) -> Iterator[list]:

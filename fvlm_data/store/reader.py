@@ -204,6 +204,14 @@ class FeatureStore:
         values = self.shard_values((name,), np.unique(shards).tolist(), cache=len(slots) < 64)[name]
         return [values[s][j] if s in values else "" for s, j in zip(shards.tolist(), within.tolist(), strict=True)]
 
+    def file_ids(self, slots: np.ndarray | None = None) -> list[str]:
+        """The id of the file each row was cut from (default: committed slots); the video ids where the
+        store has no `file_id` array. MINIMAL STAND-IN on branch seg: format 3 (H1) implements it."""
+        if "file_id" not in self.arrays:
+            return self.read_strings("video_id", slots)
+        ids = self.read_strings("file_id", slots)
+        return [f or v for f, v in zip(ids, self.read_strings("video_id", slots), strict=True)]
+
     def _frame_requests(self, name: str, slot: int, index: ShardIndex, idx: np.ndarray,
                         out: np.ndarray) -> list[ReadRequest]:
         """Byte ranges of `name` for frames `idx` of `slot`, one per run of consecutive frames."""
