@@ -13,6 +13,7 @@ import pytest
 
 from fvlm_data import FeatureStore
 from fvlm_data.dataset import split_slots, validation_mask
+from fvlm_data.inspect import inspect_store
 from fvlm_data.sources import Decoding, VideoInput, list_inputs, load_file_frames, load_frames
 from fvlm_data.workers import InlineExecutor, decoded_in_order, file_groups
 from tests.conftest import write_video
@@ -169,6 +170,10 @@ def test_precompute_segments_records_bad_ones_and_splits_by_file(manifest, tmp_p
     assert reasons == {"long#12.5-13.5": "too short: 1.0 s < 2 s",
                        "long#50-70": "segment outside the file: 50-70 s of a 60.0 s video",
                        "long#30-30": "bad segment: end 30 s <= start 30 s"}
+    report = inspect_store(str(out))
+    assert report["slots"] == {"total": 9, "committed": 6, "failed": 3, "pending": 0}
+    assert {g["reason"]: g["count"] for g in report["failures"]} == {
+        "too short": 1, "segment outside the file": 1, "bad segment": 1}
     if "file_id" not in store.arrays:
         pytest.skip("this store format has no file_id array (format 3 adds it): the split by file is untestable")
     slots = store.committed_slots()
