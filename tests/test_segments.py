@@ -151,13 +151,19 @@ def test_a_file_cut_short_keeps_the_segments_before_the_cut(tmp_path):
     assert isinstance(last, Exception) and str(last).startswith("truncated")
 
 
-def test_precompute_segments_records_bad_ones_and_splits_by_file(manifest, tmp_path):
-    out = tmp_path / "seg.zarr"
+@pytest.fixture(scope="module")
+def segment_store(manifest, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("segstore") / "seg.zarr"
     proc = subprocess.run([sys.executable, str(ROOT / "precompute.py"), "--out", str(out), "--videos", str(manifest),
                            "--preset", "tiny", "--image-size", "28", "--num-frames", "6", "--shard-videos", "4",
                            "--min-duration", "2", "--workers", "1", "--quiet"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300, env=OFFLINE)
     assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def test_precompute_of_segments_writes_the_good_ones_and_records_the_bad(segment_store):
+    out, proc = segment_store
     assert "written 6 videos, skipped 0 already in the store, 3 failed" in proc.stdout
     store = FeatureStore.open(out)
     rows = {store.read(i)["video_id"]: store.read(i) for i in range(len(store))}
@@ -174,6 +180,10 @@ def test_precompute_segments_records_bad_ones_and_splits_by_file(manifest, tmp_p
     assert report["slots"] == {"total": 9, "committed": 6, "failed": 3, "pending": 0}
     assert {g["reason"]: g["count"] for g in report["failures"]} == {
         "too short": 1, "segment outside the file": 1, "bad segment": 1}
+
+
+def test_the_split_never_separates_two_segments_of_one_file(segment_store):
+    store = FeatureStore.open(segment_store[0])
     if "file_id" not in store.arrays:
         pytest.skip("this store format has no file_id array (format 3 adds it): the split by file is untestable")
     slots = store.committed_slots()
