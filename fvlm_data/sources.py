@@ -144,7 +144,7 @@ def load_file_frames(items: list[VideoInput], decoding: Decoding) -> list[Decode
     if items[0].path is None:
         return [InputError("no video path")] * len(items)
     first = items[0]
-    results: list[DecodedVideo | InputError] = [InputError("not decoded")] * len(items)
+    results: list[DecodedVideo | InputError | None] = [None] * len(items)  # None: the file's own problem
     spans: dict[int, tuple[float, float]] = {}  # input -> its checked span of the file
     try:
         src = _read_member(first.path, first.member) if first.member is not None else first.path
@@ -165,9 +165,9 @@ def load_file_frames(items: list[VideoInput], decoding: Decoding) -> list[Decode
                     lo, hi = spans[k]
                     results[k] = DecodedVideo(frames=frames, timestamps=timestamps, duration=hi - lo)
     except InputError as e:
-        if len(spans) > 1:
+        if len(spans) > 1:  # decode each alone (their own errors come back the same)
             return [load_file_frames([item], decoding)[0] for item in items]
-        return [e] * len(items)
+        return [e if r is None or k in spans else r for k, r in enumerate(results)]
     return results
 
 
