@@ -49,6 +49,8 @@ class VideoInput:
         # One fact, two views: `caption` is the first of `captions`.
         if not self.captions and self.caption is not None:
             object.__setattr__(self, "captions", (self.caption,))
+        elif self.captions and self.caption is None:
+            object.__setattr__(self, "caption", self.captions[0])
         elif self.captions and self.caption != self.captions[0]:
             raise ValueError(f"{self.video_id}: caption {self.caption!r} is not the first of captions")
 

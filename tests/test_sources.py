@@ -355,6 +355,10 @@ def test_json_sidecars_and_manifests_give_caption_lists_in_order(video_folder, t
     assert (by_id["b"].caption, by_id["b"].captions) == ("one", ("one", "two", "three"))
     assert (by_id["sub/c"].caption, by_id["sub/c"].captions) == ("first", ("first", "second"))
     assert by_id["a"].captions == ("a flat frame changes colour",)  # one caption: a list of one
+    assert VideoInput("v", "s", None, captions=("x", "y")).caption == "x"  # one fact: the first caption
+    assert VideoInput("v", "s", "x").captions == ("x",) and VideoInput("v", "s", None).captions == ()
+    with pytest.raises(ValueError, match="not the first of captions"):
+        VideoInput("v", "s", "x", captions=("y", "x"))
     jsonl = tmp_path / "rows.jsonl"
     jsonl.write_text(json.dumps({"path": str(root / "a.mp4"), "captions": ["x", "y"]}) + "\n")
     [item] = list_inputs(videos=str(jsonl))
