@@ -204,3 +204,12 @@ def test_the_split_of_whole_videos_is_the_split_by_video_id(tmp_path):
     np.testing.assert_array_equal(val, slots[mask])
     np.testing.assert_array_equal(train, slots[~mask])
     assert val_ids == [v for v, m in zip(ids, mask, strict=True) if m] and 0 < len(val) < 39
+
+
+def test_the_segment_benchmark_measures_both_ways_on_the_same_frames(clips):
+    from bench.segments import measure, segments_of
+
+    items = segments_of(clips / "long.mp4", SECONDS, 4)
+    assert all(0 <= it.start < it.end <= SECONDS for it in items) and items == sorted(items, key=lambda it: it.start)
+    result = measure(clips / "long.mp4", items, decoding(min_duration=0.0), repeats=1)
+    assert result["per_segment_s"] > 0 and result["one_pass_s"] > 0
