@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from fvlm_data.inspect import inspect_store
 from fvlm_data.sources import Decoding, VideoInput, list_inputs, load_file_frames, load_frames
 from fvlm_data.workers import InlineExecutor, decoded_in_order, file_groups
 from tests.conftest import write_video
-from tests.small_stores import small_store
+from tests.small_stores import add_file_id_array, small_store
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -182,16 +183,28 @@ def test_precompute_of_segments_writes_the_good_ones_and_records_the_bad(segment
         "too short": 1, "segment outside the file": 1, "bad segment": 1}
 
 
-def test_the_split_never_separates_two_segments_of_one_file(segment_store):
-    store = FeatureStore.open(segment_store[0])
-    if "file_id" not in store.arrays:
-        pytest.skip("this store format has no file_id array (format 3 adds it): the split by file is untestable")
+def test_the_split_never_separates_two_segments_of_one_file(segment_store, manifest, tmp_path):
+    path = segment_store[0]
+    if "file_id" not in FeatureStore.open(path).arrays:
+        # This store format has no file_id array: give a copy the one format 3 writes from the inputs.
+        path = Path(shutil.copytree(path, tmp_path / "with_file_ids.zarr"))
+        add_file_id_array(path, [it.file_id or it.video_id for it in list_inputs(videos=str(manifest))])
+    store = FeatureStore.open(path)
     slots = store.committed_slots()
     file_of = dict(zip(slots.tolist(), store.file_ids(slots), strict=True))
-    assert sorted(set(file_of.values())) == ["long", "short"]
-    for fraction in (0.3, 0.5, 0.7):
-        train, val, _ = split_slots(store, fraction)
+    assert sorted(file_of.values()) == ["long"] * 4 + ["short"] * 2
+    video_ids = store.read_strings("video_id", slots)
+    mixed, leaky = 0, 0
+    for fraction in np.linspace(0.05, 0.95, 19):
+        train, val, val_ids = split_slots(store, fraction)
         assert not {file_of[s] for s in train.tolist()} & {file_of[s] for s in val.tolist()}
+        assert sorted(val_ids) == sorted(store.read_strings("video_id", val))
+        mixed += bool(len(train) and len(val))
+        # what a split by segment would do: some file on both sides
+        by_segment = validation_mask(video_ids, fraction)
+        files = [file_of[s] for s in slots.tolist()]
+        leaky += any(len({m for m, f in zip(by_segment, files, strict=True) if f == name}) == 2 for name in files)
+    assert mixed and leaky  # both sides used, and a split by segment would have leaked
 
 
 def test_the_split_of_whole_videos_is_the_split_by_video_id(tmp_path):
