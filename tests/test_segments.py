@@ -157,10 +157,25 @@ def segment_store(manifest, tmp_path_factory) -> tuple[Path, subprocess.Complete
     out = tmp_path_factory.mktemp("segstore") / "seg.zarr"
     proc = subprocess.run([sys.executable, str(ROOT / "precompute.py"), "--out", str(out), "--videos", str(manifest),
                            "--preset", "tiny", "--image-size", "28", "--num-frames", "6", "--shard-videos", "4",
-                           "--min-duration", "2", "--workers", "1", "--quiet"],
+                           "--min-duration", "2", "--workers", "1", "--batch-videos", "1", "--quiet"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300, env=OFFLINE)
     assert proc.returncode == 0, proc.stderr
     return out, proc
+
+
+def test_a_rerun_after_a_stop_gives_the_arrays_of_an_uninterrupted_run(segment_store, tmp_path):
+    """A run stopped before its second shard was published (its `committed` object, written last, absent;
+    one video per encoder batch as in the reference, so the bytes can agree), then run again."""
+    reference, proc = segment_store
+    out = Path(shutil.copytree(reference, tmp_path / "stopped.zarr"))
+    (out / "committed" / "c" / "1").unlink()
+    (out / "dino" / "c" / "1" / "0" / "0" / "0").unlink()
+    rerun = subprocess.run(proc.args[:3] + [str(out)] + proc.args[4:], capture_output=True, text=True, cwd=ROOT,
+                           timeout=300, env=OFFLINE)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "written 2 videos, skipped 5 already in the store, 2 failed" in rerun.stdout
+    objects = {str(f.relative_to(reference)): f.read_bytes() for f in reference.glob("*/c/**/*") if f.is_file()}
+    assert objects == {str(f.relative_to(out)): f.read_bytes() for f in out.glob("*/c/**/*") if f.is_file()}
 
 
 def test_precompute_of_segments_writes_the_good_ones_and_records_the_bad(segment_store):
