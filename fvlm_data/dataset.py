@@ -44,11 +44,15 @@ def check_num_frames(num_frames: int, store: FeatureStore) -> None:
 
 def split_slots(store: FeatureStore, val_fraction: float) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(training slots, held-out slots, the held-out videos' ids) of the committed videos, split by
-    `validation_mask`: the store's committed and video_id arrays are read once (shard by shard,
-    V/S objects, no per-video files)."""
+    `validation_mask` of the *file* each row was cut from, so that no segment of a held-out file is
+    trained on (a split by segment would leak); a whole video's file id is its video id, so the split
+    of whole videos is the split by video id. The store's committed, video_id (and file_id) arrays
+    are read once (shard by shard, V/S objects, no per-video files)."""
     slots = store.committed_slots()
     video_ids = store.read_strings("video_id", slots)
-    is_val = validation_mask(video_ids, val_fraction)
+    # A store without file ids (format 2: whole videos only) would read video_id a second time.
+    file_ids = store.file_ids(slots) if "file_id" in store.arrays else video_ids
+    is_val = validation_mask(file_ids, val_fraction)
     return slots[~is_val], slots[is_val], [video_ids[i] for i in np.flatnonzero(is_val)]
 
 

@@ -13,7 +13,6 @@ import collections
 import functools
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,9 +22,9 @@ from tqdm import tqdm
 
 from fvlm_data.encoders import FrozenEncoders
 from fvlm_data.precompute_config import PrecomputeConfig
-from fvlm_data.sources import DecodedVideo, Decoding, VideoInput
+from fvlm_data.sources import DecodedVideo, VideoInput
 from fvlm_data.store import FeatureShapes, FeatureStore, ShardBuffer, StoreError, shard_states
-from fvlm_data.workers import decode_executor, decode_one, stop_decode_workers
+from fvlm_data.workers import decode_executor, decoded_in_order, stop_decode_workers
 from fvlm_data.writeback import BackgroundWriter, DeviceTransfers, HostCopy, stored_features
 
 
@@ -87,7 +86,7 @@ def run_precompute(config: PrecomputeConfig, inputs: list[VideoInput], encoders:
     transfers, writer = DeviceTransfers(encoders.device), BackgroundWriter()
     try:
         window = max(2 * config.workers, 1) * config.batch_videos
-        results = _decoded_in_order(executor, plan.todo, window, config.decoding)
+        results = decoded_in_order(executor, plan.todo, window, config.decoding)  # a file's segments together
         on_failure = functools.partial(writer.submit, shards.add_failure)
         for batch in _batches(results, config.batch_videos, on_failure=on_failure):
             features = _encode(encoders, transfers, [video for _, _, video in batch], config)
@@ -175,23 +174,6 @@ def _plan(store: FeatureStore, config: PrecomputeConfig, inputs: list[VideoInput
     return plan
 
 
-def _decoded_in_order(executor: Executor, items: list[tuple[int, VideoInput]], window: int,
-                      decoding: Decoding) -> Iterator[tuple[int, VideoInput, DecodedVideo | str]]:
-    """Keep `window` decodes in flight and yield results in input order."""
-    pending: collections.deque = collections.deque()
-    it = iter(items)
-    for slot, item in it:
-        pending.append((slot, item, executor.submit(decode_one, item, decoding)))
-        if len(pending) >= window:
-            break
-    while pending:
-        slot, item, fut = pending.popleft()
-        nxt = next(it, None)
-        if nxt is not None:
-            pending.append((nxt[0], nxt[1], executor.submit(decode_one, nxt[1], decoding)))
-        yield slot, item, fut.result()
-
-
 def _batches(results: Iterable, batch_videos: int, on_failure: Callable) -> Iterator[list]:
     """Decoded videos in batches of `batch_videos`; a failed decode goes to `on_failure` at once."""
     batch: list = []
@@ -242,7 +224,7 @@ class _ShardsInProgress:
 
     def add_failure(self, slot: int, item: VideoInput, reason: str) -> None:
         self._buffer(slot).add_failure(slot, video_id=item.video_id, source=item.source, reason=reason,
-                                       file_id=getattr(item, "file_id", None))
+                                       file_id=item.file_id)
         self._publish_if_complete(slot)
         self.summary.failed += 1
         self.summary.failure_reasons[reason.split(":")[0]] += 1
@@ -257,7 +239,7 @@ class _ShardsInProgress:
             self._buffer(slot).add_row(slot, dino=dino[k], latents=latents[k], caption=item.caption or "",
                                        video_id=item.video_id, source=item.source,
                                        timestamps=video.timestamps, duration=video.duration,
-                                       captions=getattr(item, "captions", ()), file_id=getattr(item, "file_id", None),
+                                       captions=item.captions, file_id=item.file_id,
                                        **quantized)
             self._publish_if_complete(slot)
             self.summary.written += 1

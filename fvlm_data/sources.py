@@ -1,13 +1,13 @@
 """Video sources: a folder or manifest of files, webdataset tar shards, or the synthetic source.
 
 ``list_inputs`` only lists (cheap, deterministic order); ``load_frames`` decodes one input and
-turns every problem with it into an ``InputError``, so the pipeline can skip it and record why.
+turns every problem with it into an ``InputError``, so the pipeline can skip it and record why;
+``load_file_frames`` decodes several inputs of one file (segments) with one open and one pass.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
 import json
 import os
@@ -18,10 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from fvlm_data.manifest import all_captions, clean, read_manifest
+from fvlm_data.segments import decode_spans, segment_id, span_of
 from fvlm_data.synthetic import DURATION_S, get_task, render_synthetic, source_tag, synthetic_caption
-from fvlm_data.video import SEEK_MODES, InputError, VideoFile, sample_timestamps
+from fvlm_data.video import SEEK_MODES, InputError, VideoFile
 
-__all__ = ["VideoInput", "InputError", "DecodedVideo", "Decoding", "list_inputs", "load_frames", "expand_braces"]
+__all__ = ["VideoInput", "InputError", "DecodedVideo", "Decoding", "list_inputs", "load_frames", "load_file_frames",
+           "expand_braces"]
 
 CAPTION_EXTS = (".txt", ".json")
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov")  # webdataset members, in order of preference
@@ -37,13 +40,26 @@ class VideoInput:
     path: str | None = None  # video file, or the tar file for webdataset inputs
     member: str | None = None  # member name of the video inside the tar
     synthetic: tuple | None = None  # (task, seed, index)
+    captions: tuple[str, ...] = ()  # every caption in order; filled from `caption` if not given
+    file_id: str | None = None  # id of the file a segment is cut from (None: a whole file, its video_id)
+    start: float | None = None  # a segment [start, end] of the file, seconds (None: from its start / to its end)
+    end: float | None = None
+
+    def __post_init__(self) -> None:
+        # One fact, two views: `caption` is the first of `captions`.
+        if not self.captions and self.caption is not None:
+            object.__setattr__(self, "captions", (self.caption,))
+        elif self.captions and self.caption is None:
+            object.__setattr__(self, "caption", self.captions[0])
+        elif self.captions and self.caption != self.captions[0]:
+            raise ValueError(f"{self.video_id}: caption {self.caption!r} is not the first of captions")
 
 
 @dataclass
 class DecodedVideo:
     frames: np.ndarray  # uint8 [T, S, S, 3] RGB
-    timestamps: np.ndarray  # float64 [T], seconds of each sampled frame within the video
-    duration: float  # seconds
+    timestamps: np.ndarray  # float64 [T], seconds of each sampled frame within the video file
+    duration: float  # seconds: of the whole video, or of the segment
 
 
 @dataclass(frozen=True)
@@ -103,7 +119,7 @@ def load_frames(
     item: VideoInput, num_frames: int, image_size: int, min_duration: float = 0.0,
     max_duration: float | None = None, seek: str = "exact",
 ) -> DecodedVideo:
-    """Decode ``num_frames`` frames spread over the whole video, each ``image_size`` square.
+    """Decode ``num_frames`` frames spread over the whole video (or its segment), each ``image_size`` square.
 
     ``seek="exact"`` takes the frame nearest to each uniform target; ``"keyframe"`` the nearest
     keyframe (decodes keyframes only: faster, frames up to half a keyframe interval off target;
@@ -111,30 +127,56 @@ def load_frames(
     the targets in both modes. Raises ``InputError`` for any bad input. The duration filter
     applies to real videos only (synthetic clips have a fixed nominal length of ``DURATION_S``).
     """
-    if seek not in SEEK_MODES:
-        raise ValueError(f"seek must be one of {SEEK_MODES}, got {seek!r}")
-    if item.synthetic is not None:
-        task, seed, index = item.synthetic
-        frames, timestamps, _ = render_synthetic(task, seed, index, num_frames, image_size)
-        return DecodedVideo(frames=frames, timestamps=timestamps, duration=DURATION_S)
-    if item.path is None:
-        raise InputError("no video path")
-    src = _read_member(item.path, item.member) if item.member is not None else item.path
-    # Open and check the cheap things (container, duration, caption) before decoding any frame.
-    with VideoFile(src) as video:
-        duration = video.duration
-        if duration < min_duration:
-            raise InputError(f"too short: {duration:.1f} s < {min_duration:g} s")
-        if max_duration is not None and duration > max_duration:
-            raise InputError(f"too long: {duration:.1f} s > {max_duration:g} s")
-        if item.caption is None:
-            raise InputError("no caption")
-        targets = sample_timestamps(duration, num_frames)
-        if seek == "keyframe":
-            frames, timestamps = video.keyframes_at(targets, image_size)
-        else:
-            frames, timestamps = video.frames_at(targets, image_size)
-    return DecodedVideo(frames=frames, timestamps=timestamps, duration=duration)
+    result = load_file_frames([item], Decoding(num_frames, image_size, min_duration, max_duration, seek))[0]
+    if isinstance(result, InputError):
+        raise result
+    return result
+
+
+def load_file_frames(items: list[VideoInput], decoding: Decoding) -> list[DecodedVideo | InputError]:
+    """Decode inputs of one file (e.g. its segments) with one open and one pass over the file.
+
+    Each result is the input's frames or the ``InputError`` saying why it is skipped; a problem of
+    the file itself is every input's. If the one pass fails (a file cut short, say), each input is
+    decoded alone, so the segments before the damage are kept."""
+    if decoding.seek not in SEEK_MODES:
+        raise ValueError(f"seek must be one of {SEEK_MODES}, got {decoding.seek!r}")
+    if any(item.synthetic is not None for item in items):
+        return [_render(item, decoding) for item in items]
+    if items[0].path is None:
+        return [InputError("no video path")] * len(items)
+    first = items[0]
+    results: list[DecodedVideo | InputError | None] = [None] * len(items)  # None: the file's own problem
+    spans: dict[int, tuple[float, float]] = {}  # input -> its checked span of the file
+    try:
+        src = _read_member(first.path, first.member) if first.member is not None else first.path
+        # Open and check the cheap things (container, span, duration, caption) before decoding any frame.
+        with VideoFile(src) as video:
+            for k, item in enumerate(items):
+                try:
+                    span = span_of(item, video.duration, decoding)
+                    if item.caption is None:
+                        raise InputError("no caption")
+                    spans[k] = span
+                except InputError as e:
+                    results[k] = e
+            if spans:
+                decoded = decode_spans(video, list(spans.values()), decoding.num_frames, decoding.image_size,
+                                       decoding.seek)
+                for k, (frames, timestamps) in zip(spans, decoded, strict=True):
+                    lo, hi = spans[k]
+                    results[k] = DecodedVideo(frames=frames, timestamps=timestamps, duration=hi - lo)
+    except InputError as e:
+        if len(spans) > 1:  # decode each alone (their own errors come back the same)
+            return [load_file_frames([item], decoding)[0] for item in items]
+        return [e if r is None or k in spans else r for k, r in enumerate(results)]
+    return results
+
+
+def _render(item: VideoInput, decoding: Decoding) -> DecodedVideo:
+    task, seed, index = item.synthetic
+    frames, timestamps, _ = render_synthetic(task, seed, index, decoding.num_frames, decoding.image_size)
+    return DecodedVideo(frames=frames, timestamps=timestamps, duration=DURATION_S)
 
 
 # --- folders and manifests -------------------------------------------------------------------
@@ -148,62 +190,47 @@ def _list_folder(root: Path) -> list[VideoInput]:
             path = Path(dirpath) / name
             if name.startswith(".") or path.suffix.lower() in CAPTION_EXTS or not path.is_file():
                 continue  # hidden files, caption sidecars (and other .txt/.json metadata)
-            items.append(
-                VideoInput(
-                    video_id=path.relative_to(root).with_suffix("").as_posix(),
-                    source=str(path),
-                    caption=_sidecar_caption(path),
-                    path=str(path),
-                )
-            )
+            caption, captions = _sidecar_captions(path)
+            items.append(VideoInput(video_id=path.relative_to(root).with_suffix("").as_posix(), source=str(path),
+                                    caption=caption, captions=captions, path=str(path)))
     return sorted(items, key=lambda it: it.path)
 
 
-def _sidecar_caption(path: Path) -> str | None:
+def _sidecar_captions(path: Path) -> tuple[str | None, tuple[str, ...]]:
+    """(caption, captions) from <stem>.txt (one caption: the whole text) or <stem>.json."""
     txt, js = path.with_suffix(".txt"), path.with_suffix(".json")
     if txt.is_file():
-        return _clean(txt.read_text(encoding="utf-8", errors="replace"))
+        return all_captions(clean(txt.read_text(encoding="utf-8", errors="replace")), ())
     if js.is_file():
         try:
-            return _json_caption(js.read_bytes())
+            return _json_captions(js.read_bytes())
         except ValueError:
-            return None  # an unreadable sidecar makes the video caption-less, not the listing fail
-    return None
+            pass  # an unreadable sidecar makes the video caption-less, not the listing fail
+    return None, ()
 
 
 def _list_manifest(manifest: Path) -> list[VideoInput]:
+    """A manifest's rows in the user's order. A segment row's video_id defaults to `<file id>#<start>-<end>`;
+    its file_id is the video_id of its file's whole-file row if the manifest has one, else the file id
+    (the path relative to the manifest, without suffix), so the split keeps every row of a file together."""
     base = manifest.parent
-    rows: list[dict] = []
-    if manifest.suffix.lower() == ".csv":
-        with open(manifest, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if "path" not in (reader.fieldnames or []):
-                raise ValueError(f"manifest {manifest} has no 'path' column")
-            rows = list(reader)
-    else:
-        with open(manifest, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"manifest {manifest} line {n}: invalid JSON ({e.msg})") from None
-                    if not isinstance(row, dict) or not row.get("path"):
-                        raise ValueError(f"manifest {manifest} line {n}: no 'path'")
-                    rows.append(row)
+    rows = read_manifest(manifest)
+    paths = [Path(row.path) if Path(row.path).is_absolute() else base / row.path for row in rows]
+    default_ids = [Path(os.path.relpath(path, base)).with_suffix("").as_posix() for path in paths]
+    whole_file_ids = {str(path): row.video_id or default
+                      for row, path, default in zip(rows, paths, default_ids, strict=True)
+                      if row.start is None and row.end is None}
     items = []
-    for row in rows:
-        if not row.get("path"):
-            raise ValueError(f"manifest {manifest}: a row has an empty 'path'")
-        rel = Path(row["path"])
-        path = rel if rel.is_absolute() else base / rel
-        video_id = row.get("video_id") or Path(os.path.relpath(path, base)).with_suffix("").as_posix()
-        caption = row.get("caption")
-        items.append(
-            VideoInput(video_id=str(video_id), source=str(path),
-                       caption=_clean(caption) if isinstance(caption, str) else None, path=str(path))
-        )
-    return items  # manifest order is the user's order
+    for row, path, default in zip(rows, paths, default_ids, strict=True):
+        caption, captions = all_captions(row.caption, row.captions)
+        common = dict(source=str(path), caption=caption, captions=captions, path=str(path))
+        if row.start is None and row.end is None:
+            items.append(VideoInput(video_id=row.video_id or default, **common))
+        else:
+            file_id = whole_file_ids.get(str(path), default)
+            items.append(VideoInput(video_id=row.video_id or segment_id(file_id, row.start, row.end),
+                                    file_id=file_id, start=row.start, end=row.end, **common))
+    return items
 
 
 # --- webdataset ------------------------------------------------------------------------------
@@ -249,26 +276,24 @@ def _list_webdataset(pattern: str) -> list[VideoInput]:
                     if not info.isfile():
                         continue
                     key, ext = _split_key(info.name)
-                    sample = samples.setdefault(key, {"video": None, "caption": None, "json": None})
+                    sample = samples.setdefault(key, {"video": None, "caption": None, "json": (None, ())})
                     current = sample["video"]
                     if ext in VIDEO_EXTS and (current is None or _pref(ext) < _pref(_split_key(current)[1])):
                         sample["video"] = info.name
                     elif ext == ".txt":
-                        sample["caption"] = _clean(tar.extractfile(info).read().decode("utf-8", "replace"))
+                        sample["caption"] = clean(tar.extractfile(info).read().decode("utf-8", "replace"))
                     elif ext == ".json":
                         with contextlib.suppress(ValueError):  # bad metadata: just no caption
-                            sample["json"] = _json_caption(tar.extractfile(info).read())
+                            sample["json"] = _json_captions(tar.extractfile(info).read())
         except (tarfile.TarError, OSError) as e:
             raise ValueError(f"cannot read webdataset shard {shard}: {e}") from None
         stem = Path(shard).name.removesuffix(".tar")
         for key, s in samples.items():
             if s["video"] is None:
                 continue  # e.g. a failed download: metadata only, nothing to decode
-            items.append(
-                VideoInput(video_id=f"{stem}/{key}", source=f"{shard}:{key}",
-                           caption=s["caption"] if s["caption"] is not None else s["json"],
-                           path=shard, member=s["video"])
-            )
+            caption, captions = all_captions(s["caption"], ()) if s["caption"] is not None else s["json"]
+            items.append(VideoInput(video_id=f"{stem}/{key}", source=f"{shard}:{key}", caption=caption,
+                                    captions=captions, path=shard, member=s["video"]))
     return items
 
 
@@ -310,16 +335,14 @@ def _read_member(path: str, member: str) -> bytes:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _json_caption(raw: bytes) -> str | None:
+def _json_captions(raw: bytes) -> tuple[str | None, tuple[str, ...]]:
+    """(caption, captions) of a JSON sidecar's `caption` and `captions` (a list); wrong types are ignored."""
     data = json.loads(raw)  # json.JSONDecodeError is a ValueError
-    caption = data.get("caption") if isinstance(data, dict) else None
-    return _clean(caption) if isinstance(caption, str) else None
-
-
-def _clean(text: str) -> str | None:
-    """Stripped caption; empty means caption-less."""
-    text = text.strip()
-    return text or None
+    data = data if isinstance(data, dict) else {}
+    caption, captions = data.get("caption"), data.get("captions")
+    captions = [c for c in map(clean, captions) if c] if isinstance(captions, list) and all(
+        isinstance(c, str) for c in captions) else []
+    return all_captions(clean(caption) if isinstance(caption, str) else None, captions)
 
 
 def _check_unique(items: list[VideoInput]) -> None:

@@ -17,6 +17,7 @@ do not re-run the main script, so a worker starts in a fraction of a second.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import importlib.machinery
@@ -30,7 +31,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any
 
-from fvlm_data.sources import DecodedVideo, Decoding, InputError, VideoInput, load_frames
+from fvlm_data.segments import file_key
+from fvlm_data.sources import DecodedVideo, Decoding, InputError, VideoInput, load_file_frames, load_frames
 
 PARENT_POLL_S = 1.0
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -62,7 +64,54 @@ def decode_one(item: VideoInput, decoding: Decoding) -> DecodedVideo | str:
     except InputError as e:
         return str(e)
     except Exception as e:  # a decoder crash on one odd file must not end a long run
-        return f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        return _unexpected(e)
+
+
+def decode_group(items: list[VideoInput], decoding: Decoding) -> list[DecodedVideo | str]:
+    """`decode_one` for several inputs of one file (segments): one open, one pass over the file."""
+    if len(items) == 1:
+        return [decode_one(items[0], decoding)]
+    try:
+        results = load_file_frames(items, decoding)
+    except Exception as e:
+        return [_unexpected(e)] * len(items)
+    return [str(r) if isinstance(r, InputError) else r for r in results]
+
+
+def _unexpected(e: Exception) -> str:
+    return f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+
+def file_groups(items: list[tuple[int, VideoInput]], window: int) -> list[list[int]]:
+    """Positions in `items` decoded together: those of one file within `window` positions of the
+    group's first (a manifest that lists a file's segments together always shares one open), in
+    order of their first position. The window bounds the decoded frames held back for later slots."""
+    groups: list[list[int]] = []
+    latest: dict[Any, int] = {}  # file -> its latest group
+    for pos, (_, item) in enumerate(items):
+        key = file_key(item)
+        g = latest.get(key)
+        if key is None or g is None or pos - groups[g][0] >= window:
+            latest[key] = len(groups)
+            groups.append([pos])
+        else:
+            groups[g].append(pos)
+    return groups
+
+
+def decoded_in_order(executor: Executor, items: list[tuple[int, VideoInput]], window: int,
+                     decoding: Decoding) -> Iterator[tuple[int, VideoInput, DecodedVideo | str]]:
+    """Keep about `window` inputs in flight and yield (slot, input, frames or reason) in input order;
+    the inputs of one file among them go to one worker together (`decode_group`)."""
+    groups = collections.deque(file_groups(items, window))
+    result_of: dict[int, tuple[Future, int]] = {}  # position -> (its group's future, index in the group)
+    for pos, (slot, item) in enumerate(items):
+        while groups and groups[0][0] < pos + window:
+            group = groups.popleft()
+            fut = executor.submit(decode_group, [items[p][1] for p in group], decoding)
+            result_of.update((p, (fut, k)) for k, p in enumerate(group))
+        fut, k = result_of.pop(pos)
+        yield slot, item, fut.result()[k]
 
 
 def _exit_with_parent(parent_pid: int) -> None:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import av
 import numpy as np
@@ -23,6 +27,8 @@ from fvlm_data.sources import (
 from fvlm_data.synthetic import COLOURS, synthetic_vocabulary
 from fvlm_data.video import resize_center_crop, sample_timestamps
 from tests.conftest import COUNTER_FPS, counter_index, draw_counter
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def file_input(path, caption: str | None = "a caption") -> VideoInput:
@@ -290,6 +296,73 @@ def test_csv_and_jsonl_manifests(video_folder, tmp_path):
     items = list_inputs(videos=str(jsonl))
     assert [it.caption for it in items] == ["wide", None]
     assert load_frames(items[0], 2, 16).frames.shape == (2, 16, 16, 3)
+
+
+def test_a_csv_saved_by_excel_with_a_byte_order_mark_reads_like_one_without(video_folder, tmp_path):
+    text = ('path,caption,start,end,captions\na.mp4,whole,,,\n'
+            'a.mp4,a segment,1.5,4,"[""another"", ""a third""]"\n')
+    plain, excel = video_folder / "plain.csv", video_folder / "excel.csv"
+    plain.write_text(text, encoding="utf-8")
+    excel.write_bytes(text.encode("utf-8-sig"))  # what Excel's "CSV UTF-8" writes
+    assert excel.read_bytes()[:3] == b"\xef\xbb\xbf"
+    items = list_inputs(videos=str(excel))
+    assert items == list_inputs(videos=str(plain))
+    assert [(it.video_id, it.file_id, it.start, it.end) for it in items] == [("a", None, None, None),
+                                                                            ("a#1.5-4", "a", 1.5, 4.0)]
+    assert items[1].captions == ("a segment", "another", "a third")
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"path": 123}, "line 2: 'path' must be a string, got 123"),
+    ({"path": ["a.mp4"]}, "line 2: 'path' must be a string, got [\"a.mp4\"]"),
+    ({"path": ""}, "line 2: no 'path'"),
+    ({"caption": "x"}, "line 2: no 'path'"),
+    ({"path": "a.mp4", "caption": 5}, "line 2: 'caption' must be a string, got 5"),
+    ({"path": "a.mp4", "captions": "one"}, "line 2: 'captions' must be a list of strings, got 'one'"),
+    ({"path": "a.mp4", "captions": ["a", 2]}, "line 2: 'captions' must be a list of strings"),
+    ({"path": "a.mp4", "video_id": {"x": 1}}, "line 2: 'video_id' must be a string"),
+    ({"path": "a.mp4", "start": "soon"}, "line 2: 'start' must be a number of seconds, got 'soon'"),
+    ({"path": "a.mp4", "end": True}, "line 2: 'end' must be a number of seconds, got true"),
+    ([1, 2], "line 2: a row must be a JSON object, got list"),
+])
+def test_a_wrong_type_in_a_jsonl_manifest_is_one_line_naming_the_row(video_folder, tmp_path, row, message):
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text(json.dumps({"path": str(video_folder / "a.mp4")}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError) as e:
+        list_inputs(videos=str(jsonl))
+    assert str(e.value).startswith(f"manifest {jsonl} {message}")
+    assert "\n" not in str(e.value)
+
+
+def test_precompute_names_the_bad_manifest_row_in_one_line(video_folder, tmp_path):
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text('{"path": 123, "caption": "x"}\n')
+    proc = subprocess.run([sys.executable, str(ROOT / "precompute.py"), "--out", str(tmp_path / "s.zarr"),
+                           "--videos", str(jsonl), "--preset", "tiny"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"manifest {jsonl} line 1: 'path' must be a string, got 123" in proc.stderr
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_json_sidecars_and_manifests_give_caption_lists_in_order(video_folder, tmp_path):
+    root = tmp_path / "v"
+    shutil.copytree(video_folder, root)
+    (root / "b.json").write_text(json.dumps({"captions": ["one", " two ", "", "three"]}))
+    (root / "sub" / "c.txt").unlink()
+    (root / "sub" / "c.json").write_text(json.dumps({"caption": "first", "captions": ["second"]}))
+    by_id = {it.video_id: it for it in list_inputs(videos=str(root))}
+    assert (by_id["b"].caption, by_id["b"].captions) == ("one", ("one", "two", "three"))
+    assert (by_id["sub/c"].caption, by_id["sub/c"].captions) == ("first", ("first", "second"))
+    assert by_id["a"].captions == ("a flat frame changes colour",)  # one caption: a list of one
+    assert VideoInput("v", "s", None, captions=("x", "y")).caption == "x"  # one fact: the first caption
+    assert VideoInput("v", "s", "x").captions == ("x",) and VideoInput("v", "s", None).captions == ()
+    with pytest.raises(ValueError, match="not the first of captions"):
+        VideoInput("v", "s", "x", captions=("y", "x"))
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text(json.dumps({"path": str(root / "a.mp4"), "captions": ["x", "y"]}) + "\n")
+    [item] = list_inputs(videos=str(jsonl))
+    assert (item.caption, item.captions) == ("x", ("x", "y"))
 
 
 def test_list_inputs_argument_errors(tmp_path):

@@ -1,0 +1,116 @@
+"""CSV and JSONL manifests: one input per row, every field checked, a wrong one named with its row.
+
+Columns (JSONL keys): ``path`` (required; relative to the manifest's folder), ``caption``,
+``video_id``, ``start`` and ``end`` (seconds: the row is that segment of the file) and, in JSONL,
+``captions`` (a list of every caption, in order; in CSV a cell holding a JSON list). A CSV saved
+with a byte-order mark (Excel's "CSV UTF-8") reads like one without.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ManifestRow", "read_manifest"]
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    path: str  # as written in the manifest
+    video_id: str | None
+    caption: str | None  # stripped; None if missing or empty
+    captions: tuple[str, ...]  # stripped, empty ones dropped
+    start: float | None
+    end: float | None
+
+
+def read_manifest(manifest: Path) -> list[ManifestRow]:
+    """The rows of a .csv or .jsonl manifest in file order; ValueError (one line) for a bad row."""
+    rows: list[ManifestRow] = []
+    if manifest.suffix.lower() == ".csv":
+        with open(manifest, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if "path" not in (reader.fieldnames or []):
+                raise ValueError(f"manifest {manifest} has no 'path' column")
+            for row in reader:
+                where = f"manifest {manifest} line {reader.line_num}"
+                rows.append(_row({k: (v if v != "" else None) for k, v in row.items() if k is not None}, where,
+                                 from_csv=True))
+    else:
+        with open(manifest, encoding="utf-8-sig") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"manifest {manifest} line {n}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+                rows.append(_row(row, where, from_csv=False))
+    return rows
+
+
+def _row(row: dict[str, Any], where: str, from_csv: bool) -> ManifestRow:
+    path = row.get("path")
+    if path is None or path == "":
+        raise ValueError(f"{where}: no 'path'")
+    if not isinstance(path, str):
+        raise ValueError(f"{where}: 'path' must be a string, got {_shown(path)}")
+    video_id = row.get("video_id")
+    if video_id is not None and (isinstance(video_id, bool) or not isinstance(video_id, (str, int))):
+        raise ValueError(f"{where}: 'video_id' must be a string, got {_shown(video_id)}")
+    caption = row.get("caption")
+    if caption is not None and not isinstance(caption, str):
+        raise ValueError(f"{where}: 'caption' must be a string, got {_shown(caption)}")
+    captions = row.get("captions")
+    if from_csv and isinstance(captions, str):
+        try:
+            captions = json.loads(captions)
+        except json.JSONDecodeError:
+            raise ValueError(f"{where}: 'captions' must be a JSON list of strings, got {_shown(captions)}") from None
+    if captions is not None and not (isinstance(captions, list) and all(isinstance(c, str) for c in captions)):
+        raise ValueError(f"{where}: 'captions' must be a list of strings, got {_shown(captions)}")
+    return ManifestRow(path=path, video_id=None if video_id in (None, "") else str(video_id),
+                       caption=clean(caption) if caption is not None else None,
+                       captions=tuple(c for c in map(clean, captions or []) if c is not None),
+                       start=_seconds(row.get("start"), "start", where), end=_seconds(row.get("end"), "end", where))
+
+
+def _seconds(value: Any, name: str, where: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        seconds = float(value)  # a CSV cell is a string; JSON gives a number (a numeric string is fine)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: '{name}' must be a number of seconds, got {_shown(value)}") from None
+    if not math.isfinite(seconds):
+        raise ValueError(f"{where}: '{name}' must be a finite number of seconds, got {_shown(value)}")
+    return seconds
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def clean(text: str) -> str | None:
+    """Stripped caption; empty means caption-less."""
+    text = text.strip()
+    return text or None
+
+
+def all_captions(caption: str | None, captions: tuple[str, ...] | list[str]) -> tuple[str | None, tuple[str, ...]]:
+    """(first caption, every caption in order) of a row or sidecar giving `caption` and/or a `captions`
+    list: `caption`, when given, comes first (unless it already is)."""
+    captions = tuple(captions)
+    if caption is None:
+        return (captions[0] if captions else None), captions
+    return caption, (captions if captions and captions[0] == caption else (caption, *captions))

@@ -1,0 +1,51 @@
+"""Small real stores written in-process through the store's own shard buffers (no encoders): for tests
+of what reads a store's rows, failures and shards."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from fvlm_data.store import FeatureShapes, FeatureStore
+
+SHAPES = FeatureShapes(num_frames=4, dino_tokens=3, dino_dim=8, latent_shape=(4, 2, 2))
+
+
+def small_store(path: str | os.PathLike, video_ids: list[str], shard_videos: int = 4,
+                failures: dict[int, str] | None = None, unpublished: tuple[int, ...] = ()) -> FeatureStore:
+    """One slot per id; slots in `failures` recorded as failed with that reason; the shards in
+    `unpublished` left unwritten (as a killed or still running precompute leaves them)."""
+    failures = failures or {}
+    attrs = dict(dino="tiny", vae="tiny", preset="tiny", num_frames=4, image_size=28, feature_dtype="float16",
+                 latent_dtype="float16", frame_sampling="uniform")
+    store = FeatureStore.create_or_open(path, attrs, SHAPES, capacity=len(video_ids), shard_videos=shard_videos)
+    rng = np.random.default_rng(0)
+    for shard in range(store.num_shard_objects):
+        if shard in unpublished:
+            continue
+        buf = store.shard_buffer(shard)
+        for slot in range(buf.start, buf.stop):
+            if slot in failures:
+                buf.add_failure(slot, video_id=video_ids[slot], source=f"/v/{video_ids[slot]}.mp4",
+                                reason=failures[slot])
+            else:
+                buf.add_row(slot, dino=rng.standard_normal((4, 3, 8)), latents=rng.standard_normal((4, 4, 2, 2)),
+                            caption=f"caption of {video_ids[slot]}", video_id=video_ids[slot],
+                            source=f"/v/{video_ids[slot]}.mp4", timestamps=np.arange(4) + 0.5, duration=4.0)
+        buf.publish()
+    return store
+
+
+def add_file_id_array(path: str | os.PathLike, file_ids: list[str]) -> None:
+    """Give a local store without one a `file_id` array (laid out like `caption`) holding `file_ids`:
+    what store format 3 writes from each input's file_id, for split tests on a branch without it."""
+    import shutil
+    from pathlib import Path
+
+    import zarr
+
+    root = Path(path)
+    (root / "file_id").mkdir()
+    shutil.copy(root / "caption" / "zarr.json", root / "file_id" / "zarr.json")
+    zarr.open_array(str(root / "file_id"), mode="r+")[:] = np.array(file_ids, dtype=object)
