@@ -94,8 +94,16 @@ def main(store: str, out: str | None, resume: str | None, eval_only: bool, json_
                   other_store)
         shutdown(launch.world_size)
     except (TrainError, StoreError) as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {one_line(e)}", err=True)
         sys.exit(1)
+
+
+def one_line(error: Exception) -> str:
+    """The error's own line, also when a DataLoader worker raised it (PyTorch adds the worker's traceback)."""
+    text = str(error).strip()
+    if "Original Traceback" in text:  # "...\n<module>.StoreError: <the line>"
+        return text.splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 def pick_device(device: str | None, local_rank: int) -> torch.device:
