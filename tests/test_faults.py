@@ -14,9 +14,12 @@ import pytest
 from fvlm_data import FeatureStore
 from fvlm_data.retries import RetryingStore
 from fvlm_data.store import StoreError
+from tests import test_remote_store
 from tests.fault_proxy import FaultProxy
-from tests.test_remote_store import ROOT, SMALL, local_objects, remote_objects, s3  # noqa: F401 (s3: a fixture)
+from tests.test_remote_store import ROOT, SMALL, remote_objects
 from tests.test_train import scalars
+
+s3 = test_remote_store.s3  # the moto server fixture (one per module)
 
 TRANSIENT_LINE = "retrying with backoff"
 
