@@ -79,9 +79,12 @@ def stores(tmp_path_factory) -> Path:
 def test_two_stores_of_one_file_name_never_share_a_run_folder(stores):
     first = train(stores, Path("exact/clips.zarr"))
     assert first.returncode == 0, first.stderr[-2000:]
-    second = train(stores, Path("keyframe/clips.zarr"))
+    second = train(stores, Path("keyframe/clips.zarr"), "--val-fraction", "0")
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resumed" not in second.stderr and "nothing to do" not in second.stderr, second.stderr
+    # An empty held-out split is said, not skipped silently.
+    assert ("no held-out videos at --val-fraction 0.0 (of 12 in keyframe/clips.zarr): validation is skipped"
+            in second.stderr)
     folders = sorted((stores / "runs").iterdir())
     assert len(folders) == 2 and all(f.name.startswith("clips-") for f in folders)
     recorded = [json.loads((f / "run_config.json").read_text())["store"] for f in folders]
@@ -135,13 +138,6 @@ def test_eval_json_into_a_missing_folder_and_an_unknown_device(stores, tmp_path)
                          str(tmp_path)), "is a folder")
     one_line_error(train(stores, Path("exact/clips.zarr"), "--device", "tpu", "--out", str(tmp_path / "t")),
                    "--device tpu: not a device type torch knows")
-
-
-def test_an_empty_held_out_split_says_validation_is_skipped(stores, tmp_path):
-    proc = train(stores, Path("exact/clips.zarr"), "--val-fraction", "0", "--max-steps", "1", "--out",
-                 str(tmp_path / "r"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "no held-out videos at --val-fraction 0.0 (of 12 in exact/clips.zarr): validation is skipped" in proc.stderr
 
 
 def test_identity_is_the_store_id_else_the_resolved_location(tmp_path):
@@ -230,3 +226,22 @@ def test_precompute_default_preset_offline_says_what_to_do_fast(tmp_path, offlin
     assert "--preset tiny" in line and "--dino PATH" in line
     assert (offline == "HF_HUB_OFFLINE") == ("HF_HUB_OFFLINE is set" in line)
     assert time.time() - start < 25
+
+
+def test_an_error_raised_in_a_dataloader_worker_is_printed_as_its_own_line():
+    """PyTorch re-raises a worker's StoreError with the worker's traceback in its message; train.py prints the
+    error's own line."""
+    from torch._utils import ExceptionWrapper
+
+    from fvlm_data.store import StoreError
+    from train import one_line
+
+    try:
+        raise StoreError("GET s3://b/s.zarr/dino/c/0/0/0/0 failed 10 times (HTTP 503 SlowDown): ...")
+    except StoreError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(StoreError) as e:
+        wrapped.reraise()
+    assert "\n" in str(e.value)
+    assert one_line(e.value) == "GET s3://b/s.zarr/dino/c/0/0/0/0 failed 10 times (HTTP 503 SlowDown): ..."
+    assert one_line(TrainError("a plain one")) == "a plain one"
