@@ -211,9 +211,6 @@ def train(store_path: str, run_dir: Path, resume: Path | None, given: dict[str, 
     config = resolve(given, saved)
     torch.manual_seed(config.seed)
     store, splits, _ = prepare(store_path, config, saved, other_identity=other_store)
-    if not len(splits.val) and launch.rank == 0:
-        click.echo(f"note: no held-out videos at --val-fraction {config.val_fraction} (of {len(store)} in "
-                   f"{store_path}): validation is skipped; raise --val-fraction to validate", err=True)
     config.held_out = held_out_fingerprint(splits.val_ids, config.val_fraction)
     if saved is not None:
         check_split(saved, config.held_out, "")
@@ -243,6 +240,9 @@ def train(store_path: str, run_dir: Path, resume: Path | None, given: dict[str, 
     if use_compile:
         fn = torch.compile(fn, dynamic=False)
     val_ds = splits.val
+    if not len(val_ds) and main_rank:
+        click.echo(f"note: no held-out videos at --val-fraction {config.val_fraction} (of {len(store)} in "
+                   f"{store_path}): validation is skipped; raise --val-fraction to validate", err=True)
     val_loader = make_loader(val_ds, collate, config.batch_size, workers, None, pin)
     visual_items, visual_frames = visual_samples(store, val_ds, config.visual_videos if main_rank else 0)
 
