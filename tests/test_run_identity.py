@@ -225,7 +225,7 @@ def test_precompute_default_preset_offline_says_what_to_do_fast(tmp_path, offlin
     line = one_line_error(precompute(tmp_path, env=env), "cannot load encoder 'facebook/dinov2-small'")
     assert "--preset tiny" in line and "--dino PATH" in line
     assert (offline == "HF_HUB_OFFLINE") == ("HF_HUB_OFFLINE is set" in line)
-    assert time.time() - start < 25
+    assert time.time() - start < 30  # the hub client alone retried for ~35 s
 
 
 def test_an_error_raised_in_a_dataloader_worker_is_printed_as_its_own_line():
