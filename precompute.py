@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
+from urllib.parse import urlparse
 
 import click
 import torch
@@ -67,12 +69,23 @@ def _check_device(device: str) -> None:
         raise click.UsageError(f"--device {device}: no {dev.type} device is available here (use cpu, cuda or cuda:N)")
 
 
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One TCP connection to the hub's host (fvlm_model.lm's probe, which train.py uses; not imported from
+    there, as that loads transformers: seconds before a one-line error)."""
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def _hub_models_reachable(config: PrecomputeConfig) -> None:
     """Hub encoders that are neither cached nor downloadable here fail now, in one line with what to do,
     instead of after the hub client's retries (~35 s); cached ones are then loaded offline, without them."""
     from huggingface_hub import constants, try_to_load_from_cache
-
-    from fvlm_model.lm import _hub_reachable  # the hub probe train.py uses (imported here: it loads transformers)
 
     hub_ids = [m for m in (config.dino_id, config.vae_id)
                if m != TINY and not m.startswith("timm:") and not os.path.isdir(os.path.expanduser(m))]
