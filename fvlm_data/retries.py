@@ -19,6 +19,7 @@ from fvlm_data.objects import StoreError
 
 log = logging.getLogger(__name__)
 
+
 def transient_kind(error: BaseException) -> str | None:
     """The kind of a transient object-store failure ("HTTP 503 SlowDown", "ConnectionResetError", ...), worth
     retrying; None for one that is not (a missing object, refused access, no credentials)."""
@@ -50,7 +51,7 @@ CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "Credentia
 
 class RetryingStore(WrapperStore):
     """A zarr store whose every request is retried on transient failures: `ATTEMPTS` tries in all, waiting
-    a jittered BACKOFF_S x 2^k (at most MAX_BACKOFF_S) between them: about a minute before giving up.
+    a jittered BACKOFF_S x 2^k (at most MAX_BACKOFF_S) between them: 36-72 s of waiting before giving up.
 
     The first failure of each kind is logged (once per process); a failure that persists, or one that is
     not transient, is a one-line StoreError naming the store and the object.
@@ -67,6 +68,14 @@ class RetryingStore(WrapperStore):
 
     def _with_store(self, store: zarr.abc.store.Store) -> RetryingStore:
         return type(self)(store, self.url)
+
+    @property
+    def fs(self):  # the wrapped FsspecStore's filesystem and path, for code that needs them directly
+        return self._store.fs
+
+    @property
+    def path(self) -> str:
+        return self._store.path
 
     async def _retry(self, op: str, key: str, call):
         for attempt in range(self.ATTEMPTS):
