@@ -112,17 +112,14 @@ def pick_device(device: str | None, local_rank: int) -> torch.device:
         dev = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         raise TrainError(f"--device {device}: not a device type torch knows (use cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"--device {dev}: no CUDA device is available here")
-    if dev.type not in ("cpu", "cuda") and not getattr(getattr(torch, dev.type, None), "is_available", bool)():
-        raise TrainError(f"--device {dev}: no {dev.type} device is available here (use cpu, cuda or cuda:N)")
+    if dev.type != "cpu" and not getattr(getattr(torch, dev.type, None), "is_available", bool)():  # torch.cuda, ...
+        raise TrainError(f"--device {dev}: no {'CUDA' if dev.type == 'cuda' else dev.type} device is available here")
     return dev
 
 
 def check_json_path(json_path: str) -> None:
     """The --json report's folder exists (it is created) before anything is evaluated."""
-    path = Path(json_path)
-    if path.is_dir():
+    if (path := Path(json_path)).is_dir():
         raise TrainError(f"--json {json_path} is a folder: give a file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
