@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
+from urllib.parse import urlparse
 
 import click
 import torch
 from click.core import ParameterSource
 
 from fvlm_data.distributed import Launch, RankGroup, torchrun_launch
-from fvlm_data.encoders import EncoderLoadError, FrozenEncoders
+from fvlm_data.encoders import TINY, EncoderLoadError, FrozenEncoders
 from fvlm_data.pipeline import PrecomputeSummary, run_precompute
 from fvlm_data.precompute_config import DEFAULT_SYNTHETIC_VIDEOS, PrecomputeConfig, click_options
 from fvlm_data.sources import list_inputs
@@ -56,6 +58,50 @@ def _take_torchrun_ranks(launch: Launch, config: PrecomputeConfig) -> None:
         config.workers = max(1, min(8, (os.cpu_count() or 1) // launch.local_world_size))
 
 
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise click.UsageError(f"--device {device}: not a device type torch knows (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise click.UsageError(f"--device {device}: no CUDA device is available here")
+    if dev.type not in ("cpu", "cuda") and not getattr(getattr(torch, dev.type, None), "is_available", bool)():
+        raise click.UsageError(f"--device {device}: no {dev.type} device is available here (use cpu, cuda or cuda:N)")
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One TCP connection to the hub's host (fvlm_model.lm's probe, which train.py uses; not imported from
+    there, as that loads transformers: seconds before a one-line error)."""
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_models_reachable(config: PrecomputeConfig) -> None:
+    """Hub encoders that are neither cached nor downloadable here fail now, in one line with what to do,
+    instead of after the hub client's retries (~35 s); cached ones are then loaded offline, without them."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    hub_ids = [m for m in (config.dino_id, config.vae_id)
+               if m != TINY and not m.startswith("timm:") and not os.path.isdir(os.path.expanduser(m))]
+    if not hub_ids or not (constants.HF_HUB_OFFLINE or not _hub_reachable()):
+        return
+    missing = [m for m in hub_ids if not isinstance(try_to_load_from_cache(m, "config.json"), str)]
+    if missing:
+        where = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached from here"
+        raise click.ClickException(
+            f"cannot load encoder {missing[0]!r}: it is not in the local Hugging Face cache and {where}; add "
+            "--preset tiny for the offline tiny encoders (tests, demo), or give --dino PATH / --vae PATH to local "
+            "copies (or download once where there is network; then HF_HUB_OFFLINE=1 uses the cache)")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # all cached: load them without asking the unreachable hub
+    constants.HF_HUB_OFFLINE = True
+
+
 def _store_write_failed(out: str, error: OSError) -> str:
     """One line for a store that could not be written: a full disk, a quota, a refused object write."""
     reason = error.strerror or (str(error).splitlines() or [type(error).__name__])[0]
@@ -85,8 +131,11 @@ def main(**args) -> None:
     if config.shard_index >= config.num_shards:
         raise click.UsageError(f"--shard-index must be below --num-shards ({config.num_shards})")
     device = config.device or _default_device()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise click.UsageError(f"--device {device}: no CUDA device is available here")
+    _check_device(device)
+    try:
+        config.check()
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     if device.startswith("cuda:"):
         torch.cuda.set_device(torch.device(device))  # so that no library touches cuda:0 from every rank
     # Only the first rank of each machine draws a progress bar; every rank's summary is printed as one.
@@ -102,6 +151,7 @@ def main(**args) -> None:
             # New rows get the latent scale the store already records (a store made before a preset's
             # factor changed keeps its own): the store's attributes are the one source of the factor.
             recorded_scaling = existing.get("encoders", {}).get("vae_scaling_factor")
+        _hub_models_reachable(config)
         inputs = list_inputs(videos=config.videos, webdataset=config.webdataset, synthetic=config.synthetic,
                              synthetic_task=config.synthetic_task, seed=config.seed)[: config.limit]
         if not inputs:

@@ -34,9 +34,11 @@ from fvlm_train.config import (
     RunConfig,
     check_split,
     check_store,
+    check_store_identity,
     click_options,
     held_out_fingerprint,
     resolve,
+    store_identity,
     store_provenance,
 )
 from fvlm_train.data import TrainBatches, default_workers, make_loader, open_splits, open_store, pad_captions
@@ -53,7 +55,8 @@ COMPILE_PAD = 16  # with --compile, captions are padded to a multiple of this (a
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--store", required=True, help="Feature store written by precompute.py.")
 @click.option("--out", default=None, help="Run folder for TensorBoard events and checkpoints "
-              "[default: runs/<store>-<hash of the given options>, so the same command resumes].")
+              "[default: runs/<store name>-<hash of the store's identity and the given options>, so the same "
+              "command on the same store resumes, and another store never shares it].")
 @click.option("--resume", default=None, type=click.Path(dir_okay=False), help="Checkpoint to resume from.")
 @click.option("--eval-only", is_flag=True, help="Evaluate --resume's checkpoint on its held-out split and exit.")
 @click.option("--json", "json_path", default=None, help="With --eval-only: also write the metrics as JSON here.")
@@ -62,7 +65,9 @@ COMPILE_PAD = 16  # with --compile, captions are padded to a multiple of this (a
 @click.option("--other-split", is_flag=True, help="With --eval-only: evaluate on the split --val-fraction gives "
               "even though it is not the checkpoint's held-out split (labelled, with the videos seen in training).")
 @click.option("--other-store", is_flag=True, help="With --eval-only: evaluate on a store made with other encoders "
-              "or settings than the checkpoint's training store (labelled, the differences in the JSON).")
+              "or settings than the checkpoint's training store (labelled, the differences in the JSON). "
+              "Evaluating, or resuming training, on a store other than the checkpoint's (another store_id, or "
+              "a format-2 store at another path) also needs it.")
 @click.option("--workers", type=click.IntRange(min=0), default=default_workers(), show_default=True,
               help="DataLoader worker processes (cores - 1, at most 4).")
 @click.option("--device", default=None, help="Device [default: cuda if available, else cpu].")
@@ -75,35 +80,81 @@ def main(store: str, out: str | None, resume: str | None, eval_only: bool, json_
     """Train (or with --eval-only, evaluate) the foveated VLM on precomputed features."""
     try:
         launch = init_distributed()
-        dev = torch.device(device or (f"cuda:{launch.local_rank}" if torch.cuda.is_available() else "cpu"))
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise TrainError(f"--device {dev}: no CUDA device is available here")
+        dev = pick_device(device, launch.local_rank)
         if eval_only:
             if not resume:
                 raise TrainError("--eval-only needs --resume CHECKPOINT")
+            if json_path:
+                check_json_path(json_path)
             evaluate_checkpoint(store, Path(resume), given, dev, workers, json_path, captions, other_split,
                                 other_store)
         else:
             run_dir = Path(out) if out else default_run_dir(store, given)
-            train(store, run_dir, Path(resume) if resume else None, given, launch, dev, workers, compile_model)
+            train(store, run_dir, Path(resume) if resume else None, given, launch, dev, workers, compile_model,
+                  other_store)
         shutdown(launch.world_size)
     except (TrainError, StoreError) as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {one_line(e)}", err=True)
         sys.exit(1)
 
 
+def one_line(error: Exception) -> str:
+    """The error's own line, also when a DataLoader worker raised it (PyTorch adds the worker's traceback)."""
+    text = str(error).strip()
+    if "Original Traceback" in text:  # "...\n<module>.StoreError: <the line>"
+        return text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def pick_device(device: str | None, local_rank: int) -> torch.device:
+    """--device, or this rank's GPU, or the CPU; a device torch does not know or this machine lacks is a TrainError."""
+    try:
+        dev = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise TrainError(f"--device {device}: not a device type torch knows (use cpu, cuda or cuda:N)") from None
+    if dev.type != "cpu" and not getattr(getattr(torch, dev.type, None), "is_available", bool)():  # torch.cuda, ...
+        raise TrainError(f"--device {dev}: no {'CUDA' if dev.type == 'cuda' else dev.type} device is available here")
+    return dev
+
+
+def check_json_path(json_path: str) -> None:
+    """The --json report's folder exists (it is created) before anything is evaluated."""
+    if (path := Path(json_path)).is_dir():
+        raise TrainError(f"--json {json_path} is a folder: give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainError(f"--json {json_path}: cannot create its folder ({e.strerror or e})") from None
+
+
 def default_run_dir(store: str, given: dict[str, Any]) -> Path:
-    key = json.dumps({k: v for k, v in sorted(given.items()) if v is not None})
-    return Path("runs") / f"{Path(store).stem}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+    """runs/<store name>-<hash>, the hash of the store's identity and the given options: two stores of one file
+    name (exact/clips.zarr and keyframe/clips.zarr) never share a run folder."""
+    identity = store_identity(FeatureStore.open(store).attrs, store)
+    options = {k: v for k, v in sorted(given.items()) if v is not None}
+    key = json.dumps({"store_id": identity, **options})
+    run_dir = Path("runs") / f"{Path(store).stem}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+    # Before store identities, the folder hashed the options alone: say where such a run is, not resume it
+    # (it may have been trained on another store of the same name).
+    legacy = Path("runs") / f"{Path(store).stem}-{hashlib.sha1(json.dumps(options).encode()).hexdigest()[:8]}"
+    if (legacy / "checkpoint_latest.pt").exists() and not run_dir.exists():
+        click.echo(f"note: {legacy} (an older run folder for these options, not tied to a store) is not resumed; "
+                   f"give --out {legacy} to continue it", err=True)
+    return run_dir
 
 
 def prepare(store_path: str, config: RunConfig, saved: RunConfig | None,
-            other_store: bool = False) -> tuple[FeatureStore, Splits, list[str]]:
+            other_store: bool = False, other_identity: bool | None = None) -> tuple[FeatureStore, Splits, list[str]]:
     """The store, opened once, its two splits, and how it differs from the checkpoint's training store
-    (only where `other_store` allows it)."""
+    (only where `other_store` allows it; `other_identity`, default `other_store`, allows another store of
+    the same features)."""
     store = open_store(store_path)
-    differences = check_store(saved, store.attrs, store_path, other_store) if saved is not None else []
-    config.store = store_provenance(store.attrs)
+    differences = []
+    if saved is not None:
+        differences = check_store(saved, store.attrs, store_path, other_store)
+        allow = other_store if other_identity is None else other_identity
+        differences += check_store_identity(saved, store.attrs, store_path, allow)
+    config.store = store_provenance(store.attrs, store_path)
     return store, open_splits(store, config), differences
 
 
@@ -140,19 +191,23 @@ def evaluate_checkpoint(store_path: str, path: Path, given: dict[str, Any], devi
             for mode in MODES:
                 click.echo(f"  {mode + ':':<15} {row[mode]}")
     if json_path:
-        Path(json_path).write_text(json.dumps(m, indent=2))
+        try:
+            Path(json_path).write_text(json.dumps(m, indent=2))
+        except OSError as e:
+            raise TrainError(f"cannot write --json {json_path}: {e.strerror or e} (the table above has the "
+                             "metrics)") from None
         click.echo(f"wrote {json_path}", err=True)
 
 
 def train(store_path: str, run_dir: Path, resume: Path | None, given: dict[str, Any], launch: Launch,
-          device: torch.device, workers: int, compile_model: bool | None) -> None:
+          device: torch.device, workers: int, compile_model: bool | None, other_store: bool = False) -> None:
     latest = run_dir / "checkpoint_latest.pt"
     resume = resume or (latest if latest.exists() else None)
     ckpt = Checkpoint.load(resume) if resume else None
     saved = ckpt.config if ckpt else None
     config = resolve(given, saved)
     torch.manual_seed(config.seed)
-    store, splits, _ = prepare(store_path, config, saved)
+    store, splits, _ = prepare(store_path, config, saved, other_identity=other_store)
     config.held_out = held_out_fingerprint(splits.val_ids, config.val_fraction)
     if saved is not None:
         check_split(saved, config.held_out, "")
@@ -182,6 +237,9 @@ def train(store_path: str, run_dir: Path, resume: Path | None, given: dict[str, 
     if use_compile:
         fn = torch.compile(fn, dynamic=False)
     val_ds = splits.val
+    if not len(val_ds) and main_rank:
+        click.echo(f"note: no held-out videos at --val-fraction {config.val_fraction} (of {len(store)} in "
+                   f"{store_path}): validation is skipped; raise --val-fraction to validate", err=True)
     val_loader = make_loader(val_ds, collate, config.batch_size, workers, None, pin)
     visual_items, visual_frames = visual_samples(store, val_ds, config.visual_videos if main_rank else 0)
 

@@ -76,6 +76,8 @@ class FeatureDataset(Dataset):
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if not 0.0 <= val_fraction <= 1.0:  # also refuses nan
+            raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction!r}")
         store = FeatureStore.open(path)
         check_num_frames(num_frames, store)
         if split == "all":

@@ -5,6 +5,12 @@ index), byte ranges of many shards at once, and an atomic whole-object write. `L
 does them with `pread` and temp file + rename; `RemoteObjects` goes through zarr's own
 `FsspecStore` (s3://, gs://, ... with credentials and endpoint from the usual environment
 variables) and issues a batch's requests concurrently, so a batch costs a few round trips.
+
+Object stores fail transiently as a matter of course (503 SlowDown, 500, reset connections,
+timeouts): every remote request goes through `fvlm_data.retries.RetryingStore`, one retry policy (bounded, jittered
+exponential backoff; the client libraries' own retries are turned off so that attempts do not
+multiply), which logs the first failure of each kind and ends a failure that persists with one
+line naming the store and the object.
 """
 
 from __future__ import annotations
@@ -156,29 +162,38 @@ class RemoteObjects:
     CONCURRENCY = 64
 
     def __init__(self, url: str, read_only: bool) -> None:
+        from fvlm_data.retries import S3_OPTIONS, RetryingStore  # here: it imports StoreError from this module
+
         self.url = url.rstrip("/")
+        protocol = self.url.split("://")[0]
+        options = {}
+        if protocol in ("s3", "s3a"):
+            # The endpoint explicitly: fsspec caches filesystems by their options, not by the environment.
+            options = {**S3_OPTIONS, "endpoint_url": os.environ.get("AWS_ENDPOINT_URL") or None}
         try:
-            self.store = zarr.storage.FsspecStore.from_url(self.url, read_only=read_only)
+            self.fsspec = zarr.storage.FsspecStore.from_url(self.url, read_only=read_only, storage_options=options)
         except (ImportError, ValueError) as e:  # fsspec names the package a protocol needs
-            protocol = self.url.split("://")[0]
             raise StoreError(f"cannot open {self.url}: {str(e).splitlines()[0]} (for s3:// install fvlm's "
                              f"'remote' extra; other {protocol}:// stores need their fsspec package)") from None
+        if hasattr(self.fsspec.fs, "retries"):
+            self.fsspec.fs.retries = 1  # s3fs's own retry loop: one attempt
+        self.store = RetryingStore(self.fsspec, self.url)
 
     def __repr__(self) -> str:
         return self.url
 
     def __getstate__(self) -> dict:
-        return {"url": self.url, "read_only": self.store.read_only}
+        return {"url": self.url, "read_only": self.fsspec.read_only}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["url"], state["read_only"])
 
-    def zarr_store(self, read_only: bool) -> zarr.storage.FsspecStore:
+    def zarr_store(self, read_only: bool) -> zarr.abc.store.Store:
         return self.store if read_only == self.store.read_only else self.store.with_read_only(read_only)
 
     def _forget_listings(self) -> None:
         # fsspec caches listings per filesystem instance; other processes add objects meanwhile.
-        self.store.fs.invalidate_cache(self.store.path)
+        self.fsspec.fs.invalidate_cache(self.fsspec.path)
 
     def exists(self) -> bool:
         self._forget_listings()

@@ -104,6 +104,11 @@ class PrecomputeConfig:
             raise ValueError(f"--shard-index must be in 0..{self.num_shards - 1}, got {self.shard_index}")
         if self.seek not in SEEK_MODES:
             raise ValueError(f"--seek must be one of {', '.join(SEEK_MODES)}, got {self.seek!r}")
+        if not self.min_duration >= 0:  # also refuses nan
+            raise ValueError(f"--min-duration must be at least 0 seconds, got {self.min_duration}")
+        if self.max_duration is not None and not self.max_duration > self.min_duration:
+            raise ValueError(f"--max-duration {self.max_duration} is not above --min-duration {self.min_duration}: "
+                             "every video would be skipped")
 
 
 def click_options(func: Any) -> Any:

@@ -40,9 +40,12 @@ def sample_timestamps(duration: float, num_frames: int) -> np.ndarray:
 
 
 def resize_center_crop(frame: av.VideoFrame, size: int, sar: Fraction | None = None) -> np.ndarray:
-    """Resize so the short side is ``size`` (keeping the display aspect), centre-crop to a square.
+    """Resize so the short side is ``size`` (keeping the display aspect), turn upright, centre-crop to a square.
 
-    ``sar`` is the stream's sample aspect ratio (non-square pixels of anamorphic video).
+    ``sar`` is the stream's sample aspect ratio (non-square pixels of anamorphic video). The frame is
+    turned as its display matrix says (phones store portrait video as landscape frames with a rotation
+    of 90 or 270; FFmpeg attaches the stream's matrix to every decoded frame, PyAV reads it as
+    ``frame.rotation``, counter-clockwise degrees), so the crop is taken on the upright picture.
     Returns uint8 RGB ``[size, size, 3]``.
     """
     width, height = frame.width, frame.height
@@ -51,6 +54,10 @@ def resize_center_crop(frame: av.VideoFrame, size: int, sar: Fraction | None = N
     scale = size / min(width, height)
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
     rgb = frame.reformat(width=new_w, height=new_h, format="rgb24", interpolation="AREA").to_ndarray()
+    quarter_turns = round(frame.rotation / 90) % 4  # np.rot90 turns counter-clockwise, as the matrix does
+    if quarter_turns:
+        rgb = np.rot90(rgb, quarter_turns)
+        new_h, new_w = rgb.shape[:2]
     top, left = (new_h - size) // 2, (new_w - size) // 2
     return np.ascontiguousarray(rgb[top : top + size, left : left + size])
 

@@ -9,11 +9,13 @@ the checkpoint, or the run is refused with one line naming both values.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 import click
 
+from fvlm_data.objects import is_remote
 from fvlm_data.store import FEATURE_KEYS, SHAPE_KEYS
 from fvlm_model.lm import DEFAULT_LM, TINY
 from fvlm_model.model import ModelConfig
@@ -118,8 +120,31 @@ def check_same(saved: RunConfig, now: RunConfig, names: tuple[str, ...], what: s
         raise TrainError(f"the checkpoint was trained with another {what} ({'; '.join(diffs)})")
 
 
-def store_provenance(attrs: dict[str, Any]) -> dict[str, Any]:
-    return {k: attrs.get(k) for k in FEATURE_KEYS}
+# The store settings a checkpoint records and a run must agree with: the features, and how their frames
+# were taken (precompute's --seek). A checkpoint older than a setting has no value for it and is not compared.
+STORE_SETTINGS = (*FEATURE_KEYS, "frame_sampling")
+
+
+def store_location(path: str) -> str:
+    """Where a store is: its URL, or its resolved absolute path (the same folder however it is named)."""
+    path = str(path)
+    return path.rstrip("/") if is_remote(path) else os.path.realpath(path.removeprefix("file://"))
+
+
+def store_identity(attrs: dict[str, Any], path: str) -> str:
+    """What identifies a store: its `store_id` attribute (format 3: written once, when it is created, so a
+    copied or moved store keeps it); a format-2 store has none and is identified by its location,
+    `path:<resolved path or URL>`."""
+    return attrs.get("store_id") or f"path:{store_location(path)}"
+
+
+def store_provenance(attrs: dict[str, Any], path: str | None = None) -> dict[str, Any]:
+    """What a run records of its store: the settings of STORE_SETTINGS and, given its path, its identity
+    (`store_id`) and location (`store_path`)."""
+    record = {k: attrs.get(k) for k in STORE_SETTINGS}
+    if path is not None:
+        record.update(store_id=store_identity(attrs, path), store_path=store_location(path))
+    return record
 
 
 def check_store(saved: RunConfig, attrs: dict[str, Any], path: str, allow_other: bool = False) -> list[str]:
@@ -127,14 +152,31 @@ def check_store(saved: RunConfig, attrs: dict[str, Any], path: str, allow_other:
     only, asked for explicitly) lets other encoders or settings through but never other shapes.
     Returns the differences."""
     now = store_provenance(attrs)
+    compared = [k for k in STORE_SETTINGS if k in FEATURE_KEYS or k in saved.store]
     diffs = [f"{k}: checkpoint's store {saved.store.get(k)!r}, {path} {now[k]!r}"
-             for k in FEATURE_KEYS if saved.store and saved.store.get(k) != now[k]]
+             for k in compared if saved.store and saved.store.get(k) != now[k]]
     shapes_differ = any(saved.store.get(k) != now[k] for k in SHAPE_KEYS) if saved.store else False
     if diffs and (shapes_differ or not allow_other):
         hint = "" if shapes_differ else "; add --other-store to evaluate on it anyway (it is labelled so)"
         raise TrainError(f"{path} was made with other encoders or settings than the checkpoint's store "
                          f"({'; '.join(diffs)}){hint}")
     return diffs
+
+
+def check_store_identity(saved: RunConfig, attrs: dict[str, Any], path: str, allow_other: bool = False) -> list[str]:
+    """A checkpoint continues (or is evaluated) on the very store it was trained on, unless `allow_other`
+    (--other-store); a checkpoint that recorded no identity (older runs) is not checked. Returns the
+    difference, if allowed."""
+    was, now = saved.store.get("store_id"), store_identity(attrs, path)
+    if not was or was == now:
+        return []
+    diff = (f"store_id: checkpoint's store {was!r} ({saved.store.get('store_path')}), "
+            f"{path} {now!r} ({store_location(path)})")
+    if not allow_other:
+        raise TrainError(f"the checkpoint was trained on another store: {saved.store.get('store_path')} (store_id "
+                         f"{was}), not {store_location(path)} (store_id {now}); add --other-store to use this one "
+                         "anyway")
+    return [diff]
 
 
 def held_out_fingerprint(video_ids: list[str], val_fraction: float) -> dict[str, Any]:

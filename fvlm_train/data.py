@@ -57,6 +57,9 @@ def open_store(path: str) -> FeatureStore:
     except StoreError as e:
         raise TrainError(str(e)) from None
     if len(store) == 0:
+        if store.failures:
+            raise TrainError(f"{path} has no committed videos: every input failed: see "
+                             f"`python -m fvlm_data.inspect {path}` for the reasons")
         raise TrainError(f"{path} has no committed videos: run precompute.py first")
     return store
 
