@@ -270,8 +270,8 @@ class RemoteObjects:
         """Create `key` only if no object has that name (a conditional PUT, If-None-Match: *); False if one
         exists. A filesystem without conditional writes gets the closest it has: a check, then a PUT."""
         path = f"{self.store.path}/{key}"
-        try:
-            sync(self.store.fs._pipe_file(path, data, mode="create"))
+        try:  # through the store's retries: a retry whose first try did land answers "exists" (see creation.py)
+            sync(self.store._retry("PUT", key, lambda: self.store.fs._pipe_file(path, data, mode="create")))
         except FileExistsError:
             return False
         except (TypeError, NotImplementedError):  # an fsspec filesystem without mode="create"

@@ -81,8 +81,8 @@ class RetryingStore(WrapperStore):
         for attempt in range(self.ATTEMPTS):
             try:
                 return await call()
-            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-                raise  # a missing object is an answer, not a failure
+            except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError):
+                raise  # a missing (or, for a conditional PUT, an existing) object is an answer, not a failure
             except Exception as e:
                 kind = transient_kind(e)
                 if type(e).__name__ in CREDENTIAL_ERRORS:

@@ -71,11 +71,13 @@ def create_exclusive(path: str | os.PathLike, objects: LocalObjects | RemoteObje
         return
     body = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": claim}).encode()
     if objects.put_if_absent(CLAIM_KEY, body):
-        for key in sorted(objs, key=lambda k: k == "zarr.json"):  # group metadata last: then readers see it
-            objects.put(key, objs[key])
+        _put_metadata(objects, objs)
         return
     theirs = objects.get_many([CLAIM_KEY])[0]
     other = json.loads(theirs).get("attributes", {}) if theirs else {}
+    if other.get("store_id") == claim.get("store_id"):  # our own claim: a retried PUT whose first try landed
+        _put_metadata(objects, objs)
+        return
     mine, recorded = claim.get("inputs"), other.get("inputs")
     if mine and recorded and mine["count"] == recorded["count"] and mine["sha256"] != recorded["sha256"]:
         raise StoreError(f"{path} is being created by another writer from another input list (fingerprint "
@@ -88,6 +90,11 @@ def create_exclusive(path: str | os.PathLike, objects: LocalObjects | RemoteObje
                              f"({CLAIM_KEY} exists, zarr.json does not after {CLAIM_WAIT_S:.0f} s): if no writer "
                              f"is running, delete {path}/{CLAIM_KEY} and run again")
         time.sleep(0.2)
+
+
+def _put_metadata(objects: RemoteObjects, objs: dict[str, bytes]) -> None:
+    for key in sorted(objs, key=lambda k: k == "zarr.json"):  # group metadata last: then readers see it
+        objects.put(key, objs[key])
 
 
 def _create_local(path: Path, objs: dict[str, bytes]) -> None:

@@ -41,6 +41,8 @@ def open_group(path: str | os.PathLike, objects: LocalObjects | RemoteObjects, m
         raise StoreError(f"no store at {path}")
     try:
         group = zarr.open_group(objects.zarr_store(read_only=mode == "r"), mode=mode, zarr_format=3)
+    except StoreError:
+        raise  # already one line (e.g. a remote failure that persisted)
     except Exception as e:  # zarr raises several types for a foreign or broken folder
         raise StoreError(f"{path} is not a Zarr v3 group ({type(e).__name__}: {e})") from None
     check_format(path, group.attrs)
