@@ -8,7 +8,7 @@ import pytest
 
 from fvlm_data import FeatureStore, StoreError
 from fvlm_data.objects import RemoteObjects
-from fvlm_data.store import FeatureShapes, creation
+from fvlm_data.store import FeatureShapes, creation, writer
 from fvlm_data.store.creation import CLAIM_KEY, inputs_fingerprint
 from tests.test_remote_store import s3  # noqa: F401 (the fixture that starts the server)
 
@@ -58,3 +58,16 @@ def test_losing_the_creation_race_to_other_inputs_is_refused_before_writing(s3, 
     monkeypatch.setattr(creation, "CLAIM_WAIT_S", 0.5)
     with pytest.raises(StoreError, match=f"is being created by another writer since now.*delete {url}/{CLAIM_KEY}"):
         FeatureStore.create_or_open(url, ATTRS, SHAPES, capacity=4, inputs=keys(1))
+
+
+def test_a_claim_of_our_own_counts_as_won(s3, monkeypatch):  # noqa: F811
+    """A conditional PUT retried after its first try landed (the answer was lost) finds our own claim."""
+    url = "s3://fvlm/retried/s.zarr"
+    monkeypatch.setattr(writer, "new_store_id", lambda: "ours")
+    objects = RemoteObjects(url, read_only=False)
+    claim = {"store_id": "ours", "inputs": inputs_fingerprint(keys(0)), "created": "now"}
+    body = {"zarr_format": 3, "node_type": "group", "attributes": claim}
+    assert objects.put_if_absent(CLAIM_KEY, json.dumps(body).encode())
+    monkeypatch.setattr(creation, "CLAIM_WAIT_S", 0.5)  # without the check: waits, then fails
+    store = FeatureStore.create_or_open(url, ATTRS, SHAPES, capacity=4, shard_videos=2, inputs=keys(0))
+    assert store.attrs["store_id"] == "ours" and store.capacity == 4
