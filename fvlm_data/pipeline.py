@@ -24,6 +24,7 @@ from fvlm_data.encoders import FrozenEncoders
 from fvlm_data.precompute_config import PrecomputeConfig
 from fvlm_data.sources import DecodedVideo, VideoInput
 from fvlm_data.store import FeatureShapes, FeatureStore, ShardBuffer, StoreError, shard_states
+from fvlm_data.video import FRAME_SAMPLING
 from fvlm_data.workers import decode_executor, decoded_in_order, stop_decode_workers
 from fvlm_data.writeback import BackgroundWriter, DeviceTransfers, HostCopy, stored_features
 
@@ -57,14 +58,6 @@ class PrecomputeSummary:
             total.failure_reasons.update(part.failure_reasons)
             total.store_bytes = max(total.store_bytes, part.store_bytes)  # one store, measured by each
         return total
-
-
-# The `frame_sampling` attribute for each --seek mode.
-FRAME_SAMPLING = {
-    "exact": "uniform over the whole duration (segment centres); short side resized, centre crop",
-    "keyframe": "keyframe nearest to each uniform target over the whole duration (segment centres), "
-                "decoding keyframes only; actual frame times in 'timestamps'; short side resized, centre crop",
-}
 
 
 def run_precompute(config: PrecomputeConfig, inputs: list[VideoInput], encoders: FrozenEncoders, *,

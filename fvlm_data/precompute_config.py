@@ -18,7 +18,7 @@ from fvlm_data.encoders import PRESETS
 from fvlm_data.sources import Decoding
 from fvlm_data.store import DEFAULT_SHARD_VIDEOS, FeatureRecipe
 from fvlm_data.synthetic import TASKS
-from fvlm_data.video import SEEK_MODES
+from fvlm_data.video import FRAME_SAMPLING, SEEK_MODES
 
 DEFAULT_SYNTHETIC_VIDEOS = 256
 FEATURE_DTYPES = ("float16", "int8")
@@ -84,7 +84,8 @@ class PrecomputeConfig:
     @property
     def recipe(self) -> FeatureRecipe:
         """What a store this run adds rows to must have been made with."""
-        return FeatureRecipe(self.dino_id, self.vae_id, self.num_frames, self.image_size, self.feature_dtype)
+        return FeatureRecipe(self.dino_id, self.vae_id, self.num_frames, self.image_size, self.feature_dtype,
+                             FRAME_SAMPLING[self.seek])
 
     @property
     def decoding(self) -> Decoding:

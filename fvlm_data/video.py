@@ -23,7 +23,7 @@ import numpy as np
 from fvlm_data.video_gops import decode_by_gop
 from fvlm_data.video_probe import FFMPEG_ERRORS, InputError, error_line, open_container, probe_duration
 
-__all__ = ["SEEK_MODES", "InputError", "VideoFile", "resize_center_crop", "sample_timestamps"]
+__all__ = ["FRAME_SAMPLING", "SEEK_MODES", "InputError", "VideoFile", "resize_center_crop", "sample_timestamps"]
 
 # Decoding forward is cheaper than a seek (which restarts at a keyframe) for short gaps.
 SEEK_GAP_S = 2.0
@@ -32,6 +32,12 @@ SEEK_GAP_S = 2.0
 SEEK_MIN_SKIP_S = 0.25
 # How frames are taken: "exact" (the frame nearest each target) or "keyframe" (the nearest keyframe).
 SEEK_MODES = ("exact", "keyframe")
+# The store's `frame_sampling` attribute for each --seek mode (a segment's "whole duration" is its [start, end]).
+FRAME_SAMPLING = {
+    "exact": "uniform over the whole duration (segment centres); short side resized, centre crop",
+    "keyframe": "keyframe nearest to each uniform target over the whole duration (segment centres), "
+                "decoding keyframes only; actual frame times in 'timestamps'; short side resized, centre crop",
+}
 
 
 def sample_timestamps(duration: float, num_frames: int) -> np.ndarray:

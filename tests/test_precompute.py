@@ -159,7 +159,8 @@ def test_two_shards_fill_one_store_like_one_process(reference_store, tmp_path):
 
 
 def test_refuses_other_encoders_sizes_and_foreign_stores(reference_store, tmp_path):
-    for change in (["--num-frames", "8"], ["--image-size", "84"], ["--dino", "facebook/dinov2-small"]):
+    for change in (["--num-frames", "8"], ["--image-size", "84"], ["--dino", "facebook/dinov2-small"],
+                   ["--seek", "keyframe"]):
         args = [a for a in SMALL]
         if change[0] in args:
             i = args.index(change[0])
@@ -169,7 +170,8 @@ def test_refuses_other_encoders_sizes_and_foreign_stores(reference_store, tmp_pa
         proc = precompute("--out", str(reference_store), "--synthetic", "12", "--workers", "0", *args, check=False)
         assert proc.returncode != 0
         # Refused from the store's attributes, before any model is loaded.
-        assert f"was made with {change[0][2:].replace('-', '_')}=" in proc.stderr
+        key = "frame_sampling" if change[0] == "--seek" else change[0][2:].replace("-", "_")
+        assert f"was made with {key}=" in proc.stderr
         assert "Traceback" not in proc.stderr
     assert len(FeatureStore.open(reference_store)) == 12  # nothing lost
     foreign = tmp_path / "foreign"

@@ -49,6 +49,7 @@ class FeatureRecipe:
     num_frames: int
     image_size: int
     feature_dtype: str
+    frame_sampling: str  # how frames were taken (precompute's --seek): rows sampled otherwise never mix
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> FeatureRecipe:
