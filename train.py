@@ -193,7 +193,7 @@ def train(store_path: str, run_dir: Path, resume: Path | None, given: dict[str, 
 
     start_time = time.time()
     log = IntervalLog(device, nonfinite_total)
-    stop_reason = None
+    stop_reason, val_seconds = None, 0.0
     bar = tqdm(total=config.max_steps, initial=step, disable=not main_rank, dynamic_ncols=True, unit="step")
     model.train()
     while step < config.max_steps:
@@ -233,11 +233,13 @@ def train(store_path: str, run_dir: Path, resume: Path | None, given: dict[str, 
         if (validating or last) and writer is not None and len(val_ds):
             # During training: the first --val-batches batches (the same videos every time); at the
             # end: the whole held-out split.
+            val_start = time.time()
             metrics = evaluate(model, val_loader, device, None if last else config.val_batches)
             log_validation(writer, metrics, step)
             if visual_items:
                 log_visuals(writer, model, tokenizer, to_device(collate(visual_items), device), visual_frames, step,
                             config.max_caption_tokens)
+            val_seconds += time.time() - val_start
             tqdm.write(f"step {step} val: {summary_line(metrics)}\n  {metrics['verdict']}")
         if (saving or last) and main_rank and stop_reason is None:
             Checkpoint(config, model.state_dict(), optimizer.state_dict(), step, batches.epoch, batches.micro_in_epoch,
@@ -246,6 +248,10 @@ def train(store_path: str, run_dir: Path, resume: Path | None, given: dict[str, 
             break
     if compiled is not None and main_rank:
         click.echo(compiled.summary(), err=True)
+    if main_rank:
+        wall = time.time() - start_time
+        click.echo(f"wall time {wall:.1f} s, of which validation {val_seconds:.1f} s ({100 * val_seconds / wall:.1f}%)",
+                   err=True)
     bar.close()
     if writer is not None:
         writer.close()
