@@ -33,6 +33,7 @@ still cache the disk image, so "cold" means cold for this kernel, not necessaril
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import resource
 import time
@@ -473,6 +474,7 @@ def run_dataloader(args: argparse.Namespace, paths: dict[str, Any]) -> None:
         k = r % len(order)
         for key in order[k:] + order[:k]:  # alternating: the order rotates each round
             res.setdefault(key, []).append(runs[key](r))
+            gc.collect()  # the run's loader and its workers go now, not during the next run
     pin = torch.cuda.is_available()
     print(f"\n### DataLoader, {WANT}-frame samples, batch {b}, pin_memory={pin}, "
           f"{os.cpu_count()} CPUs shared; {args.videos} videos in the page cache; median of {args.rounds} rounds "
