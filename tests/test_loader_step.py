@@ -196,3 +196,17 @@ def test_evaluation_with_one_caption_per_video_gives_todays_numbers(store_path):
     cap_sum, tokens = torch.cat(cap, 1).numpy(), torch.cat(tok).numpy()
     assert now["cap_coarse"] == pytest.approx(cap_sum[0].sum() / tokens.sum(), rel=1e-6)
     assert now["cap_ratio_ci"] == pytest.approx(list(bootstrap_ratio_ci(cap_sum[0], cap_sum[-1])), rel=1e-6)
+
+
+def test_int8_batches_read_in_place_dequantise_as_before(tmp_path):
+    from fvlm_data.dataset import to_device
+    from tests.test_dataset import build_store as build_int8
+
+    path = build_int8(tmp_path / "q.zarr", n=8, feature_dtype="int8")
+    ds = FeatureDataset(path, num_frames=4, split="all")
+    collate = CaptionCollator(load_lm("tiny")[1])
+    (batch,) = list(make_loader(ds, collate, 8, 0, None, False))
+    before = collate(ds.__getitems__(list(range(8))))
+    assert batch["dino"].dtype == torch.int8 and torch.equal(batch["dino_scale"], before["dino_scale"])
+    cpu = torch.device("cpu")
+    torch.testing.assert_close(to_device(batch, cpu)["dino"], to_device(before, cpu)["dino"], rtol=0, atol=0)
