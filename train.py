@@ -30,6 +30,7 @@ from fvlm_model.generate import MODES
 from fvlm_train import TrainError
 from fvlm_train.build import build_model
 from fvlm_train.checkpoint import Checkpoint, rng_state
+from fvlm_train.compiled import CompiledStep, caption_bucket
 from fvlm_train.config import (
     RunConfig,
     check_split,
@@ -49,8 +50,6 @@ from fvlm_train.progress import IntervalLog, open_writer, write_log
 from fvlm_train.step import train_step
 from fvlm_train.visuals import caption_table, log_visuals, visual_samples
 
-COMPILE_PAD = 16  # with --compile, captions are padded to a multiple of this (a bounded set of shapes)
-
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--store", required=True, help="Feature store written by precompute.py.")
@@ -69,10 +68,12 @@ COMPILE_PAD = 16  # with --compile, captions are padded to a multiple of this (a
               "Evaluating, or resuming training, on a store other than the checkpoint's (another store_id, or "
               "a format-2 store at another path) also needs it.")
 @click.option("--workers", type=click.IntRange(min=0), default=default_workers(), show_default=True,
-              help="DataLoader worker processes (cores - 1, at most 4).")
+              help="DataLoader worker processes per rank (the cores this process may use, divided among the "
+              "ranks on this machine, less one for the loop; at most 16).")
 @click.option("--device", default=None, help="Device [default: cuda if available, else cpu].")
 @click.option("--compile/--no-compile", "compile_model", default=None, help="torch.compile the training step "
-              f"(captions padded to a multiple of {COMPILE_PAD} tokens) [default: on for CUDA, off for CPU].")
+              "(captions padded to half or all of --max-caption-tokens: two graphs; CUDA graphs on CUDA, "
+              "plain compilation if they fail) [default: on for CUDA, off for CPU].")
 @click_options
 def main(store: str, out: str | None, resume: str | None, eval_only: bool, json_path: str | None, captions: int,
          other_split: bool, other_store: bool, workers: int, device: str | None, compile_model: bool | None,
@@ -175,9 +176,13 @@ def evaluate_checkpoint(store_path: str, path: Path, given: dict[str, Any], devi
     model.load_state_dict(ckpt.model)
     model.to(device)
     collate = CaptionCollator(tokenizer, config.max_caption_tokens)
-    loader = make_loader(val_ds, collate, config.batch_size, workers, None, device.type == "cuda")
-    m = evaluate(model, loader, device, config.val_batches)
+    pairs = val_ds.with_captions(config.eval_captions)
+    loader = make_loader(pairs, collate, config.batch_size, workers, None, device.type == "cuda")
+    # The whole held-out split, unless --val-batches is given here (a checkpoint's value bounds the
+    # validations during its training, not this evaluation).
+    m = evaluate(model, loader, device, given.get("val_batches"))
     m["checkpoint_step"] = ckpt.step
+    m["eval_captions"] = config.eval_captions
     m["split"] = {"name": "held_out" if same_split else "other", **held_out,
                   "checkpoint_val_fraction": saved.val_fraction}
     evaluated = splits.val_ids[: m["num_videos"]]
@@ -187,7 +192,9 @@ def evaluate_checkpoint(store_path: str, path: Path, given: dict[str, Any], devi
     if captions:
         batch = to_device(collate([val_ds[i] for i in range(min(captions, len(val_ds)))]), device)
         for row in caption_table(model, tokenizer, batch, config.max_caption_tokens, MODES):
-            click.echo(f"\n{row['video_id']}\n  truth:          {row['truth']}")
+            click.echo(f"\n{row['video_id']}")
+            for k, ref in enumerate(row["references"]):
+                click.echo(f"  {('truth:' if k == 0 else ''):<15} {ref}")
             for mode in MODES:
                 click.echo(f"  {mode + ':':<15} {row[mode]}")
     if json_path:
@@ -228,65 +235,81 @@ def train(store_path: str, run_dir: Path, resume: Path | None, given: dict[str, 
         return
     pin = device.type == "cuda"
     batches = TrainBatches(splits.train, collate, config.batch_size, workers, config.seed, launch.rank, world_size,
-                           pin, epoch, micro_in_epoch)
+                           pin, epoch, micro_in_epoch, device)
     writer = open_writer(run_dir, config, step) if main_rank else None
     # Training runs through `fn` (DDP and/or compiled); evaluation, generation and checkpoints use
     # `model` itself (so state_dict keys carry no prefix).
     fn = DistributedDataParallel(model) if world_size > 1 else model
     use_compile = compile_model if compile_model is not None else device.type == "cuda"
-    if use_compile:
-        fn = torch.compile(fn, dynamic=False)
-    val_ds = splits.val
-    if not len(val_ds) and main_rank:
+    compiled = CompiledStep(fn, device) if use_compile else None
+    if not len(splits.val) and main_rank:
         click.echo(f"note: no held-out videos at --val-fraction {config.val_fraction} (of {len(store)} in "
                    f"{store_path}): validation is skipped; raise --val-fraction to validate", err=True)
+    val_ds = splits.val.with_captions(config.eval_captions)
     val_loader = make_loader(val_ds, collate, config.batch_size, workers, None, pin)
-    visual_items, visual_frames = visual_samples(store, val_ds, config.visual_videos if main_rank else 0)
+    visual_items, visual_frames = visual_samples(store, splits.val, config.visual_videos if main_rank else 0)
 
     start_time = time.time()
-    log = IntervalLog()
-    consecutive_nonfinite, stop_reason = 0, None
+    log = IntervalLog(device, nonfinite_total)
+    stop_reason, val_seconds = None, 0.0
     bar = tqdm(total=config.max_steps, initial=step, disable=not main_rank, dynamic_ncols=True, unit="step")
     model.train()
     while step < config.max_steps:
         lr = lr_at(step, config.lr, config.warmup, config.max_steps)
         set_lr(optimizer, lr)
-        micro = [to_device(next(batches), device) for _ in range(config.grad_accum)]
-        if use_compile:
-            micro = [pad_captions(b, COMPILE_PAD, collate.pad_id) for b in micro]
-        result = train_step(model, fn, optimizer, micro, config.clip, world_size)
-        log.add(result, sum(b["labels"].shape[0] for b in micro) * world_size)
-        if result["finite"]:
-            consecutive_nonfinite = 0
+        micro = [next(batches) for _ in range(config.grad_accum)]  # on the device already
+        if compiled is not None:
+            micro = [pad_captions(b, caption_bucket(b, config.max_caption_tokens), collate.pad_id) for b in micro]
+            result = compiled.step(model, optimizer, micro, config.clip, world_size)
         else:
-            nonfinite_total += 1
-            consecutive_nonfinite += 1
-            if main_rank:
-                tqdm.write(f"step {step}: non-finite loss or gradient, step skipped ({nonfinite_total} so far)")
-            if consecutive_nonfinite >= config.max_nonfinite:
-                stop_reason = (f"{consecutive_nonfinite} non-finite steps in a row at step {step}: stopping; the "
-                               f"last good weights are in {latest if latest.exists() else 'no checkpoint yet'}")
+            result = train_step(model, fn, optimizer, micro, config.clip, world_size, read=False)
+        log.add(result, sum(b["labels"].shape[0] for b in micro) * world_size)
         step += 1
         bar.update(1)
-        out_of_time = config.max_hours is not None and time.time() - start_time > config.max_hours * 3600
-        last = step == config.max_steps or any_rank(out_of_time, world_size, device) or stop_reason is not None
-
-        if step % config.log_every == 0 or last:
-            m = log.metrics(lr, nonfinite_total, model.config, device, world_size)
+        # Nothing is read back from the device except on logging, validation and checkpoint steps; the
+        # time limit is checked (one collective with several ranks) on logging steps only.
+        logging = step % config.log_every == 0
+        last = step == config.max_steps
+        if logging and config.max_hours is not None:
+            out_of_time = time.time() - start_time > config.max_hours * 3600
+            last = last or (any_rank(out_of_time, world_size, device) if world_size > 1 else out_of_time)
+        saving = step % config.save_every == 0
+        validating = step % config.val_every == 0
+        if logging or saving or validating or last:
+            skipped = log.counts()  # every rank reads the same counts: the skip flag is all-reduced
+            if skipped and main_rank:
+                tqdm.write(f"step {step}: {skipped} non-finite step(s) skipped since the last report "
+                           f"({log.nonfinite_total} so far)")
+            if log.longest_run >= config.max_nonfinite:
+                stop_reason = (f"{log.longest_run} non-finite steps in a row at step {step}: stopping; the "
+                               f"last good weights are in {latest if latest.exists() else 'no checkpoint yet'}")
+                last = True
+        if logging or last:
+            m = log.metrics(lr, model.config, device, world_size)
             if writer is not None:
                 write_log(writer, m, step)
-        if (step % config.val_every == 0 or last) and writer is not None and len(val_ds):
-            metrics = evaluate(model, val_loader, device, config.val_batches)
+        if (validating or last) and writer is not None and len(val_ds):
+            # During training: the first --val-batches batches (the same videos every time); at the
+            # end: the whole held-out split.
+            val_start = time.time()
+            metrics = evaluate(model, val_loader, device, None if last else config.val_batches)
             log_validation(writer, metrics, step)
             if visual_items:
                 log_visuals(writer, model, tokenizer, to_device(collate(visual_items), device), visual_frames, step,
                             config.max_caption_tokens)
+            val_seconds += time.time() - val_start
             tqdm.write(f"step {step} val: {summary_line(metrics)}\n  {metrics['verdict']}")
-        if (step % config.save_every == 0 or last) and main_rank and stop_reason is None:
+        if (saving or last) and main_rank and stop_reason is None:
             Checkpoint(config, model.state_dict(), optimizer.state_dict(), step, batches.epoch, batches.micro_in_epoch,
-                       nonfinite_total, rng_state(device)).save(run_dir, config.keep)
+                       log.nonfinite_total, rng_state(device)).save(run_dir, config.keep)
         if last:
             break
+    if compiled is not None and main_rank:
+        click.echo(compiled.summary(), err=True)
+    if main_rank:
+        wall = time.time() - start_time
+        click.echo(f"wall time {wall:.1f} s, of which validation {val_seconds:.1f} s ({100 * val_seconds / wall:.1f}%)",
+                   err=True)
     bar.close()
     if writer is not None:
         writer.close()

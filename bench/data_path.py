@@ -1,7 +1,8 @@
 """Data-path benchmark: the seed's one `.pt` file per video, LitData, and the fvlm feature store.
 
     python -m bench.data_path                      # one core, warm and page-cache-cold reads
-    python -m bench.data_path --dataloader         # a full DataLoader, 1 and 2 workers
+    python -m bench.data_path --dataloader         # the training loader, 1 and 2 workers, against the reader,
+                                                   # LitData's StreamingDataLoader and the seed's .pt files
     python -m bench.data_path --checksums          # the cost of verifying every byte read (format 3 vs 2)
 
 Every format holds the same real-model-shaped features (DINOv2-small at 256 px: 24 x 325 x 384,
@@ -33,6 +34,7 @@ still cache the disk image, so "cold" means cold for this kernel, not necessaril
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import resource
 import time
@@ -351,27 +353,92 @@ class SeedFormatDataset(torch.utils.data.Dataset):
         return {"dino": dino, "latents": latents, "caption": caption, "video_id": self.paths[i].stem, "index": i}
 
 
+def timed_rate(batches: Any, seconds: float, warmup: int) -> float:
+    """Sustained samples/s of an iterator of batches, after `warmup` batches."""
+    it = iter(batches)
+    for _ in range(warmup):
+        next(it)
+    n, t0 = 0, time.perf_counter()
+    while True:
+        n += next(it)["dino"].shape[0]
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds:
+            return n / elapsed
+
+
+def random_keys(n: int, batch_size: int, seed: int) -> Any:
+    g = np.random.default_rng(seed)
+    while True:
+        yield g.integers(0, n, batch_size).tolist()
+
+
 def loader_rate(ds: torch.utils.data.Dataset, collate: Any, workers: int, batch_size: int, seconds: float,
                 warmup: int, seed: int) -> float:
-    """Sustained samples/s of a DataLoader like train.py's, after `warmup` batches."""
+    """The seed's way, and this project's before the in-place loader: a DataLoader of items, stacked by
+    the collate, then copied into pinned memory on CUDA."""
     from torch.utils.data import DataLoader, RandomSampler
 
     sampler = RandomSampler(ds, replacement=True, num_samples=10**7, generator=torch.Generator().manual_seed(seed))
     loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=workers,
                         pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers > 0 else None,
                         persistent_workers=False)
-    it = iter(loader)
-    for _ in range(warmup):
-        next(it)
-    n, t0 = 0, time.perf_counter()
-    while True:
-        batch = next(it)
-        n += batch["dino"].shape[0]
-        elapsed = time.perf_counter() - t0
-        if elapsed >= seconds:
-            break
-    del it
-    return n / elapsed
+    return timed_rate(loader, seconds, warmup)
+
+
+def ours_rate(ds: FeatureDataset, collate: Any, workers: int, batch_size: int, seconds: float, warmup: int,
+              seed: int) -> float:
+    """The training loader, `fvlm_train.data.make_loader`: whole batches read in place (shared memory in
+    a worker), captions tokenised, nothing stacked."""
+    from torch.utils.data import RandomSampler
+
+    from fvlm_train.data import make_loader
+
+    sampler = RandomSampler(ds, replacement=True, num_samples=10**7, generator=torch.Generator().manual_seed(seed))
+    return timed_rate(make_loader(ds, collate, batch_size, workers, sampler, torch.cuda.is_available()), seconds,
+                      warmup)
+
+
+def in_process_rate(ds: FeatureDataset, collate: Any, threads: int, batch_size: int, seconds: float, warmup: int,
+                    seed: int) -> float:
+    """The reader in this process: `read_batch` + tokenising, one batch at a time (threads=0) or
+    `threads` batches in flight in a thread pool (pread releases the GIL)."""
+    keys = random_keys(len(ds), batch_size, seed)
+    if threads == 0:
+        return timed_rate((collate(ds.read_batch(k)) for k in keys), seconds, warmup)
+    from concurrent.futures import ThreadPoolExecutor
+
+    def batches(pool: ThreadPoolExecutor) -> Any:
+        pending = [pool.submit(ds.read_batch, next(keys)) for _ in range(2 * threads)]
+        while True:  # 2 batches in flight per thread, handed out in order
+            done = pending.pop(0).result()
+            pending.append(pool.submit(ds.read_batch, next(keys)))
+            yield collate(done)
+
+    with ThreadPoolExecutor(threads) as pool:
+        return timed_rate(batches(pool), seconds, warmup)
+
+
+def litdata_rate(root: Path, collate: Any, workers: int, batch_size: int, seconds: float, warmup: int,
+                 seed: int) -> float:
+    """LitData's `StreamingDataLoader` over the same float16 features (shuffled, workers persistent,
+    epochs chained); its collate takes the same 16 frames and tokenises with the same collator."""
+    import litdata
+
+    frames = torch.from_numpy(OURS_FRAMES)
+
+    def collate_lit(items: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate([{"dino": it["dino"].index_select(0, frames), "latents": it["latents"].index_select(0, frames),
+                         "caption": it["caption"], "video_id": it["video_id"], "index": 0} for it in items])
+
+    loader = litdata.StreamingDataLoader(litdata.StreamingDataset(str(root), shuffle=True, seed=seed),
+                                         batch_size=batch_size, num_workers=workers, collate_fn=collate_lit,
+                                         drop_last=True, persistent_workers=workers > 0)
+
+    def forever() -> Any:
+        while True:
+            yield from loader
+
+    return timed_rate(forever(), seconds, warmup)
 
 
 def run_dataloader(args: argparse.Namespace, paths: dict[str, Any]) -> None:
@@ -383,31 +450,53 @@ def run_dataloader(args: argparse.Namespace, paths: dict[str, Any]) -> None:
     collate = CaptionCollator(tokenizer)
     ours = FeatureDataset(paths["float16"], num_frames=WANT, split="all")
     ours.__getitems__(list(range(len(ours))))  # warm the page cache
-    datasets: dict[str, torch.utils.data.Dataset] = {"ours": ours}
-    labels = {"ours": "fvlm store float16 (FeatureDataset.__getitems__ + CaptionCollator)",
-              "seed": "seed .pt (torch.load, fp32, 16 of 24; same collator)"}
+    b, s, w = args.batch_size, args.seconds, args.warmup
+    runs: dict[tuple[str, int], Callable[[int], float]] = {("inproc", 0): lambda r: in_process_rate(
+        ours, collate, 0, b, s, w, r), ("threads", 2): lambda r: in_process_rate(ours, collate, 2, b, s, w, r)}
+    for n in args.workers:
+        runs[("ours", n)] = lambda r, n=n: ours_rate(ours, collate, n, b, s, w, r)
+        runs[("items", n)] = lambda r, n=n: loader_rate(ours, collate, n, b, s, w, r)
+        if "litdata" in paths:
+            runs[("litdata", n)] = lambda r, n=n: litdata_rate(paths["litdata"], collate, n, b, s, w, r)
+        if args.seed_format:
+            runs[("seed", n)] = lambda r, n=n: loader_rate(SeedFormatDataset(paths["seed"]), collate, n, b, s, w, r)
     if args.seed_format:
-        seed_ds = SeedFormatDataset(paths["seed"])
-        for i in range(len(seed_ds)):
-            seed_ds[i]
-        datasets["seed"] = seed_ds
+        for path in paths["seed"]:
+            read_seed(path)  # in the page cache
+    labels = {"inproc": "in-process reader (FeatureDataset.read_batch + tokenise, one batch at a time)",
+              "threads": "in-process reader, batches in a thread pool",
+              "ours": "fvlm training loader (fvlm_train.data.make_loader: read in place, shared memory)",
+              "items": "fvlm store float16 (FeatureDataset.__getitems__ + CaptionCollator)",
+              "litdata": "LitData StreamingDataLoader (same features, same collator)",
+              "seed": "seed .pt (torch.load, fp32, 16 of 24; same collator)"}
     res: dict[tuple[str, int], list[float]] = {}
+    order = list(runs)
     for r in range(args.rounds):
-        k = r % len(datasets)
-        names = list(datasets)[k:] + list(datasets)[:k]
-        for w in args.workers:
-            for name in names:
-                rate = loader_rate(datasets[name], collate, w, args.batch_size, args.seconds, args.warmup, r)
-                res.setdefault((name, w), []).append(rate)
+        k = r % len(order)
+        for key in order[k:] + order[:k]:  # alternating: the order rotates each round
+            res.setdefault(key, []).append(runs[key](r))
+            gc.collect()  # the run's loader and its workers go now, not during the next run
     pin = torch.cuda.is_available()
-    print(f"\n### DataLoader, {WANT}-frame samples, batch {args.batch_size}, pin_memory={pin}, "
+    print(f"\n### DataLoader, {WANT}-frame samples, batch {b}, pin_memory={pin}, "
           f"{os.cpu_count()} CPUs shared; {args.videos} videos in the page cache; median of {args.rounds} rounds "
-          f"of {args.seconds:g} s after {args.warmup} warm-up batches\n")
+          f"of {s:g} s after {w} warm-up batches\n")
     print("| format | workers | samples/s | samples/s per worker | projection: 16 workers on 16 cores |")
     print("|---|---|---|---|---|")
-    for (name, w), rates in sorted(res.items(), key=lambda kv: (kv[0][1], list(datasets).index(kv[0][0]))):
-        rate = median(rates)
-        print(f"| {labels[name]} | {w} | {rate:.1f} | {rate / w:.1f} | {16 * rate / w:.0f} |")
+    for (name, n) in order:
+        rate = median(res[(name, n)])
+        per = rate / max(n, 1)
+        print(f"| {labels[name]} | {n} | {rate:.1f} | {per:.1f} | {16 * per:.0f} |")
+
+    def ratio(a: tuple[str, int], b: tuple[str, int]) -> str:  # median of the per-round ratios
+        if a not in res or b not in res:
+            return "n/a"
+        return f"{median([x / y for x, y in zip(res[a], res[b], strict=True)]):.2f}x"
+
+    one = ("ours", args.workers[0])
+    print(f"\ntargets, ours with {one[1]} worker(s): >= 0.8x the in-process reader per core: "
+          f"{ratio(one, ('inproc', 0))}; "
+          f">= 2x LitData: {ratio(one, ('litdata', one[1]))}; >= 10x seed .pt: {ratio(one, ('seed', one[1]))}; "
+          f"vs the item DataLoader before: {ratio(one, ('items', one[1]))}")
     print(f"\nThe projection is per-worker samples/s x 16, NOT a measurement: it assumes linear scaling, one worker "
           f"per core, a main process and storage that keep up. For scale: the seed recorded ~{GPU_RATE:.0f} "
           f"samples/s of joint training on an RTX 4090 (batch 32, 16 frames).")
@@ -543,7 +632,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         t0 = time.perf_counter()
         paths = write_datasets(root, args.videos, with_int8=args.int8 and reads,
-                               with_litdata=args.litdata and reads and litdata_available(),
+                               with_litdata=args.litdata and not args.profile and litdata_available(),
                                shard_videos=args.shard_videos)
         print(f"wrote {args.videos} videos per format under {root} in {time.perf_counter() - t0:.1f} s "
               f"(features: synthetic, DINO-like value distribution; shapes dino [{T},{N},{D}], latents "

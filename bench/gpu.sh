@@ -9,6 +9,7 @@
 # nothing (every model is random-initialised from its config). Stages, most important first, each under `timeout` within the overall budget;
 # every benchmark writes its JSON after each row, so a stage cut short keeps what it measured:
 #   1. training step, batch 32 (the issue's reference: 83 samples/s, 16.8 GB): eager, compiled + CUDA graphs
+#   1b. the training loop (train.py, synthetic store of real shapes): samples/s, validation's share of wall time
 #   2. frozen encoders (reference: 14.4 videos/s; VAE ~550 frames/s, DINO ~12,000): DINOv2-small and
 #      SD-VAE eager/compiled, NCHW/channels-last, and FrozenEncoders.encode end to end
 #   3. precompute end to end (goal: 60 videos/s): synthetic videos, decode workers, the real-size encoders
@@ -65,6 +66,21 @@ stage() {
 
 stage train_b32 140 "$PY" -m bench.train_step "${DEV[@]}" "${TRAIN[@]}" --batch-size "$B32" \
   --variants eager,compiled-cg --json "$OUT_DIR/train_b32.json"
+# The whole loop: train.py on a synthetic store of real shapes (random SmolLM2-shaped LM saved to a folder),
+# with and without its validations: samples/s and validation's share of the wall time.
+if [[ -n "${FVLM_BENCH_SMOKE:-}" ]]; then
+  LOOP=(--videos 64 --max-steps 4 --val-every 2)
+else
+  "$PY" - "$OUT_DIR/lm" <<'EOF_LM' || echo "gpu.sh: could not save the random LM"
+import sys
+from transformers import LlamaForCausalLM
+from fvlm_model.lm import build_tokenizer_tiny, smollm2_135m_config
+LlamaForCausalLM(smollm2_135m_config()).save_pretrained(sys.argv[1])
+build_tokenizer_tiny().save_pretrained(sys.argv[1])
+EOF_LM
+  LOOP=(--real-shapes --videos 1024 --max-steps 300 --val-every 100 -- --lm "$OUT_DIR/lm" --val-fraction 0.25)
+fi
+stage loop 150 "$PY" -m bench.val_share --workdir "$OUT_DIR/loop" "${LOOP[@]}"
 stage encoders 75 "$PY" -m bench.precompute_speed --part encoders "${DEV[@]}" "${ENC[@]}" \
   --variants dino-eager,dino-compiled,vae-eager-nchw,vae-eager-cl,vae-compiled-cl,pipeline-eager,pipeline-compiled \
   --json "$OUT_DIR/encoders.json"

@@ -9,7 +9,7 @@ The LM is random-initialised from its config (no network): `smollm2` is SmolLM2-
 preset. Inputs are synthetic tensors of the given shape, already on the device (data loading is
 not timed). The step is the trainer's own `fvlm_train.step.train_step` with the trainer's optimiser
 (`fvlm_train.optim.make_optimizer`): fp32 weights, bf16 autocast on CUDA (fp32 on CPU), backward,
-gradient clipping at 1.0, AdamW (fused on CUDA).
+gradient clipping at 1.0, fused AdamW (a non-finite step skipped on the device).
 
 Variants (comma-separated --variants):
   eager          the plain module
@@ -19,7 +19,9 @@ Variants (comma-separated --variants):
   compiled-max-cg torch.compile(model, mode="max-autotune")          (CUDA only)
 
 Prints, per variant: samples/s (batch / median step time after --warmup steps), the first step's
-time (compilation included), peak memory (CUDA: max_memory_allocated; CPU: the process's peak
+time (compilation included), the host reads of one more step run as the training loop runs a step it
+does not log (`.item()`, `.tolist()`, `.cpu()`, `float()`, ... of a tensor, counted by
+`fvlm_train.host_reads`; target 0), peak memory (CUDA: max_memory_allocated; CPU: the process's peak
 RSS so far), FLOPs per sample (FlopCounterMode over one eager forward+backward, / batch; printed
 before the table also with the intermediate fine passes fed the caption, as before they ran without it) and the
 achieved fraction of the chip's dense bf16 matrix rate ('n/a' on CPU or an unknown GPU). With
@@ -43,6 +45,8 @@ try:
     from bench.common import LATENT, peak_flops, random_init_model, sync
 except ModuleNotFoundError:  # `python bench/train_step.py` puts bench/ on the path, not the repository
     raise SystemExit("run it from the repository root as a module: python -m bench.train_step") from None
+from fvlm_model.lm import use_causal_sdpa
+from fvlm_train.host_reads import count_host_reads
 from fvlm_train.optim import make_optimizer
 from fvlm_train.progress import peak_memory_gb
 from fvlm_train.step import random_batch, train_step
@@ -110,6 +114,7 @@ def measure(variant: str, args: argparse.Namespace, device: torch.device, flops_
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model = random_init_model(args.lm, args.fine_iterations, args.dim, args.seed).to(device)
+    use_causal_sdpa(model.lm)  # as load_lm gives every LM: is_causal SDPA, no mask, native GQA
     if args.channels_last:
         model.head.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, lr=1e-4, weight_decay=0.01, device=device)
@@ -122,13 +127,16 @@ def measure(variant: str, args: argparse.Namespace, device: torch.device, flops_
     for i in range(args.warmup + args.steps):
         sync(device)
         t0 = time.perf_counter()
-        result = train_step(model, fn, optimizer, [batch], clip=1.0)
+        result = train_step(model, fn, optimizer, [batch], clip=1.0, read=False)  # as the loop runs it
         sync(device)
         dt = time.perf_counter() - t0
         if i == 0:
             first = dt
         if i >= args.warmup:
             times.append(dt)
+    with count_host_reads() as reads:  # one more step, as the loop runs a step it does not log
+        result = train_step(model, fn, optimizer, [batch], clip=1.0, read=False)
+    sync(device)
     median = statistics.median(times)
     row = {
         "variant": variant, "device": device_name(device), "lm": args.lm, "batch": args.batch_size,
@@ -137,7 +145,8 @@ def measure(variant: str, args: argparse.Namespace, device: torch.device, flops_
         "samples_per_s": args.batch_size / median, "step_ms_median": median * 1e3,
         "step_ms_min": min(times) * 1e3, "first_step_s": first, "steps": len(times),
         "peak_memory_gb": peak_memory_gb(device), "flops_per_sample": flops_per_sample,
-        "loss": result["loss"],
+        "loss": float(result["loss"]),
+        "host_reads": sum(reads.values()), "host_reads_by_kind": dict(reads),
         # Compilation health: graphs compiled, graph breaks, and steps CUDA graphs were skipped for.
         "graphs": int(counters["stats"]["unique_graphs"]),
         "graph_breaks": int(sum(counters["graph_break"].values())),
@@ -159,16 +168,18 @@ def device_name(device: torch.device) -> str:
 
 def fmt_row(r: dict) -> str:
     if "error" in r:
-        return f"| {r['variant']} | {r.get('batch', '')} | failed: {r['error']} | | | | | | |"
+        return f"| {r['variant']} | {r.get('batch', '')} | failed: {r['error']} | | | | | | | |"
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
     flops = f"{r['flops_per_sample'] / 1e9:.1f}" if r.get("flops_per_sample") else "n/a"
     health = f"{r['graphs']}/{r['graph_breaks']}/{r['cudagraph_skips']}" if r["variant"] != "eager" else ""
     return (f"| {r['variant']} | {r['batch']} | {r['samples_per_s']:.1f} | {r['step_ms_median']:.1f} | "
-            f"{r['first_step_s']:.1f} | {r['peak_memory_gb']:.2f} | {flops} | {mfu} | {health} |")
+            f"{r['first_step_s']:.1f} | {r['peak_memory_gb']:.2f} | {flops} | {mfu} | {health} | "
+            f"{r['host_reads']} |")
 
 
 HEADER = ("| variant | batch | samples/s | step ms (median) | first step s | peak mem GB | GFLOP/sample | "
-          "of bf16 peak | graphs/breaks/cudagraph skips |\n|---|---|---|---|---|---|---|---|---|")
+          "of bf16 peak | graphs/breaks/cudagraph skips | host reads per step |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main() -> None:

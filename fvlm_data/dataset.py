@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from typing import Any, NamedTuple
@@ -11,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fvlm_data.store import FeatureStore
+from fvlm_data.store.format import FRAME_ARRAYS
 
 SPLITS = ("train", "val", "all")
 
@@ -107,11 +109,24 @@ class FeatureDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.slots = slots
+        self.pairs: np.ndarray | None = None  # with_captions: (video position, caption number) per sample
         self._store: FeatureStore | None = store
         self._store_pid = os.getpid()
 
     def __len__(self) -> int:
-        return len(self.slots)
+        return len(self.slots) if self.pairs is None else len(self.pairs)
+
+    def with_captions(self, first: int | None = None) -> FeatureDataset:
+        """The same videos, one sample per (video, caption) for the first `first` captions of each
+        (all if None): what evaluation scores. Caption-major order (every video's first caption, then
+        every second caption, ...), so with one caption per video the samples are this dataset's own,
+        and neighbours in a batch are different videos (the shuffled-query control needs that)."""
+        counts = np.array([len(c) for c in all_captions(self._store_for_this_process(), self.slots)], np.int64)
+        counts = np.minimum(counts, first) if first is not None else counts
+        ds = copy.copy(self)
+        ds.pairs = np.array([(v, j) for j in range(int(counts.max(initial=0))) for v in np.flatnonzero(counts > j)],
+                            dtype=np.int64).reshape(-1, 2)
+        return ds
 
     def set_epoch(self, epoch: int) -> None:
         """Random frame offsets are a function of (seed, epoch, index), so a resumed run repeats them."""
@@ -126,11 +141,28 @@ class FeatureDataset(Dataset):
             self._store, self._store_pid = FeatureStore.open(self.path), os.getpid()
         return self._store
 
-    def frames_for(self, index: int) -> np.ndarray:
+    def frames_for(self, index: int, epoch: int | None = None) -> np.ndarray:
         offset = 0.5
         if self.frame_sampling == "random":
-            offset = float(np.random.default_rng((self.seed, self.epoch, index)).random())
+            epoch = self.epoch if epoch is None else epoch
+            offset = float(np.random.default_rng((self.seed, epoch, index)).random())
         return frame_indices(self.stored_frames, self.num_frames, offset)
+
+    def caption_of(self, row: dict[str, Any], index: int, epoch: int | None = None) -> str:
+        """The caption sample `index` takes: its pair's caption (with_captions), else one of the video's
+        captions chosen from (seed, epoch, index), so a resumed run takes the same one."""
+        captions = row.get("captions") or [row["caption"]]  # format 2 rows carry one caption
+        if self.pairs is not None:
+            return captions[int(self.pairs[index, 1])]
+        if len(captions) == 1:
+            return captions[0]
+        epoch = self.epoch if epoch is None else epoch
+        return captions[int(np.random.default_rng((self.seed, epoch, index, 1)).integers(len(captions)))]
+
+    def _rows(self, indices: list[int], epoch: int | None, out: dict[str, np.ndarray] | None = None) -> list[dict]:
+        videos = [int(i) if self.pairs is None else int(self.pairs[i, 0]) for i in indices]
+        return self._store_for_this_process().read_slots([int(self.slots[v]) for v in videos],
+                                                         [self.frames_for(v, epoch) for v in videos], out)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])[0]
@@ -138,23 +170,59 @@ class FeatureDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
         """A whole batch in one store call (the DataLoader uses this when present): shard indexes and
         captions in one batch of reads, then every frame range in another (concurrent when remote)."""
-        rows = self._store_for_this_process().read_slots([int(self.slots[i]) for i in indices],
-                                                         [self.frames_for(i) for i in indices])
+        rows = self._rows(indices, None)
         return [self._item(row, index) for row, index in zip(rows, indices, strict=True)]
 
-    @staticmethod
-    def _item(row: dict[str, Any], index: int) -> dict[str, Any]:
+    def read_batch(self, indices: list[int], epoch: int | None = None, memory: str = "plain") -> dict[str, Any]:
+        """A batch, assembled where it is read: the frames go from the store straight into batch-shaped
+        tensors (one copy), allocated in shared memory (`memory="shared"`: a DataLoader worker hands
+        them to the main process without copying) or pinned memory (`"pinned"`: ready for an
+        asynchronous copy to the GPU). `epoch` overrides `set_epoch` (workers that outlive an epoch)."""
+        arrays = self._store_for_this_process().arrays
+        names = [n for n in FRAME_ARRAYS if n in arrays]
+        tensors = {}
+        for n in names:
+            shape, dtype = (len(indices), self.num_frames, *arrays[n].shape[2:]), _TORCH[np.dtype(arrays[n].dtype)]
+            tensors[n] = (_shared_empty(shape, dtype) if memory == "shared"
+                          else torch.empty(shape, dtype=dtype, pin_memory=memory == "pinned"))
+        rows = self._rows(indices, epoch, {n: t.numpy() for n, t in tensors.items()})
+        batch: dict[str, Any] = dict(tensors)
+        batch["captions"] = [self.caption_of(r, i, epoch) for r, i in zip(rows, indices, strict=True)]
+        batch["references"] = [r.get("captions") or [r["caption"]] for r in rows]
+        batch["video_ids"] = [r["video_id"] for r in rows]
+        batch["index"] = torch.tensor([int(i) if self.pairs is None else int(self.pairs[i, 0]) for i in indices])
+        return batch
+
+    def _item(self, row: dict[str, Any], index: int) -> dict[str, Any]:
         item = {
             "dino": torch.from_numpy(row["dino"]),
             "latents": torch.from_numpy(row["latents"]),
             "timestamps": torch.from_numpy(row["timestamps"]),
-            "caption": row["caption"],
+            "caption": self.caption_of(row, index),
+            "captions": row.get("captions") or [row["caption"]],
             "video_id": row["video_id"],
-            "index": index,
+            "index": index if self.pairs is None else int(self.pairs[index, 0]),
         }
         if "dino_scale" in row:
             item["dino_scale"] = torch.from_numpy(row["dino_scale"])
         return item
+
+
+_TORCH = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32, np.dtype(np.int8): torch.int8,
+          np.dtype(np.float64): torch.float64}
+
+
+def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor in shared memory (`share_memory_()` would allocate, then copy)."""
+    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
+
+
+def all_captions(store: FeatureStore, slots: np.ndarray) -> list[list[str]]:
+    """Every caption of each slot: the store's caption lists (format 3), else its one caption."""
+    if hasattr(store, "captions"):
+        return store.captions(slots)
+    return [[c] for c in store.read_strings("caption", slots)]
 
 
 class Splits(NamedTuple):
@@ -197,7 +265,10 @@ class CaptionCollator:
             labels[i, : len(seq)] = torch.tensor(seq)
         return input_ids, labels
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, items: list[dict[str, Any]] | dict[str, Any]) -> dict[str, Any]:
+        """A batch from a list of items (stacked), or a batch `read_batch` assembled (only tokenised)."""
+        if isinstance(items, dict):
+            return {**items, **dict(zip(("input_ids", "labels"), self.tokenize(items["captions"]), strict=True))}
         input_ids, labels = self.tokenize([it["caption"] for it in items])
         batch = {
             "dino": torch.stack([it["dino"] for it in items]),
@@ -207,6 +278,7 @@ class CaptionCollator:
             "index": torch.tensor([it["index"] for it in items]),
             "captions": [it["caption"] for it in items],
             "video_ids": [it["video_id"] for it in items],
+            "references": [it.get("captions") or [it["caption"]] for it in items],
         }
         if "dino_scale" in items[0]:
             batch["dino_scale"] = torch.stack([it["dino_scale"] for it in items])

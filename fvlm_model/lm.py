@@ -11,8 +11,10 @@ import string
 from urllib.parse import urlparse
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import (
+    AttentionInterface,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -24,6 +26,7 @@ from transformers import (
 
 DEFAULT_LM = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TINY = "tiny"
+CAUSAL_SDPA = "fvlm_causal_sdpa"  # the attention implementation every LM loaded here uses
 
 PAD, UNK, EOS = "<pad>", "<unk>", "<|endoftext|>"
 # Single characters: any lowercase ascii word splits into these, so ascii text never becomes <unk>.
@@ -38,6 +41,37 @@ DEFAULT_WORDS = [
     "fast", "slow", "bounces", "rotates", "grows", "shrinks", "small", "large", "big", "tiny",
     "background", "frame", "scene", "object",
 ]
+
+
+def causal_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          **kwargs: object) -> tuple[torch.Tensor, None]:
+    """Causal attention as SDPA's fast kernels want it, eager and compiled alike: `is_causal=True` and
+    no mask tensor, K/V heads shared natively (`enable_gqa`, no `repeat_kv`).
+
+    transformers makes no mask for an attention implementation it has no mask function for, so this
+    one never gets one: this project never pads on the left and never passes a padding mask (right
+    padding is causal-masked from every real position). A query of one token after a cache attends
+    to everything; a longer chunk after a cache gets the lower-right causal mask (not used here)."""
+    if attention_mask is not None:
+        raise ValueError(f"{CAUSAL_SDPA} takes no attention mask (this project passes none)")
+    q_len, kv_len = query.shape[2], key.shape[2]
+    mask, causal = None, q_len > 1
+    if causal and kv_len != q_len:
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        causal = False
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                         is_causal=causal, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(CAUSAL_SDPA, causal_sdpa_attention)
+
+
+def use_causal_sdpa(model: PreTrainedModel) -> PreTrainedModel:
+    """Switch a loaded LM to `causal_sdpa_attention` (same weights, same results as "sdpa")."""
+    model.set_attn_implementation(CAUSAL_SDPA)
+    return model
 
 
 def build_tokenizer_tiny(words: list[str] | None = None) -> PreTrainedTokenizerFast:
@@ -190,9 +224,9 @@ def load_lm(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = LlamaForCausalLM(config)
-        return model, tokenizer
+        return use_causal_sdpa(model), tokenizer
 
     tokenizer, model = _load_pretrained(name_or_preset)
     tokenizer.padding_side = "right"
     _ensure_pad_token(model, tokenizer)
-    return model, tokenizer
+    return use_causal_sdpa(model), tokenizer

@@ -41,11 +41,15 @@ class Checkpoint:
         only the `keep` newest step files stay."""
         step_path = run_dir / f"checkpoint_step{self.step:08d}.pt"
         state = {f.name: getattr(self, f.name) for f in fields(self)}
-        atomic_torch_save({"format": FORMAT, "version": VERSION, **state, "config": self.config.to_dict()}, step_path)
+        # Written under a hidden name, made the latest, then given its step name: whoever sees the step
+        # file also finds it as checkpoint_latest.pt (a kill in between leaves only a hidden file).
+        pending = run_dir / f".{step_path.name}.pending"
+        atomic_torch_save({"format": FORMAT, "version": VERSION, **state, "config": self.config.to_dict()}, pending)
         tmp = run_dir / f".checkpoint_latest.tmp{os.getpid()}"
         tmp.unlink(missing_ok=True)
-        os.link(step_path, tmp)
+        os.link(pending, tmp)
         os.replace(tmp, run_dir / "checkpoint_latest.pt")
+        os.replace(pending, step_path)
         for old in sorted(run_dir.glob("checkpoint_step*.pt"))[:-keep]:
             old.unlink()
         return step_path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from typing import Any
 
@@ -31,10 +32,8 @@ def evaluate(model: FoveatedVLM, loader: Iterable[dict[str, Any]], device: torch
     """
     was_training = model.training
     model.eval()
-    cap, tokens, rec, shuffled = [], [], [], []
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
+    cap, tokens, rec, shuffled, videos = [], [], [], [], []
+    for batch in itertools.islice(loader, max_batches):  # no batch is read beyond the cap
         batch = to_device(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = model(batch["dino"], batch["latents"], batch["input_ids"], batch["labels"], score_all_passes=True)
@@ -47,15 +46,20 @@ def evaluate(model: FoveatedVLM, loader: Iterable[dict[str, Any]], device: torch
         cap.append(out["cap_sum"].double().cpu())
         tokens.append(out["cap_tokens"].double().cpu())
         rec.append(out["rec_per_sample"].double().cpu())
+        videos.append(batch["index"].cpu() if "index" in batch else torch.arange(n) + sum(map(len, videos)))
     model.train(was_training)
     if not cap:
         return {}
-    cap_sum, tok, rec_err = torch.cat(cap, 1).numpy(), torch.cat(tokens).numpy(), torch.cat(rec, 1).numpy()
+    # Per video: sums over the captions scored (a video with K captions is K samples of one video).
+    video, per = per_video(torch.cat(videos).numpy())
+    cap_sum, tok = per(torch.cat(cap, 1).numpy()), per(torch.cat(tokens).numpy())
+    rec_err = per(torch.cat(rec, 1).numpy()) / per(np.ones(len(video)))  # the same frames: the mean
     m = pass_metrics(cap_sum.sum(1), tok.sum(), rec_err.sum(1), len(tok), model.config)
     m["num_videos"] = len(tok)
+    m["num_captions"] = len(video)
     m["cap_ratio_ci"] = list(bootstrap_ratio_ci(cap_sum[0], cap_sum[-1]))
     if shuffled:
-        loss = torch.cat(shuffled).numpy()
+        loss = per(torch.cat(shuffled).numpy())
         keep = ~np.isnan(loss)
         if keep.any():
             m["cap_fine_shuffled"] = float(loss[keep].sum() / tok[keep].sum())
@@ -63,6 +67,23 @@ def evaluate(model: FoveatedVLM, loader: Iterable[dict[str, Any]], device: torch
             m["shuffled_ratio_ci"] = list(bootstrap_ratio_ci(loss[keep], cap_sum[-1][keep]))
     m["verdict"] = verdict(m)
     return m
+
+
+def per_video(video: np.ndarray) -> tuple[np.ndarray, Any]:
+    """(each sample's video, a function summing per-sample values [..., samples] per video [..., videos]),
+    videos in order of first appearance (with one caption per video: the samples themselves)."""
+    _, first, inverse = np.unique(video, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    slot = rank[inverse]
+
+    def per(values: np.ndarray) -> np.ndarray:
+        out = np.zeros((*values.shape[:-1], len(order)), np.float64)
+        np.add.at(out, (..., slot), values)
+        return out
+
+    return slot, per
 
 
 def log_validation(writer: SummaryWriter, m: dict[str, Any], step: int) -> None:

@@ -27,10 +27,16 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class IntervalLog:
-    """The sums of the steps since the last log; a loss is logged only for steps that were taken."""
+    """The sums of the steps since the last log, kept on the device: a step adds to them without
+    reading anything back, and `counts`/`metrics` read them when the loop logs. A loss is logged
+    only for steps that were taken; non-finite steps are counted, with the longest run of them."""
 
-    def __init__(self) -> None:
-        self.acc = torch.zeros(len(SUMS) + 2, dtype=torch.float64)  # SUMS, grad-norm sum, finite steps
+    def __init__(self, device: torch.device | None = None, nonfinite_total: int = 0) -> None:
+        self.device = device or torch.device("cpu")
+        # SUMS, grad-norm sum, finite steps | non-finite steps, current run, longest run (this interval)
+        self.acc = torch.zeros(len(SUMS) + 2, dtype=torch.float64, device=self.device)
+        self.bad = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.nonfinite_total, self.longest_run = nonfinite_total, 0
         self.samples, self.start = 0, time.time()
 
     def reset(self) -> None:
@@ -38,23 +44,39 @@ class IntervalLog:
         self.samples, self.start = 0, time.time()
 
     def add(self, result: dict[str, Any], samples: int) -> None:
-        """One `train_step` result over `samples` videos (of every rank)."""
+        """One `train_step` result over `samples` videos (of every rank): device tensors (read=False)
+        or the host values of read=True."""
         self.samples += samples
-        if result["finite"]:
-            self.acc += torch.cat([result["sums"], torch.tensor([result["grad_norm"], 1.0], dtype=torch.float64)])
+        dev = self.device
+        finite = torch.as_tensor(result["finite"], device=dev)
+        values = torch.cat([torch.as_tensor(result["sums"], device=dev).double(),
+                            torch.as_tensor(result["grad_norm"], device=dev).double().reshape(1),
+                            torch.ones(1, dtype=torch.float64, device=dev)])
+        self.acc += torch.where(finite, values, torch.zeros_like(values))
+        run = torch.where(finite, torch.zeros_like(self.bad[1]), self.bad[1] + 1)
+        self.bad.copy_(torch.stack([self.bad[0] + (~finite).double(), run, torch.maximum(self.bad[2], run)]))
 
-    def metrics(self, lr: float, nonfinite_total: int, config: ModelConfig, device: torch.device,
-                world_size: int) -> dict[str, float]:
+    def counts(self) -> int:
+        """Read the non-finite counters (a host read): the steps skipped since the last read, added to
+        `nonfinite_total`; `longest_run` is the longest run of consecutive skipped steps seen since."""
+        skipped, run, longest = (int(x) for x in self.bad.tolist())
+        self.nonfinite_total += skipped
+        self.longest_run = longest
+        self.bad.copy_(torch.tensor([0.0, run, run], dtype=torch.float64))
+        return skipped
+
+    def metrics(self, lr: float, config: ModelConfig, device: torch.device, world_size: int) -> dict[str, float]:
         """The interval's metrics (a collective: every rank calls it), and a new interval."""
         total = all_sum(self.acc[: len(SUMS)].to(device), world_size).cpu()  # every rank's videos
+        acc = self.acc.cpu()
         m: dict[str, float] = {"lr": lr, "samples_per_s": self.samples / (time.time() - self.start),
-                               "peak_memory_gb": peak_memory_gb(device), "nonfinite_steps": nonfinite_total}
-        if self.acc[-1] > 0:
+                               "peak_memory_gb": peak_memory_gb(device), "nonfinite_steps": self.nonfinite_total}
+        if acc[-1] > 0:
             sums = dict(zip(SUMS, total.tolist(), strict=True))
             metrics = pass_metrics([sums["cap_sum_coarse"], sums["cap_sum_fine"]], sums["cap_tokens"],
                                    [sums["rec_sum_coarse"], sums["rec_sum_fine"]], sums["videos"], config)
             m.update({k: v for k, v in metrics.items() if not isinstance(v, list)})
-            m["grad_norm"] = float(self.acc[-2] / self.acc[-1])
+            m["grad_norm"] = float(acc[-2] / acc[-1])
         self.reset()
         return m
 

@@ -38,7 +38,9 @@ def visual_samples(store: FeatureStore, ds: FeatureDataset, count: int) -> tuple
 def caption_table(model: FoveatedVLM, tokenizer: Any, batch: dict[str, Any], max_tokens: int,
                   modes: tuple[str, ...] = ("coarse", "fine")) -> list[dict[str, str]]:
     """Greedy captions of each mode beside the ground truth."""
-    rows = [{"video_id": v, "truth": c} for v, c in zip(batch["video_ids"], batch["captions"], strict=True)]
+    references = batch.get("references") or [[c] for c in batch["captions"]]
+    rows = [{"video_id": v, "truth": c, "references": r}
+            for v, c, r in zip(batch["video_ids"], batch["captions"], references, strict=True)]
     for mode in modes:
         ids = generate_captions(model, batch["dino"], tokenizer.eos_token_id, max_tokens=max_tokens, mode=mode)
         for row, seq in zip(rows, ids, strict=True):

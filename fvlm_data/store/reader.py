@@ -145,9 +145,12 @@ class FeatureStore(ShardObjects):
         return [(key, offset, view[first * frame_bytes : end * frame_bytes])
                 for offset, first, end in index.frame_ranges(j, idx, frame_bytes)]
 
-    def read_slots(self, slots: list[int], frames: list[np.ndarray | None]) -> list[dict[str, Any]]:
+    def read_slots(self, slots: list[int], frames: list[np.ndarray | None],
+                   out: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
         """Rows of many slots at once: shard indexes and captions in one batch, then every frame
-        range in one batch (concurrent requests on a remote store)."""
+        range in one batch (concurrent requests on a remote store). `out` (optional) gives the batch
+        buffers to read into, one per frame array, [len(slots), frames, ...] of its dtype (e.g. in
+        shared or pinned memory): the bytes are then copied once, from the file into them."""
         frame_names = [n for n in FRAME_ARRAYS if n in self.arrays]
         shards = [s // self.shard_videos for s in slots]
         indexes = self._indexes([(n, sh) for sh in shards for n in frame_names])
@@ -161,6 +164,10 @@ class FeatureStore(ShardObjects):
         batch = ({n: np.empty((len(slots), len(frames[0]), *self.arrays[n].shape[2:]),
                               dtype=np.dtype(self.arrays[n].dtype)) for n in frame_names}
                  if len(slots) > 1 and same_length else None)
+        if out is not None:
+            if not same_length or any(out[n].shape[:2] != (len(slots), len(frames[0])) for n in frame_names):
+                raise ValueError("read_slots: `out` needs one [slots, frames, ...] buffer per frame array")
+            batch = out
         rows, requests, checks = [], [], []
         for b, (slot, shard, want) in enumerate(zip(slots, shards, frames, strict=True)):
             for name, values in small.items():
