@@ -284,7 +284,13 @@ def test_folder_with_sidecars(video_folder, tmp_path):
     assert list_inputs(videos=str(root)) == items  # deterministic
 
 
+def own_copy(video_folder: Path, tmp_path: Path) -> Path:
+    """A test that writes a manifest beside the videos works on a copy: `video_folder` is shared."""
+    return Path(shutil.copytree(video_folder, tmp_path / "videos"))
+
+
 def test_csv_and_jsonl_manifests(video_folder, tmp_path):
+    video_folder = own_copy(video_folder, tmp_path)
     csv_path = video_folder / "list.csv"
     csv_path.write_text('path,caption,video_id\na.mp4,"a caption, with comma",first\nsub/c.mp4,,\n')
     items = list_inputs(videos=str(csv_path))
@@ -299,6 +305,7 @@ def test_csv_and_jsonl_manifests(video_folder, tmp_path):
 
 
 def test_a_csv_saved_by_excel_with_a_byte_order_mark_reads_like_one_without(video_folder, tmp_path):
+    video_folder = own_copy(video_folder, tmp_path)
     text = ('path,caption,start,end,captions\na.mp4,whole,,,\n'
             'a.mp4,a segment,1.5,4,"[""another"", ""a third""]"\n')
     plain, excel = video_folder / "plain.csv", video_folder / "excel.csv"
