@@ -72,8 +72,8 @@ from fvlm_train.visuals import caption_table, log_visuals, visual_samples
               "ranks on this machine, less one for the loop; at most 16).")
 @click.option("--device", default=None, help="Device [default: cuda if available, else cpu].")
 @click.option("--compile/--no-compile", "compile_model", default=None, help="torch.compile the training step "
-              "(captions padded to half or all of --max-caption-tokens: two graphs; CUDA graphs on CUDA, "
-              "plain compilation if they fail) [default: on for CUDA, off for CPU].")
+              "(captions padded to half or all of --max-caption-tokens: two graphs; CUDA graphs on CUDA with "
+              "--grad-accum 1, plain compilation if they fail) [default: on for CUDA, off for CPU].")
 @click_options
 def main(store: str, out: str | None, resume: str | None, eval_only: bool, json_path: str | None, captions: int,
          other_split: bool, other_store: bool, workers: int, device: str | None, compile_model: bool | None,
@@ -241,7 +241,7 @@ def train(store_path: str, run_dir: Path, resume: Path | None, given: dict[str, 
     # `model` itself (so state_dict keys carry no prefix).
     fn = DistributedDataParallel(model) if world_size > 1 else model
     use_compile = compile_model if compile_model is not None else device.type == "cuda"
-    compiled = CompiledStep(fn, device) if use_compile else None
+    compiled = CompiledStep(fn, device, config.grad_accum) if use_compile else None
     if not len(splits.val) and main_rank:
         click.echo(f"note: no held-out videos at --val-fraction {config.val_fraction} (of {len(store)} in "
                    f"{store_path}): validation is skipped; raise --val-fraction to validate", err=True)

@@ -20,10 +20,17 @@ def caption_bucket(batch: dict[str, Any], max_caption_tokens: int) -> int:
 
 
 class CompiledStep:
-    """`train_step` through `torch.compile(fn)`; `mode="reduce-overhead"` (CUDA graphs) on CUDA."""
+    """`train_step` through `torch.compile(fn)`; `mode="reduce-overhead"` (CUDA graphs) on CUDA with one
+    micro-batch per step. With gradient accumulation CUDA graphs are off: cudagraph trees hand the first
+    micro-batch's gradients to `.grad` without a copy and the next replay overwrites them, which gives
+    wrong accumulated gradients or an error (pytorch/pytorch#169545, #96693)."""
 
-    def __init__(self, fn: torch.nn.Module, device: torch.device) -> None:
-        self.plain, self.cuda_graphs = fn, device.type == "cuda"
+    def __init__(self, fn: torch.nn.Module, device: torch.device, grad_accum: int = 1) -> None:
+        self.plain, self.cuda_graphs = fn, device.type == "cuda" and grad_accum == 1
+        if device.type == "cuda" and grad_accum > 1:
+            click.echo(f"--compile: no CUDA graphs with --grad-accum {grad_accum} (they corrupt accumulated "
+                       "gradients); --grad-accum 1 with a larger --batch-size gives the same update with them",
+                       err=True)
         self.fn = torch.compile(fn, dynamic=False, mode="reduce-overhead" if self.cuda_graphs else None)
         self.compile_s = 0.0
 
