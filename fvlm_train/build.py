@@ -11,7 +11,7 @@ from fvlm_model import FoveatedVLM, ModelConfig, load_lm
 
 from . import TrainError
 from .checkpoint import Checkpoint
-from .config import RunConfig, check_store
+from .config import RunConfig, check_store, check_store_identity
 
 
 def model_config(config: RunConfig, attrs: dict[str, Any]) -> ModelConfig:
@@ -41,6 +41,7 @@ def load_trained(store_path: str, checkpoint: str | Path) -> tuple[FoveatedVLM, 
     ckpt = Checkpoint.load(Path(checkpoint))
     store = FeatureStore.open(store_path)
     check_store(ckpt.config, store.attrs, store_path)
+    check_store_identity(ckpt.config, store.attrs, store_path)
     model, tokenizer = build_model(ckpt.config, store.attrs)
     model.load_state_dict(ckpt.model)
     return model.eval(), tokenizer, ckpt.config, store, ckpt.step
