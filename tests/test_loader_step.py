@@ -24,7 +24,8 @@ SHAPES = FeatureShapes(num_frames=6, dino_tokens=5, dino_dim=8, latent_shape=(4,
 WORDS = ["red", "green", "blue", "circle", "square", "moves", "left", "right", "a", "the"]
 
 
-def build_store(path, n=24):
+def build_store(path, n=24, lists=False):
+    """n videos; with `lists`, three captions each (the first is `caption`), in the caption table."""
     attrs = dict(dino="tiny", vae="tiny", num_frames=6, image_size=56, feature_dtype="float16", dino_tokens=5,
                  dino_dim=8, latent_shape=[4, 7, 7])
     store = FeatureStore.create_or_open(path, attrs, SHAPES, capacity=n, shard_videos=8)
@@ -33,10 +34,11 @@ def build_store(path, n=24):
     for i in range(n):
         if i // 8 not in buffers:
             buffers[i // 8] = store.shard_buffer(i // 8)
-        words = rng.choice(WORDS, size=2 + i % 4).tolist()
+        caption = " ".join(rng.choice(WORDS, size=2 + i % 4).tolist())
+        captions = [caption, caption + " left", "the " + caption] if lists else ()
         buffers[i // 8].add_row(i, dino=rng.standard_normal((6, 5, 8)), latents=np.full((6, 4, 7, 7), float(i)),
-                                caption=" ".join(words), video_id=f"v{i:03d}", source=f"/v/{i}.mp4",
-                                timestamps=np.arange(6) + 0.5, duration=6.0)
+                                caption=caption, video_id=f"v{i:03d}", source=f"/v/{i}.mp4",
+                                timestamps=np.arange(6) + 0.5, duration=6.0, captions=captions)
     for buf in buffers.values():
         buf.publish()
     return path
@@ -47,20 +49,9 @@ def store_path(tmp_path_factory):
     return build_store(tmp_path_factory.mktemp("ls") / "s.zarr")
 
 
-@pytest.fixture
-def caption_lists(monkeypatch):
-    """Rows with three captions each (first == `caption`), as format-3 stores give them (`captions`,
-    the helpers' contract) until that reader is merged: the real rows, one key added."""
-    read = FeatureStore.read_slots
-
-    def with_lists(self, slots, frames, out=None):
-        rows = read(self, slots, frames, out)
-        for r in rows:
-            r["captions"] = [r["caption"], r["caption"] + " left", "the " + r["caption"]]
-        return rows
-
-    monkeypatch.setattr(FeatureStore, "read_slots", with_lists)
-    monkeypatch.setattr(FeatureStore, "captions", lambda self, slots: [["x"] * 3 for _ in slots], raising=False)
+@pytest.fixture(scope="module")
+def listed_store(tmp_path_factory):
+    return build_store(tmp_path_factory.mktemp("ls") / "lists.zarr", lists=True)
 
 
 def tiny(store_path):
@@ -145,7 +136,8 @@ def test_compiled_attention_reaches_sdpa_causal_without_a_mask(store_path):
     torch.testing.assert_close(out["loss"], ref["loss"], rtol=1e-5, atol=1e-6)
 
 
-def test_caption_chosen_for_a_sample_repeats_after_resume(store_path, caption_lists):
+def test_caption_chosen_for_a_sample_repeats_after_resume(listed_store):
+    store_path = listed_store
     tokenizer = load_lm("tiny")[1]
     ds = FeatureDataset(store_path, num_frames=4, split="all", seed=5)
     collate = CaptionCollator(tokenizer)
@@ -157,7 +149,9 @@ def test_caption_chosen_for_a_sample_repeats_after_resume(store_path, caption_li
     assert [next(resumed)["captions"] for _ in range(5)] == seq[4:]
 
 
-def test_evaluation_scores_every_caption_per_video(store_path, caption_lists):
+def test_evaluation_scores_every_caption_per_video(listed_store):
+    store_path = listed_store
+    assert FeatureStore.open(store_path).read(0)["captions"][1].endswith(" left")  # from the caption table
     model, tokenizer = tiny(store_path)
     collate = CaptionCollator(tokenizer)
     ds = FeatureDataset(store_path, num_frames=4, split="all")
