@@ -120,8 +120,8 @@ def _new_round(out: Path, args, decoded: list) -> dict:
                               workers=0, batch_videos=args.videos, quiet=True, shard_videos=64)
     clock = _Clock()
     shards, writer = pipeline._ShardsInProgress, pipeline.BackgroundWriter
-    saved = pipeline._decoded_in_order, pipeline.stored_features, shards.add_rows, writer.submit
-    pipeline._decoded_in_order = lambda executor, items, window, decoding: iter(decoded)
+    saved = pipeline.decoded_in_order, pipeline.stored_features, shards.add_rows, writer.submit
+    pipeline.decoded_in_order = lambda executor, items, window, decoding: iter(decoded)
     pipeline.stored_features = clock.wrap("convert", saved[1])
     shards.add_rows = clock.wrap("add_rows", saved[2])
     writer.submit = clock.wrap("submit", saved[3])
@@ -130,7 +130,7 @@ def _new_round(out: Path, args, decoded: list) -> dict:
         pipeline.run_precompute(config, [item for _, item, _ in decoded], encoders, progress=False)
         wall = time.perf_counter() - t0
     finally:
-        pipeline._decoded_in_order, pipeline.stored_features, shards.add_rows, writer.submit = saved
+        pipeline.decoded_in_order, pipeline.stored_features, shards.add_rows, writer.submit = saved
     batches = len(encoders.calls)
     return {**_between_encodes(encoders, clock),
             "convert_ms": 1e3 * clock.total("convert", "MainThread", wall=False) / batches,
