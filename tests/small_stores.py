@@ -35,17 +35,3 @@ def small_store(path: str | os.PathLike, video_ids: list[str], shard_videos: int
                             source=f"/v/{video_ids[slot]}.mp4", timestamps=np.arange(4) + 0.5, duration=4.0)
         buf.publish()
     return store
-
-
-def add_file_id_array(path: str | os.PathLike, file_ids: list[str]) -> None:
-    """Give a local store without one a `file_id` array (laid out like `caption`) holding `file_ids`:
-    what store format 3 writes from each input's file_id, for split tests on a branch without it."""
-    import shutil
-    from pathlib import Path
-
-    import zarr
-
-    root = Path(path)
-    (root / "file_id").mkdir()
-    shutil.copy(root / "caption" / "zarr.json", root / "file_id" / "zarr.json")
-    zarr.open_array(str(root / "file_id"), mode="r+")[:] = np.array(file_ids, dtype=object)

@@ -18,7 +18,7 @@ from fvlm_data.inspect import inspect_store
 from fvlm_data.sources import Decoding, VideoInput, list_inputs, load_file_frames, load_frames
 from fvlm_data.workers import InlineExecutor, decoded_in_order, file_groups
 from tests.conftest import write_video
-from tests.small_stores import add_file_id_array, small_store
+from tests.small_stores import small_store
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -198,13 +198,10 @@ def test_precompute_of_segments_writes_the_good_ones_and_records_the_bad(segment
         "too short": 1, "segment outside the file": 1, "bad segment": 1}
 
 
-def test_the_split_never_separates_two_segments_of_one_file(segment_store, manifest, tmp_path):
+def test_the_split_never_separates_two_segments_of_one_file(segment_store):
     path = segment_store[0]
-    if "file_id" not in FeatureStore.open(path).arrays:
-        # This store format has no file_id array: give a copy the one format 3 writes from the inputs.
-        path = Path(shutil.copytree(path, tmp_path / "with_file_ids.zarr"))
-        add_file_id_array(path, [it.file_id or it.video_id for it in list_inputs(videos=str(manifest))])
     store = FeatureStore.open(path)
+    assert "file_id" in store.arrays  # format 3 records each row's file
     slots = store.committed_slots()
     file_of = dict(zip(slots.tolist(), store.file_ids(slots), strict=True))
     assert sorted(file_of.values()) == ["long"] * 4 + ["short"] * 2
