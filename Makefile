@@ -17,5 +17,6 @@ demo: setup
 lint:
 	$(PY) -m ruff check .
 
+# One process per core; a file's tests stay together (they share module fixtures: stores, servers, models).
 test: setup lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
