@@ -1,11 +1,12 @@
-"""Open-time scaling of the format-2 store: files on disk, FeatureStore.open and a train split.
+"""Open-time scaling of the store: files on disk, FeatureStore.open, a train split and `inspect`.
 
     python -m bench.store_scale                         # 10K, 100K and 1M slots under /tmp/fvlm_store_scale
     python -m bench.store_scale --sizes 10000 --root DIR
 
 Each store has the real feature shapes in its metadata (24 x 325 x 384 DINO tokens, 24 x 4 x 32 x 32
 latents) and every small per-video array filled (caption, video_id, source, failure, timestamps,
-duration, committed: all slots committed), written by zarr-python itself; the features stay
+duration, committed: all slots committed; format 3's captions and file_id too, one caption per
+video), written by zarr-python itself; the features stay
 unwritten (no feature objects), which opening never touches anyway. Timings are medians of
 `--repeats` fresh opens in this process, pinned to one core.
 """
@@ -26,6 +27,7 @@ try:
 except ModuleNotFoundError:  # `python bench/store_scale.py` puts bench/ on the path, not the repository
     raise SystemExit("run it from the repository root as a module: python -m bench.store_scale") from None
 from fvlm_data import FeatureDataset, FeatureStore
+from fvlm_data.inspect import inspect_store
 
 ATTRS = dict(dino="facebook/dinov2-small", vae="stabilityai/sd-vae-ft-mse", image_size=448)
 
@@ -40,6 +42,8 @@ def build(path: Path, n: int, shard_videos: int | None) -> None:
         "caption": np.array([f"a caption of about this length for video {i}" for i in range(n)], dtype=object),
         "source": np.array([f"s3://bucket/videos/{i:08d}.mp4" for i in range(n)], dtype=object),
         "failure": np.full(n, "", dtype=object),
+        "captions": np.full(n, "", dtype=object),  # one caption per video: the common case
+        "file_id": ids,  # whole videos: the split hashes these, as it hashed the video ids before
         "timestamps": np.broadcast_to(np.arange(T, dtype=np.float32) + 0.5, (n, T)),
         "duration": np.full(n, 24.0, dtype=np.float32),
         "committed": np.ones(n, dtype=np.uint8),  # last
@@ -70,7 +74,8 @@ def main() -> None:
     args = parser.parse_args()
     pin_to_one_core()
     print(f"shard_videos={args.shard_videos or 'the store default'}; medians of {args.repeats} opens; one core")
-    print(f"{'slots':>10} {'build s':>8} {'files':>8} {'open+len s':>10} {'train split s':>14} {'train videos':>13}")
+    print(f"{'slots':>10} {'build s':>8} {'files':>8} {'open+len s':>10} {'train split s':>14} {'train videos':>13} "
+          f"{'inspect s':>10}")
     for n in args.sizes:
         path = args.root / f"s{n}-{args.shard_videos or 'default'}.zarr"
         built = "reused"
@@ -83,8 +88,9 @@ def main() -> None:
         open_s = median_seconds(lambda p=path: len(FeatureStore.open(p)), args.repeats)
         split_s = median_seconds(lambda p=path: FeatureDataset(p, num_frames=16, split="train"), args.repeats)
         train = len(FeatureDataset(path, num_frames=16, split="train"))
-        print(f"{n:>10,} {built:>8} {count_files(path):>8,} {open_s:>10.2f} {split_s:>14.2f} {train:>13,}",
-              flush=True)
+        inspect_s = median_seconds(lambda p=path: inspect_store(str(p)), args.repeats)
+        print(f"{n:>10,} {built:>8} {count_files(path):>8,} {open_s:>10.2f} {split_s:>14.2f} {train:>13,} "
+              f"{inspect_s:>10.2f}", flush=True)
 
 
 if __name__ == "__main__":

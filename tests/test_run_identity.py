@@ -234,7 +234,7 @@ def test_an_error_raised_in_a_dataloader_worker_is_printed_as_its_own_line():
     from torch._utils import ExceptionWrapper
 
     from fvlm_data.store import StoreError
-    from train import one_line
+    from fvlm_train.command_line import one_line
 
     try:
         raise StoreError("GET s3://b/s.zarr/dino/c/0/0/0/0 failed 10 times (HTTP 503 SlowDown): ...")
