@@ -37,6 +37,7 @@ import argparse
 import gc
 import os
 import resource
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,30 +46,30 @@ from typing import Any
 import numpy as np
 import torch
 
-try:
-    from bench.common import (
-        LATENT,
-        TIMESTAMPS,
-        WANT,
-        WORDS,
-        D,
-        N,
-        T,
-        create_store,
-        evict,
-        fmt_bytes,
-        io_counters,
-        median,
-        pin_to_one_core,
-        resident_fraction,
-        shard_files,
-        synthetic_caption,
-        synthetic_features,
-        synthetic_latents,
-        work_folder,
-    )
-except ModuleNotFoundError:  # `python bench/data_path.py` puts bench/ on the path, not the repository
-    raise SystemExit("run it from the repository root as a module: python -m bench.data_path") from None
+if __package__ in (None, ""):  # `python bench/X.py` (the issues' command) puts bench/ on the path, not the root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (
+    LATENT,
+    TIMESTAMPS,
+    WANT,
+    WORDS,
+    D,
+    N,
+    T,
+    create_store,
+    evict,
+    fmt_bytes,
+    io_counters,
+    median,
+    pin_to_one_core,
+    resident_fraction,
+    shard_files,
+    synthetic_caption,
+    synthetic_features,
+    synthetic_latents,
+    work_folder,
+)
 from fvlm_data import FeatureDataset, FeatureStore
 from fvlm_data.dataset import frame_indices
 

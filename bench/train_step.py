@@ -41,10 +41,10 @@ from pathlib import Path
 
 import torch
 
-try:
-    from bench.common import LATENT, peak_flops, random_init_model, sync
-except ModuleNotFoundError:  # `python bench/train_step.py` puts bench/ on the path, not the repository
-    raise SystemExit("run it from the repository root as a module: python -m bench.train_step") from None
+if __package__ in (None, ""):  # `python bench/X.py` (the issues' command) puts bench/ on the path, not the root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import LATENT, peak_flops, random_init_model, sync
 from fvlm_model.lm import use_causal_sdpa
 from fvlm_train.host_reads import count_host_reads
 from fvlm_train.optim import make_optimizer
