@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +178,36 @@ def test_a_rerun_after_a_stop_gives_the_arrays_of_an_uninterrupted_run(segment_s
     assert "written 2 videos, skipped 5 already in the store, 2 failed" in rerun.stdout
     objects = {str(f.relative_to(reference)): f.read_bytes() for f in reference.glob("*/c/**/*") if f.is_file()}
     assert objects == {str(f.relative_to(out)): f.read_bytes() for f in out.glob("*/c/**/*") if f.is_file()}
+
+
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(clips, tmp_path):
+    """A real SIGKILL mid-run on segment rows with caption lists (27 rows, 9 shards), then the same command."""
+    rows = [{**row, "video_id": f"r{k}-{i}"} for k in range(3) for i, row in enumerate(ROWS)]
+    listing = clips / "kill.jsonl"
+    listing.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, str(ROOT / "precompute.py"), "--out", str(out), "--videos", str(listing),
+                "--preset", "tiny", "--image-size", "28", "--num-frames", "6", "--shard-videos", "3",
+                "--min-duration", "2", "--workers", "0", "--batch-videos", "1", "--quiet"]
+
+    reference = tmp_path / "uninterrupted.zarr"
+    subprocess.run(command(reference), check=True, capture_output=True, cwd=ROOT, timeout=300, env=OFFLINE)
+    out = tmp_path / "killed.zarr"
+    proc = subprocess.Popen(command(out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=OFFLINE)
+    markers = out / "committed" / "c"  # one object per published shard
+    deadline = time.time() + 120
+    while time.time() < deadline and not (markers.exists() and sum(n.isdigit() for n in os.listdir(markers)) >= 2):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    published = sum(n.isdigit() for n in os.listdir(markers))
+    assert 2 <= published < 9, f"the kill came too late to test anything ({published} of 9 shards)"
+    rerun = subprocess.run(command(out), capture_output=True, text=True, cwd=ROOT, timeout=300, env=OFFLINE)
+    assert rerun.returncode == 0, rerun.stderr
+    objects = {str(f.relative_to(reference)): f.read_bytes() for f in reference.glob("*/c/**/*") if f.is_file()}
+    assert objects == {str(f.relative_to(out)): f.read_bytes() for f in out.glob("*/c/**/*") if f.is_file()}
+    assert FeatureStore.open(out).read(1)["captions"] == ["five to twenty", "a second caption"]
 
 
 def test_precompute_of_segments_writes_the_good_ones_and_records_the_bad(segment_store):
