@@ -121,7 +121,7 @@ class FeatureDataset(Dataset):
         (all if None): what evaluation scores. Caption-major order (every video's first caption, then
         every second caption, ...), so with one caption per video the samples are this dataset's own,
         and neighbours in a batch are different videos (the shuffled-query control needs that)."""
-        counts = np.array([len(c) for c in all_captions(self._store_for_this_process(), self.slots)], np.int64)
+        counts = np.array([len(c) for c in self._store_for_this_process().captions(self.slots)], np.int64)
         counts = np.minimum(counts, first) if first is not None else counts
         ds = copy.copy(self)
         ds.pairs = np.array([(v, j) for j in range(int(counts.max(initial=0))) for v in np.flatnonzero(counts > j)],
@@ -151,7 +151,7 @@ class FeatureDataset(Dataset):
     def caption_of(self, row: dict[str, Any], index: int, epoch: int | None = None) -> str:
         """The caption sample `index` takes: its pair's caption (with_captions), else one of the video's
         captions chosen from (seed, epoch, index), so a resumed run takes the same one."""
-        captions = row.get("captions") or [row["caption"]]  # format 2 rows carry one caption
+        captions = row["captions"]  # [caption] on a format-2 store
         if self.pairs is not None:
             return captions[int(self.pairs[index, 1])]
         if len(captions) == 1:
@@ -188,7 +188,7 @@ class FeatureDataset(Dataset):
         rows = self._rows(indices, epoch, {n: t.numpy() for n, t in tensors.items()})
         batch: dict[str, Any] = dict(tensors)
         batch["captions"] = [self.caption_of(r, i, epoch) for r, i in zip(rows, indices, strict=True)]
-        batch["references"] = [r.get("captions") or [r["caption"]] for r in rows]
+        batch["references"] = [r["captions"] for r in rows]
         batch["video_ids"] = [r["video_id"] for r in rows]
         batch["index"] = torch.tensor([int(i) if self.pairs is None else int(self.pairs[i, 0]) for i in indices])
         return batch
@@ -199,7 +199,7 @@ class FeatureDataset(Dataset):
             "latents": torch.from_numpy(row["latents"]),
             "timestamps": torch.from_numpy(row["timestamps"]),
             "caption": self.caption_of(row, index),
-            "captions": row.get("captions") or [row["caption"]],
+            "captions": row["captions"],
             "video_id": row["video_id"],
             "index": index if self.pairs is None else int(self.pairs[index, 0]),
         }
@@ -216,13 +216,6 @@ def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor in shared memory (`share_memory_()` would allocate, then copy)."""
     nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
     return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
-
-
-def all_captions(store: FeatureStore, slots: np.ndarray) -> list[list[str]]:
-    """Every caption of each slot: the store's caption lists (format 3), else its one caption."""
-    if hasattr(store, "captions"):
-        return store.captions(slots)
-    return [[c] for c in store.read_strings("caption", slots)]
 
 
 class Splits(NamedTuple):
