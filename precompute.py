@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
-from urllib.parse import urlparse
 
 import click
 import torch
@@ -27,6 +25,7 @@ from click.core import ParameterSource
 
 from fvlm_data.distributed import Launch, RankGroup, torchrun_launch
 from fvlm_data.encoders import TINY, EncoderLoadError, FrozenEncoders
+from fvlm_data.hub import hub_reachable
 from fvlm_data.pipeline import PrecomputeSummary, run_precompute
 from fvlm_data.precompute_config import DEFAULT_SYNTHETIC_VIDEOS, PrecomputeConfig, click_options
 from fvlm_data.sources import list_inputs
@@ -69,19 +68,6 @@ def _check_device(device: str) -> None:
         raise click.UsageError(f"--device {device}: no {dev.type} device is available here (use cpu, cuda or cuda:N)")
 
 
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    """One TCP connection to the hub's host (fvlm_model.lm's probe, which train.py uses; not imported from
-    there, as that loads transformers: seconds before a one-line error)."""
-    from huggingface_hub import constants
-
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout_s).close()
-        return True
-    except OSError:
-        return False
-
-
 def _hub_models_reachable(config: PrecomputeConfig) -> None:
     """Hub encoders that are neither cached nor downloadable here fail now, in one line with what to do,
     instead of after the hub client's retries (~35 s); cached ones are then loaded offline, without them."""
@@ -89,7 +75,7 @@ def _hub_models_reachable(config: PrecomputeConfig) -> None:
 
     hub_ids = [m for m in (config.dino_id, config.vae_id)
                if m != TINY and not m.startswith("timm:") and not os.path.isdir(os.path.expanduser(m))]
-    if not hub_ids or not (constants.HF_HUB_OFFLINE or not _hub_reachable()):
+    if not hub_ids or not (constants.HF_HUB_OFFLINE or not hub_reachable()):
         return
     missing = [m for m in hub_ids if not isinstance(try_to_load_from_cache(m, "config.json"), str)]
     if missing:

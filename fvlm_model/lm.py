@@ -6,9 +6,7 @@ vocabulary and the same weights.
 """
 
 import os
-import socket
 import string
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +21,8 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+
+from fvlm_data.hub import hub_reachable
 
 DEFAULT_LM = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TINY = "tiny"
@@ -164,17 +164,6 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name and os.sep != "/"
 
 
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    """One TCP connection to the hub's host: fails in milliseconds without DNS, instead of the
-    hub client's ~45 s of retries."""
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout_s).close()
-        return True
-    except OSError:
-        return False
-
-
 def _load_pretrained(name: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """From a local folder, the local hub cache, or the hub; ValueError with what to do otherwise."""
     def load(local_only: bool) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
@@ -192,7 +181,7 @@ def _load_pretrained(name: str) -> tuple[PreTrainedTokenizerBase, PreTrainedMode
     if os.path.isdir(os.path.expanduser(name)):
         reason = (str(cached_error).strip().splitlines() or [type(cached_error).__name__])[0]
         raise ValueError(f"cannot load language model {name!r}: {reason}") from None
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or not _hub_reachable():
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or not hub_reachable():
         where = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") else \
             "the hub cannot be reached from here"
         raise ValueError(f"cannot load language model {name!r}: it is not in the local Hugging Face cache and "
