@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from fvlm_data.store import FeatureStore, shard_states
@@ -12,6 +13,19 @@ def write_row(store: FeatureStore, slot: int, **row: Any) -> None:
     buf = store.shard_buffer(slot // store.shard_videos, keep_existing=True)
     buf.add_row(slot, **row)
     buf.publish()
+
+
+def write_rows(store: FeatureStore, rows: Iterable[tuple[int, dict[str, Any]]]) -> None:
+    """Write many videos, (slot, row) each: every shard buffered from its first row and published whole
+    after the last, as precompute does."""
+    buffers = {}
+    for slot, row in rows:
+        shard = slot // store.shard_videos
+        if shard not in buffers:
+            buffers[shard] = store.shard_buffer(shard)
+        buffers[shard].add_row(slot, **row)
+    for buf in buffers.values():
+        buf.publish()
 
 
 def write_failure(store: FeatureStore, slot: int, *, video_id: str, source: str, reason: str) -> None:

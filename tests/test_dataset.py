@@ -12,6 +12,7 @@ from fvlm_data import CaptionCollator, FeatureDataset, FeatureStore
 from fvlm_data.dataset import frame_indices, split_datasets, to_device
 from fvlm_data.store import FeatureShapes
 from fvlm_model import load_lm
+from tests.store_helpers import write_rows
 
 SHAPES = FeatureShapes(num_frames=24, dino_tokens=5, dino_dim=8, latent_shape=(4, 2, 2))
 
@@ -20,18 +21,12 @@ def build_store(path, n=40, feature_dtype="float16"):
     """Row i's features encode (i, frame) so a test can tell exactly what was read."""
     attrs = dict(dino="tiny", vae="tiny", num_frames=24, image_size=28, feature_dtype=feature_dtype)
     store = FeatureStore.create_or_open(path, attrs, SHAPES, capacity=n + 2, shard_videos=8)
-    buffers = {}
-    for i in range(n):
-        frame = np.arange(24, dtype=np.float32)[:, None, None]
-        dino = np.broadcast_to(frame + 100 * (i % 5), (24, 5, 8)).copy()
-        latents = np.broadcast_to(frame[..., None] * 0 + i, (24, 4, 2, 2)).copy()
-        if i // 8 not in buffers:  # shards of 8 videos, each published whole
-            buffers[i // 8] = store.shard_buffer(i // 8)
-        buffers[i // 8].add_row(i, dino=dino, latents=latents, caption=f"video number {i}" + " again" * (i % 3),
-                                video_id=f"vid-{i:03d}", source=f"/v/{i}.mp4", timestamps=np.arange(24) + 0.5,
-                                duration=24.0)
-    for buf in buffers.values():
-        buf.publish()
+    frame = np.arange(24, dtype=np.float32)[:, None, None]
+    write_rows(store, ((i, dict(dino=np.broadcast_to(frame + 100 * (i % 5), (24, 5, 8)).copy(),
+                                latents=np.broadcast_to(frame[..., None] * 0 + i, (24, 4, 2, 2)).copy(),
+                                caption=f"video number {i}" + " again" * (i % 3), video_id=f"vid-{i:03d}",
+                                source=f"/v/{i}.mp4", timestamps=np.arange(24) + 0.5, duration=24.0))
+                       for i in range(n)))
     return path
 
 

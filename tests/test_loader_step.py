@@ -19,6 +19,7 @@ from fvlm_train.evaluation import evaluate
 from fvlm_train.host_reads import count_host_reads
 from fvlm_train.progress import IntervalLog
 from fvlm_train.step import train_step
+from tests.store_helpers import write_rows
 
 SHAPES = FeatureShapes(num_frames=6, dino_tokens=5, dino_dim=8, latent_shape=(4, 7, 7))
 WORDS = ["red", "green", "blue", "circle", "square", "moves", "left", "right", "a", "the"]
@@ -30,17 +31,14 @@ def build_store(path, n=24, lists=False):
                  dino_dim=8, latent_shape=[4, 7, 7])
     store = FeatureStore.create_or_open(path, attrs, SHAPES, capacity=n, shard_videos=8)
     rng = np.random.default_rng(0)
-    buffers = {}
-    for i in range(n):
-        if i // 8 not in buffers:
-            buffers[i // 8] = store.shard_buffer(i // 8)
+
+    def row(i: int) -> dict:
         caption = " ".join(rng.choice(WORDS, size=2 + i % 4).tolist())
-        captions = [caption, caption + " left", "the " + caption] if lists else ()
-        buffers[i // 8].add_row(i, dino=rng.standard_normal((6, 5, 8)), latents=np.full((6, 4, 7, 7), float(i)),
-                                caption=caption, video_id=f"v{i:03d}", source=f"/v/{i}.mp4",
-                                timestamps=np.arange(6) + 0.5, duration=6.0, captions=captions)
-    for buf in buffers.values():
-        buf.publish()
+        return dict(dino=rng.standard_normal((6, 5, 8)), latents=np.full((6, 4, 7, 7), float(i)), caption=caption,
+                    captions=[caption, caption + " left", "the " + caption] if lists else (), video_id=f"v{i:03d}",
+                    source=f"/v/{i}.mp4", timestamps=np.arange(6) + 0.5, duration=6.0)
+
+    write_rows(store, ((i, row(i)) for i in range(n)))
     return path
 
 
