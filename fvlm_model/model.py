@@ -6,9 +6,10 @@ query from the previous pass's LM hidden state at frame t-1. Every pass runs the
 `[mode_token, v_1..v_T, caption]` through a causal LM and is scored by
   - caption cross-entropy (the first caption token is predicted from the last visual position),
   - next-frame reconstruction: the hidden state before frame t's token predicts the VAE latent
-    x_t through a FiLM head conditioned on x_{t-1}.
+    x_t through a head (`fvlm_model.heads`): by default the seed's FiLM head conditioned on x_{t-1}.
 
-loss = (cap_fine + l_rec * rec_fine) + l_coarse * (cap_coarse + l_rec * rec_coarse)   (`joint_loss`)
+loss = (l_cap * cap_fine + l_rec * rec_fine) + l_coarse * (l_cap * cap_coarse + l_rec * rec_coarse)   (`joint_loss`;
+l_cap is 1 unless reconstruction is trained alone, l_cap = 0)
 where cap_* are caption-loss sums over tokens divided by the number of caption tokens and rec_* are
 per-video mean squared errors summed over videos divided by the number of videos.
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from .heads import FiLMPredictionHead
+from .heads import RECON_HEADS, prediction_head
 
 COARSE, FINE = 0, 1  # rows of the mode embedding
 IGNORE_INDEX = -100
@@ -46,17 +47,21 @@ class ModelConfig:
     fine_iterations: int = 2
     lambda_recon: float = 0.1
     lambda_coarse: float = 1.0
+    lambda_caption: float = 1.0  # 0: reconstruction only (the caption losses are still reported)
+    recon_head: str = "film"  # one of fvlm_model.heads.RECON_HEADS
     lm_name: str = ""  # informational: FoveatedVLM sets it to the name of the LM it wraps
 
     def __post_init__(self) -> None:
         if self.fine_iterations < 1:
             raise ValueError(f"fine_iterations must be >= 1, got {self.fine_iterations}")
+        if self.recon_head not in RECON_HEADS:
+            raise ValueError(f"recon_head must be one of {', '.join(RECON_HEADS)}, got {self.recon_head!r}")
 
 
 def joint_loss(config: ModelConfig, cap_coarse: Any, cap_fine: Any, rec_coarse: Any, rec_fine: Any) -> Any:
     """The training objective from the passes' losses (tensors or floats): the one place it is written."""
-    lr, lc = config.lambda_recon, config.lambda_coarse
-    return (cap_fine + lr * rec_fine) + lc * (cap_coarse + lr * rec_coarse)
+    lcap, lr, lc = config.lambda_caption, config.lambda_recon, config.lambda_coarse
+    return (lcap * cap_fine + lr * rec_fine) + lc * (lcap * cap_coarse + lr * rec_coarse)
 
 
 class FoveatedVLM(nn.Module):
@@ -83,7 +88,7 @@ class FoveatedVLM(nn.Module):
         self.mode_embed = nn.Parameter(torch.randn(2, hidden) * embed_rms)
 
         self.latent_init = nn.Parameter(torch.zeros(latent_channels, latent_size, latent_size))
-        self.head = FiLMPredictionHead(hidden, latent_channels)
+        self.head = prediction_head(config.recon_head, hidden, latent_channels, latent_size)
 
     # ---- building blocks (public: generation reuses them) -------------------------------------
 
@@ -158,7 +163,7 @@ class FoveatedVLM(nn.Module):
         (only x_0 .. x_{T-2} are used, as the previous frames)."""
         init = self.latent_init.to(latents.dtype).expand(latents.shape[0], 1, *latents.shape[2:])
         prev = torch.cat([init, latents[:, :-1]], dim=1)
-        return self.head(rec_hidden, self.head.encode(prev))
+        return self.head(rec_hidden, prev)
 
     # ---- training forward ---------------------------------------------------------------------
 
@@ -215,7 +220,7 @@ class FoveatedVLM(nn.Module):
         cap_norm = tokens.sum().clamp(min=1) if cap_tokens is None else cap_tokens
         cap_passes = cap_sum.sum(dim=1) / cap_norm
 
-        # One head call for all passes; the previous-latent encoder runs once.
+        # One head call for all passes (the FiLM head encodes the previous latents once).
         if self.config.lambda_recon == 0.0:
             # Caption-only training: reconstruction is only reported, so score it without a graph
             # (its gradient would be zero; the head's backward is most of a small model's step).

@@ -19,7 +19,8 @@ def model_config(config: RunConfig, attrs: dict[str, Any]) -> ModelConfig:
     c, h, _ = attrs["latent_shape"]
     return ModelConfig(dino_dim=int(attrs["dino_dim"]), num_tokens=int(attrs["dino_tokens"]), latent_channels=c,
                        latent_size=h, fine_iterations=config.fine_iterations, lambda_recon=config.lambda_recon,
-                       lambda_coarse=config.lambda_coarse)
+                       lambda_coarse=config.lambda_coarse, lambda_caption=config.lambda_caption,
+                       recon_head=config.recon_head)
 
 
 def build_model(config: RunConfig, attrs: dict[str, Any]) -> tuple[FoveatedVLM, Any]:

@@ -17,6 +17,7 @@ import click
 
 from fvlm_data.objects import is_remote
 from fvlm_data.store import FEATURE_KEYS, SHAPE_KEYS
+from fvlm_model.heads import RECON_HEADS
 from fvlm_model.lm import DEFAULT_LM, TINY
 from fvlm_model.model import ModelConfig
 
@@ -43,6 +44,12 @@ class RunConfig:
                                  click.FloatRange(min=0))
     lambda_coarse: float = option(MODEL_DEFAULTS.lambda_coarse, "Weight of the coarse pass's losses.",
                                   click.FloatRange(min=0))
+    lambda_caption: float = option(MODEL_DEFAULTS.lambda_caption, "Weight of the caption loss; 0 trains next-frame "
+                                   "reconstruction alone (the caption losses are still scored).",
+                                   click.FloatRange(min=0))
+    recon_head: str = option(MODEL_DEFAULTS.recon_head, "Next-frame head: film (the seed's: FiLM on the previous "
+                             "latent x_{t-1}), delta (x_{t-1} plus a change predicted from the hidden state alone), "
+                             "hidden (the latent from the hidden state alone).", click.Choice(RECON_HEADS))
     max_caption_tokens: int = option(64, "Caption tokens kept (EOS included).", click.IntRange(min=2))
     val_fraction: float = option(0.05, "Share of videos held out (by a hash of the video id).",
                                  click.FloatRange(0.0, 1.0))
@@ -91,7 +98,9 @@ class RunConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-MODEL_FIELDS = ("lm_id", "num_frames", "fine_iterations", "lambda_recon", "lambda_coarse", "max_caption_tokens")
+# A checkpoint from before lambda_caption and recon_head has neither: it was trained with their defaults.
+MODEL_FIELDS = ("lm_id", "num_frames", "fine_iterations", "lambda_recon", "lambda_coarse", "lambda_caption",
+                "recon_head", "max_caption_tokens")
 OPTION_FIELDS = tuple(f.name for f in fields(RunConfig) if "help" in f.metadata)
 
 
@@ -115,6 +124,8 @@ def resolve(given: dict[str, Any], saved: RunConfig | None) -> RunConfig:
         if given.get("lm") is None and given.get("preset") is not None:
             config.lm = None  # --preset given: the LM is the preset's
         check_same(saved, config, MODEL_FIELDS, "model")
+    if config.lambda_caption == 0 and config.lambda_recon == 0:
+        raise TrainError("--lambda-caption 0 and --lambda-recon 0: the loss would be 0, nothing would be trained")
     return config
 
 

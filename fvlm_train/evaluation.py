@@ -58,6 +58,7 @@ def evaluate(model: FoveatedVLM, loader: Iterable[dict[str, Any]], device: torch
     m["num_videos"] = len(tok)
     m["num_captions"] = len(video)
     m["cap_ratio_ci"] = list(bootstrap_ratio_ci(cap_sum[0], cap_sum[-1]))
+    m["rec_ratio_ci"] = list(bootstrap_ratio_ci(rec_err[0], rec_err[-1]))  # every video counts once: sums cancel
     if shuffled:
         loss = per(torch.cat(shuffled).numpy())
         keep = ~np.isnan(loss)
@@ -109,7 +110,8 @@ def print_eval_table(m: dict[str, Any]) -> None:
     rows += [(f"cap_fine_{k}", f"{c:.4f}") for k, c in enumerate(m["cap_passes"][1:], start=1)]
     rows += [("cap_fine", f"{m['cap_fine']:.4f}"), ("cap_ratio", f"{m['cap_ratio']:.4f}  95% CI [{lo:.4f}, {hi:.4f}]"),
              ("cap_improvement_pct", f"{m['cap_improvement_pct']:.2f}"), ("rec_coarse", f"{m['rec_coarse']:.5f}"),
-             ("rec_fine", f"{m['rec_fine']:.5f}"), ("rec_ratio", f"{m['rec_ratio']:.4f}")]
+             ("rec_fine", f"{m['rec_fine']:.5f}"),
+             ("rec_ratio", f"{m['rec_ratio']:.4f}  95% CI [{m['rec_ratio_ci'][0]:.4f}, {m['rec_ratio_ci'][1]:.4f}]")]
     if "shuffled_ratio" in m:
         lo, hi = m["shuffled_ratio_ci"]
         rows += [("cap_fine_shuffled", f"{m['cap_fine_shuffled']:.4f}"),

@@ -8,8 +8,10 @@ import torch
 from transformers import LlamaForCausalLM
 
 from fvlm_model import (
+    RECON_HEADS,
     FiLMPredictionHead,
     FoveatedVLM,
+    HiddenPredictionHead,
     build_tokenizer_tiny,
     load_lm,
     smollm2_135m_config,
@@ -30,15 +32,16 @@ def tokenizer():
     return load_lm("tiny")[1]
 
 
-def make_model(seed: int = 0, fine_iterations: int = 2) -> FoveatedVLM:
+def make_model(seed: int = 0, fine_iterations: int = 2, recon_head: str = "film") -> FoveatedVLM:
     lm, _ = load_lm("tiny")
     torch.manual_seed(seed)
     model = FoveatedVLM(lm, ModelConfig(dino_dim=D, latent_channels=LATENT[0], latent_size=LATENT[1],
-                                        fine_iterations=fine_iterations))
-    # The FiLM layer and latent init start at zero; give them values so every path is live
-    # and the dependency tests below can see a leak if there is one.
+                                        fine_iterations=fine_iterations, recon_head=recon_head))
+    # The FiLM layer (the other heads' last convolution) and latent init start at zero; give them
+    # values so every path is live and the dependency tests below can see a leak if there is one.
     with torch.no_grad():
-        model.head.film.weight.normal_(std=0.5)
+        last = model.head.film if recon_head == "film" else model.head.decoder[-1]
+        last.weight.normal_(std=0.5)
         model.latent_init.normal_()
     return model.eval()
 
@@ -199,8 +202,9 @@ def test_visual_tokens_have_embedding_scale(tokenizer):
     torch.testing.assert_close(rms, emb_rms.expand_as(rms), rtol=1e-4, atol=1e-6)
 
 
-def test_no_leak_next_frame_prediction(tokenizer):
-    model = make_model()
+@pytest.mark.parametrize("recon_head", RECON_HEADS)
+def test_no_leak_next_frame_prediction(tokenizer, recon_head):
+    model = make_model(recon_head=recon_head)
     dino, latents, input_ids, labels = make_batch(tokenizer)
     with torch.no_grad():
         pred = model(dino, latents, input_ids, labels)["pred_latents"]
@@ -221,8 +225,9 @@ def test_no_leak_next_frame_prediction(tokenizer):
                 assert not torch.allclose(pred3[:, :, t], pred[:, :, t])
 
 
-def test_batch_independence(tokenizer):
-    model = make_model()
+@pytest.mark.parametrize("recon_head", RECON_HEADS)
+def test_batch_independence(tokenizer, recon_head):
+    model = make_model(recon_head=recon_head)
     dino, latents, input_ids, labels = make_batch(tokenizer)
     with torch.no_grad():
         out = model(dino, latents, input_ids, labels)
@@ -317,9 +322,37 @@ def test_bf16_autocast_and_low_precision_inputs(tokenizer):
 
 def test_head_broadcasts_over_passes():
     head = FiLMPredictionHead(hidden_dim=16, latent_channels=4, width=8)
-    feats = head.encode(torch.randn(2, 5, 4, 6, 10))  # any latent size
-    assert feats.shape == (2, 5, 8, 6, 10)
-    assert head(torch.randn(3, 2, 5, 16), feats).shape == (3, 2, 5, 4, 6, 10)
+    assert head.encode(torch.randn(2, 5, 4, 6, 10)).shape == (2, 5, 8, 6, 10)  # any latent size
+    assert head(torch.randn(3, 2, 5, 16), torch.randn(2, 5, 4, 6, 10)).shape == (3, 2, 5, 4, 6, 10)
+
+
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("size", [14, 28, 32])  # the tiny demo's 112 px, and 224 / 256 px with SD-VAE
+def test_hidden_heads_at_real_sizes(residual, size):
+    """The heads without x_{t-1} as input, at SmolLM2's width and the real latent sizes: all passes in one
+    call; `delta` starts as copying the previous latent, `hidden` as predicting zeros."""
+    head = HiddenPredictionHead(576, 4, size, residual=residual)
+    prev = torch.randn(2, 3, 4, size, size)
+    pred = head(torch.randn(2, 2, 3, 576), prev)  # [P, B, T, H]
+    assert pred.shape == (2, 2, 3, 4, size, size)
+    torch.testing.assert_close(pred, prev.expand_as(pred) if residual else torch.zeros_like(pred), rtol=0, atol=0)
+
+
+def test_reconstruction_only(tokenizer):
+    """lambda_caption 0: the loss is the reconstruction terms alone (the caption losses still reported), so
+    the parameters only the caption reaches (the LM head, tied to the embeddings of caption tokens) get no
+    gradient, while the queries do."""
+    model = make_model(recon_head="delta", fine_iterations=1)
+    model.config.lambda_caption = 0.0
+    out = model(*make_batch(tokenizer))
+    lr, lc = model.config.lambda_recon, model.config.lambda_coarse
+    torch.testing.assert_close(out["loss"].detach(), lr * (out["rec_fine"] + lc * out["rec_coarse"]))
+    assert out["cap_fine"] > 0 and torch.isfinite(out["cap_coarse"])
+    out["loss"].backward()
+    grad = model.lm.get_input_embeddings().weight.grad
+    caption_only = sorted(set(make_batch(tokenizer)[2].flatten().tolist()))
+    assert grad is None or grad[caption_only].abs().max() == 0
+    assert model.q_static.grad.abs().max() > 0 and model.llm_to_query.weight.grad.abs().max() > 0
 
 
 def test_config_roundtrip():

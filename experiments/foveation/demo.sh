@@ -11,8 +11,9 @@
 # About 9 minutes on 2 quiet CPU cores (measured: precompute 3.4 min, training 5.5 min, evaluation 20 s);
 # no GPU, no network. Re-running continues: precompute skips written videos, training resumes
 # from OUT_DIR/run (or does nothing once at the last step), evaluation runs again.
-# FOVEATION_VIDEOS / FOVEATION_STEPS / FOVEATION_SEED / FOVEATION_LAMBDA_RECON / FOVEATION_FINE_ITERATIONS
-# override the recipe (e.g. a quick smoke run, or the joint-loss rows of experiments/foveation/joint.sh);
+# FOVEATION_VIDEOS / FOVEATION_STEPS / FOVEATION_SEED / FOVEATION_LAMBDA_RECON / FOVEATION_FINE_ITERATIONS /
+# FOVEATION_RECON_HEAD / FOVEATION_LAMBDA_CAPTION override the recipe (e.g. a quick smoke run, or the
+# joint-loss rows of experiments/foveation/joint.sh);
 # FOVEATION_STORE puts the store elsewhere, so that several runs share one.
 set -euo pipefail
 
@@ -25,6 +26,8 @@ STEPS=${FOVEATION_STEPS:-1500}
 SEED=${FOVEATION_SEED:-0}
 LAMBDA_RECON=${FOVEATION_LAMBDA_RECON:-0}
 FINE_ITERATIONS=${FOVEATION_FINE_ITERATIONS:-1}
+RECON_HEAD=${FOVEATION_RECON_HEAD:-film}
+LAMBDA_CAPTION=${FOVEATION_LAMBDA_CAPTION:-1}
 PY=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -46,10 +49,11 @@ timings+=("precompute $((SECONDS - t)) s")
 
 # lr 3e-4, not 1e-3: at 1e-3 the attention of both passes locks onto one shape within ~500
 # steps, before the fine queries learn to follow the cue, and cap_ratio ends at 0.99 (RESULTS.md).
-stage "train: $STEPS steps, batch 32, lr 3e-4, $FINE_ITERATIONS fine pass(es), lambda_recon $LAMBDA_RECON"
+stage "train: $STEPS steps, batch 32, lr 3e-4, $FINE_ITERATIONS fine pass(es), lambda_recon $LAMBDA_RECON \
+($RECON_HEAD head), lambda_caption $LAMBDA_CAPTION"
 t=$SECONDS
 "$PY" "$ROOT/train.py" --store "$STORE" --preset tiny --num-frames 8 --fine-iterations "$FINE_ITERATIONS" \
-  --lambda-recon "$LAMBDA_RECON" \
+  --lambda-recon "$LAMBDA_RECON" --recon-head "$RECON_HEAD" --lambda-caption "$LAMBDA_CAPTION" \
   --val-fraction 0.1 --batch-size 32 --grad-accum 1 --workers 0 --seed "$SEED" --out "$RUN" \
   --max-steps "$STEPS" --lr 3e-4 --warmup 50 --val-every 250 --save-every "$STEPS" --log-every 50
 timings+=("train $((SECONDS - t)) s")

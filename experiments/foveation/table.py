@@ -2,9 +2,11 @@
 
     python -m experiments.foveation.table OUT_DIR
 
-Per row folder: run/run_config.json (lambda_recon, fine passes, training seed), eval.json
+Per row folder: run/run_config.json (next-frame head, lambda_caption, lambda_recon, fine passes, training
+seed), eval.json
 (train.py --eval-only), log.txt (demo.sh's output: the attention shares of
-experiments/foveation/attention.py and the wall time). Rows are sorted by task, lambda, passes, seed.
+experiments/foveation/attention.py and the wall time). Rows are sorted by task, head, lambda_caption
+(descending), lambda_recon, passes, seed.
 """
 
 from __future__ import annotations
@@ -33,28 +35,31 @@ def row(folder: Path) -> tuple[tuple, str]:
     task = re.match(r"(.+)_lambda", folder.name)[1]
     run = json.loads((folder / "run" / "run_config.json").read_text())  # what the row really ran
     lam, passes, seed = run["lambda_recon"], run["fine_iterations"], run["seed"]
+    head, lcap = run.get("recon_head", "film"), run.get("lambda_caption", 1.0)  # runs before them: the defaults
     ev = json.loads((folder / "eval.json").read_text())
     log = (folder / "log.txt").read_text()
     shares = attention_shares(log)
     last_fine = max((k for k in shares if k.startswith("fine")), default=None)
     attention = " | ".join(f"{shares['coarse'][i]:.3f} / {shares[last_fine][i]:.3f}" if last_fine else "-"
                            for i in (0, 1))
-    rec = ev["rec_coarse"] / ev["rec_fine"] if ev.get("rec_fine") else float("nan")
+    rec = f"{ev['rec_ratio']:.3f}" + (f" {ci(ev['rec_ratio_ci'])}" if "rec_ratio_ci" in ev else "")
     wall = re.search(r"wall time: (.*)$", log, re.M)
     control = [re.search(rf"on the cued object, {label}: (\S+ \[\S+ \S+\])", log)
                for label in (r"frame 2 \([^)]*\)", r"frames 3\+ minus frame 2")]
     control = " / ".join(c[1] if c else "-" for c in control)
-    return (task, lam, passes, seed), (
-        f"| `{task}` | {lam:g} | {passes} | {seed} | {ev['cap_ratio']:.3f} {ci(ev['cap_ratio_ci'])} "
-        f"| {ev['shuffled_ratio']:.3f} {ci(ev['shuffled_ratio_ci'])} | {rec:.3f} | {attention} "
+    return (task, head, -lcap, lam, passes, seed), (
+        f"| `{task}` | {head} | {lcap:g} | {lam:g} | {passes} | {seed} "
+        f"| {ev['cap_ratio']:.3f} {ci(ev['cap_ratio_ci'])} "
+        f"| {ev['shuffled_ratio']:.3f} {ci(ev['shuffled_ratio_ci'])} | {rec} | {attention} "
         f"| {control} | {wall.group(1) if wall else '-'} |")
 
 
 def main(out_dir: str) -> None:
-    print("| task | lambda_recon | fine passes | seed | cap_ratio [95% CI] | shuffled_ratio [95% CI] | rec_ratio "
-          "| attention on target: coarse / last fine | on the other objects: coarse / last fine "
+    print("| task | next-frame head | lambda_caption | lambda_recon | fine passes | seed | cap_ratio [95% CI] "
+          "| shuffled_ratio [95% CI] | rec_ratio [95% CI] | attention on target: coarse / last fine "
+          "| on the other objects: coarse / last fine "
           "| last fine - coarse on target: frame 2 / frames 3+ minus frame 2 | wall time |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     finished = [f for f in Path(out_dir).glob("*_lambda*_passes*")
                 if (f / "eval.json").exists() and (f / "log.txt").exists()]
     for _, line in sorted(map(row, finished)):
