@@ -136,6 +136,8 @@ def test_eval_only_prints_table_and_writes_json(store, full_run, tmp_path):
     assert lo <= result["cap_ratio"] <= hi
     lo, hi = result["shuffled_ratio_ci"]
     assert lo <= result["shuffled_ratio"] <= hi
+    lo, hi = result["rec_ratio_ci"]
+    assert lo <= result["rec_ratio"] <= hi and result["rec_ratio"] == result["rec_coarse"] / result["rec_fine"]
     # The control leaves out batches of one video (no other video's queries), so cap_fine over the
     # same videos differs a little from cap_fine over all of them.
     assert result["shuffled_ratio"] == pytest.approx(result["cap_fine_shuffled"] / result["cap_fine"], rel=2e-2)
@@ -147,8 +149,30 @@ def test_eval_only_prints_table_and_writes_json(store, full_run, tmp_path):
 
 def test_refuses_a_checkpoint_of_another_model(store, full_run, tmp_path):
     proc = run(train_cmd(store, tmp_path / "x", "--resume", str(full_run / "checkpoint_latest.pt"),
-                         "--fine-iterations", "1", "--max-steps", "20"), check=False)
-    one_line_error(proc, "trained with another model (fine_iterations: checkpoint 2, now 1)")
+                         "--fine-iterations", "1", "--max-steps", "20", "--recon-head", "delta"), check=False)
+    one_line_error(proc, "trained with another model (fine_iterations: checkpoint 2, now 1; recon_head: checkpoint "
+                         "'film', now 'delta')")
+
+
+def test_reconstruction_only_with_a_head_that_is_not_given_the_last_frame(store, tmp_path):
+    """--lambda-caption 0 --recon-head delta: the next-frame error falls, the captions are still scored, and
+    the run's configuration and --eval-only's JSON (rec_ratio with its interval) say what was trained."""
+    out = tmp_path / "recon"
+    run(train_cmd(store, out, "--max-steps", "30", "--log-every", "10", "--val-every", "1000", "--lr", "3e-3",
+                  "--warmup", "5", "--save-every", "1000", "--visual-videos", "0", "--fine-iterations", "1",
+                  "--recon-head", "delta", "--lambda-caption", "0", "--lambda-recon", "1"))
+    tags = scalars(out)
+    assert tags["rec_fine"][30] < 0.9 * tags["rec_fine"][10], tags["rec_fine"]
+    assert tags["loss"][30] == pytest.approx(tags["rec_fine"][30] + tags["rec_coarse"][30], rel=1e-5)
+    assert np.isfinite(tags["cap_fine"][30])
+    config = json.loads((out / "run_config.json").read_text())
+    assert (config["recon_head"], config["lambda_caption"]) == ("delta", 0.0)
+    report = tmp_path / "recon.json"
+    run([sys.executable, str(ROOT / "train.py"), "--store", str(store), "--resume", str(out / "checkpoint_latest.pt"),
+         "--eval-only", "--json", str(report), "--workers", "0", "--captions", "0"])
+    result = json.loads(report.read_text())
+    lo, hi = result["rec_ratio_ci"]
+    assert lo <= result["rec_ratio"] <= hi and np.isfinite(result["cap_ratio"])
 
 
 def test_resume_with_another_split_is_refused(store, full_run, tmp_path):

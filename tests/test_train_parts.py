@@ -65,6 +65,14 @@ def test_resolve_takes_the_checkpoint_values_and_refuses_other_models():
         resolve({"fine_iterations": 2}, saved)
     with pytest.raises(TrainError, match="lm: checkpoint 'tiny', now 'HuggingFaceTB/SmolLM2-135M-Instruct'"):
         resolve({"preset": "default"}, saved)
+    # The next-frame head and the caption weight are the model's too; a checkpoint from before they
+    # existed was trained with their defaults (the seed's head, captions weighted 1) and says so.
+    old = RunConfig.from_dict({k: v for k, v in saved.to_dict().items() if k not in ("recon_head", "lambda_caption")})
+    assert (old.recon_head, old.lambda_caption) == ("film", 1.0) and resolve({}, old) == old
+    with pytest.raises(TrainError, match="lambda_caption: checkpoint 1.0, now 0.0; recon_head: checkpoint 'film', now"):
+        resolve({"recon_head": "delta", "lambda_caption": 0.0}, old)
+    with pytest.raises(TrainError, match="the loss would be 0"):
+        resolve({"lambda_caption": 0.0, "lambda_recon": 0.0}, None)
 
 
 def test_store_and_split_checks_name_both_values():
