@@ -26,6 +26,7 @@ from fvlm_train.config import (
     store_provenance,
 )
 from fvlm_train.data import open_store
+from tests.in_process import invoke
 from tests.store_helpers import write_failure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +56,13 @@ def train(cwd: Path, store: Path, *extra: str) -> subprocess.CompletedProcess:
            "--batch-size", "4", "--grad-accum", "1", "--num-frames", "4", "--workers", "0", "--val-fraction", "0.25",
            "--visual-videos", "0", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=ENV, timeout=600)
+
+
+def refused(cwd: Path, store: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`train(...)` for a command refused before it trains: in this process (tests/in_process.py)."""
+    return invoke("train", ["--store", str(store), "--preset", "tiny", "--max-steps", "3", "--batch-size", "4",
+                            "--grad-accum", "1", "--num-frames", "4", "--workers", "0", "--val-fraction", "0.25",
+                            "--visual-videos", "0", *extra], cwd=cwd)
 
 
 def one_line_error(proc: subprocess.CompletedProcess, text: str) -> str:
@@ -109,16 +117,16 @@ def test_resuming_or_evaluating_on_another_store_is_refused(stores, tmp_path):
         test_two_stores_of_one_file_name_never_share_a_run_folder(stores)
     ckpt = run_of(stores, "exact")
     # Another seek mode: its frame_sampling differs.
-    line = one_line_error(train(stores, Path("keyframe/clips.zarr"), "--resume", str(ckpt), "--max-steps", "4",
-                                "--out", str(tmp_path / "a")), "frame_sampling: checkpoint's store")
+    line = one_line_error(refused(stores, Path("keyframe/clips.zarr"), "--resume", str(ckpt), "--max-steps", "4",
+                                  "--out", str(tmp_path / "a")), "frame_sampling: checkpoint's store")
     assert "keyframe nearest" in line
     # The same settings, another store: named both ways, --other-store lets it through.
     other = stores / "other" / "clips.zarr"
-    line = one_line_error(train(stores, other, "--resume", str(ckpt), "--max-steps", "4", "--out",
-                                str(tmp_path / "b")), "the checkpoint was trained on another store")
+    line = one_line_error(refused(stores, other, "--resume", str(ckpt), "--max-steps", "4", "--out",
+                                  str(tmp_path / "b")), "the checkpoint was trained on another store")
     assert str((stores / "exact" / "clips.zarr").resolve()) in line and str(other.resolve()) in line
     assert "--other-store" in line
-    line = one_line_error(train(stores, other, "--resume", str(ckpt), "--eval-only"), "trained on another store")
+    line = one_line_error(refused(stores, other, "--resume", str(ckpt), "--eval-only"), "trained on another store")
     allowed = train(stores, other, "--resume", str(ckpt), "--max-steps", "4", "--out", str(tmp_path / "b"),
                     "--other-store")
     assert allowed.returncode == 0 and "resumed from" in allowed.stderr, allowed.stderr[-2000:]
@@ -134,9 +142,9 @@ def test_eval_json_into_a_missing_folder_and_an_unknown_device(stores, tmp_path)
     proc = train(stores, Path("exact/clips.zarr"), "--resume", str(ckpt), "--eval-only", "--json", str(report))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(report.read_text())["checkpoint_step"] == 3
-    one_line_error(train(stores, Path("exact/clips.zarr"), "--resume", str(ckpt), "--eval-only", "--json",
-                         str(tmp_path)), "is a folder")
-    one_line_error(train(stores, Path("exact/clips.zarr"), "--device", "tpu", "--out", str(tmp_path / "t")),
+    one_line_error(refused(stores, Path("exact/clips.zarr"), "--resume", str(ckpt), "--eval-only", "--json",
+                           str(tmp_path)), "is a folder")
+    one_line_error(refused(stores, Path("exact/clips.zarr"), "--device", "tpu", "--out", str(tmp_path / "t")),
                    "--device tpu: not a device type torch knows")
 
 
@@ -210,7 +218,8 @@ def precompute(tmp_path: Path, *args: str, env: dict | None = None) -> subproces
 
 def test_precompute_bad_options_are_one_line(tmp_path):
     one_line_error(precompute(tmp_path, "--preset", "tiny", "--device", "tpu"), "--device tpu: not a device type")
-    one_line_error(precompute(tmp_path, "--preset", "tiny", "--min-duration", "5", "--max-duration", "4"),
+    args = ["--out", str(tmp_path / "p.zarr"), "--synthetic", "2", "--workers", "0", "--quiet", "--preset", "tiny"]
+    one_line_error(invoke("precompute", [*args, "--min-duration", "5", "--max-duration", "4"]),
                    "--max-duration 4.0 is not above --min-duration 5.0")
     assert not (tmp_path / "p.zarr").exists()  # refused before anything was written
 

@@ -22,6 +22,7 @@ from fvlm_data.store import FeatureShapes, FeatureStore
 from fvlm_model.evaluation import pass_metrics
 from fvlm_model.model import ModelConfig
 from fvlm_train.optim import lr_at
+from tests.in_process import invoke
 from tests.store_helpers import write_row
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +44,10 @@ def run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def in_process(cmd: list[str]) -> subprocess.CompletedProcess:
+    return invoke("train", cmd[2:])  # train_cmd's arguments, without the interpreter and script
 
 
 def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
@@ -148,8 +153,8 @@ def test_eval_only_prints_table_and_writes_json(store, full_run, tmp_path):
 
 
 def test_refuses_a_checkpoint_of_another_model(store, full_run, tmp_path):
-    proc = run(train_cmd(store, tmp_path / "x", "--resume", str(full_run / "checkpoint_latest.pt"),
-                         "--fine-iterations", "1", "--max-steps", "20", "--recon-head", "delta"), check=False)
+    proc = in_process(train_cmd(store, tmp_path / "x", "--resume", str(full_run / "checkpoint_latest.pt"),
+                                "--fine-iterations", "1", "--max-steps", "20", "--recon-head", "delta"))
     one_line_error(proc, "trained with another model (fine_iterations: checkpoint 2, now 1; recon_head: checkpoint "
                          "'film', now 'delta')")
 
@@ -179,7 +184,7 @@ def test_resume_with_another_split_is_refused(store, full_run, tmp_path):
     """Resuming with another --val-fraction would train on held-out videos: refused, both values named."""
     run_dir = tmp_path / "resplit"
     shutil.copytree(full_run, run_dir)
-    proc = run(train_cmd(store, run_dir, "--max-steps", "20", "--val-fraction", "0.1"), check=False)
+    proc = in_process(train_cmd(store, run_dir, "--max-steps", "20", "--val-fraction", "0.1"))
     one_line_error(proc, "the held-out split differs from the checkpoint's: checkpoint val_fraction 0.25")
     assert "now 0.1" in proc.stderr
 
@@ -187,7 +192,7 @@ def test_resume_with_another_split_is_refused(store, full_run, tmp_path):
 def test_eval_on_another_split_only_when_asked_and_labelled(store, full_run, tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), "--store", str(store), "--resume",
            str(full_run / "checkpoint_latest.pt"), "--eval-only", "--workers", "0", "--val-fraction", "1.0"]
-    one_line_error(run(cmd, check=False), "add --other-split")
+    one_line_error(in_process(cmd), "add --other-split")
     out_json = tmp_path / "all.json"
     proc = run([*cmd, "--other-split", "--json", str(out_json)])
     result = json.loads(out_json.read_text())
@@ -203,8 +208,8 @@ def test_eval_on_a_store_of_other_encoders_is_refused(store, full_run, tmp_path)
     meta = json.loads((other / "zarr.json").read_text())
     meta["attributes"]["dino"] = "facebook/dinov2-small"
     (other / "zarr.json").write_text(json.dumps(meta))
-    proc = run([sys.executable, str(ROOT / "train.py"), "--store", str(other), "--resume",
-                str(full_run / "checkpoint_latest.pt"), "--eval-only", "--workers", "0"], check=False)
+    proc = in_process([sys.executable, str(ROOT / "train.py"), "--store", str(other), "--resume",
+                       str(full_run / "checkpoint_latest.pt"), "--eval-only", "--workers", "0"])
     one_line_error(proc, "was made with other encoders or settings than the checkpoint's store (dino: checkpoint's "
                          "store 'tiny'")
     assert "'facebook/dinov2-small'" in proc.stderr and "--other-store" in proc.stderr
@@ -225,18 +230,20 @@ def test_bad_input_is_a_one_line_error(store, tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {"format": "x"}}')
-    one_line_error(run(train_cmd(foreign, tmp_path / "o"), check=False), "not an fvlm feature store")
+    one_line_error(in_process(train_cmd(foreign, tmp_path / "o")), "not an fvlm feature store")
     empty = tmp_path / "empty.zarr"
     FeatureStore.create_or_open(empty, dict(dino="tiny", vae="tiny", num_frames=6, image_size=56,
                                             feature_dtype="float16", dino_tokens=17, dino_dim=384,
                                             latent_shape=[4, 7, 7]),
                                 FeatureShapes(6, 17, 384, (4, 7, 7)), capacity=2)
-    one_line_error(run(train_cmd(empty, tmp_path / "o"), check=False), "no committed videos")
-    one_line_error(run([*train_cmd(store, tmp_path / "o"), "--num-frames", "7"], check=False), "stores 6 frames")
-    proc = run([*train_cmd(store, tmp_path / "o"), "--preset", "huge"], check=False)
+    one_line_error(in_process(train_cmd(empty, tmp_path / "o")), "no committed videos")
+    one_line_error(in_process([*train_cmd(store, tmp_path / "o"), "--num-frames", "7"]), "stores 6 frames")
+    proc = in_process([*train_cmd(store, tmp_path / "o"), "--preset", "huge"])
     assert proc.returncode != 0 and "huge" in proc.stderr and "Traceback" not in proc.stderr
-    one_line_error(run([*train_cmd(store, tmp_path / "o"), "--lm", str(tmp_path / "no-such-lm")], check=False),
+    one_line_error(in_process([*train_cmd(store, tmp_path / "o"), "--lm", str(tmp_path / "no-such-lm")]),
                    "no such folder")
+    one_line_error(in_process([*train_cmd(store, tmp_path / "o"), "--lambda-caption", "0", "--lambda-recon", "0"]),
+                   "the loss would be 0")
 
 
 def test_first_contact_errors(store, tmp_path):
@@ -244,7 +251,7 @@ def test_first_contact_errors(store, tmp_path):
     what to do. (Text and random-byte checkpoints, --val-fraction 1.5 and a split with no training
     videos are checked in-process in tests/test_train_parts.py.)"""
     (tmp_path / "empty.pt").write_bytes(b"")
-    one_line_error(run([*train_cmd(store, tmp_path / "o"), "--resume", str(tmp_path / "empty.pt")], check=False),
+    one_line_error(in_process([*train_cmd(store, tmp_path / "o"), "--resume", str(tmp_path / "empty.pt")]),
                    "is empty (0 bytes)")
     # The default (hub) LM on a store made with the tiny preset, with no hub: fails fast with advice.
     start = time.time()
