@@ -4,10 +4,11 @@
 
 For held-out videos it prints, per frame, the next-frame reconstruction error (MSE over the
 latent) of each pass's prediction, and of two baselines that use no model: copying the previous
-frame's latent, and predicting zeros. The prediction head is given the previous latent and the
+frame's latent, and predicting zeros. The seed's head (`film`) is given the previous latent and the
 pass's hidden state, so a head that beats copying by the same margin with every pass's state
 learned nothing about what moves from the queries (`rec_ratio` near 1 says the same in one
-number). The model, frames and split come from the checkpoint, as for `train.py --eval-only`.
+number); the `delta` head starts as copying, so whatever it gains over copying came from a hidden state.
+The model, frames and split come from the checkpoint, as for `train.py --eval-only`.
 """
 
 from __future__ import annotations
