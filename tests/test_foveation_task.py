@@ -165,21 +165,23 @@ def test_vocabulary_covers_every_caption():
 
 def test_demo_script_end_to_end(tmp_path):
     """experiments/foveation/demo.sh at its smallest, run as one row of experiments/foveation/joint.sh (joint loss,
-    lambda_recon 0.1, training seed 1): precompute -> train -> the interface's short --eval-only command (settings
-    from the checkpoint) -> attention shares and figure -> the joint table."""
+    lambda_recon 0.1, training seed 1, the delta next-frame head): precompute -> train -> the interface's short
+    --eval-only command (settings from the checkpoint) -> attention shares and figure -> the joint table."""
     root = tmp_path / "joint"
-    out = root / "foveation_lambda0.1_passes1_seed1"
+    out = root / "foveation_lambda0.1_passes1_seed1_headdelta"
     env = {**os.environ, "FOVEATION_VIDEOS": "40", "FOVEATION_STEPS": "3", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     joint = ROOT / "experiments" / "foveation" / "joint.sh"
-    proc = subprocess.run(["bash", str(joint), str(root), "foveation:0.1:1:1"],
+    proc = subprocess.run(["bash", str(joint), str(root), "foveation:0.1:1:1:delta"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (out / "log.txt").read_text()
     result = json.loads((out / "eval.json").read_text())
     assert result["checkpoint_step"] == 3 and len(result["cap_passes"]) == 2  # one fine pass
-    assert json.loads((out / "run" / "run_config.json").read_text())["seed"] == 1
-    assert {"cap_ratio_ci", "shuffled_ratio", "shuffled_ratio_ci", "num_videos", "verdict"} <= set(result)
+    config = json.loads((out / "run" / "run_config.json").read_text())
+    assert (config["seed"], config["recon_head"], config["lambda_caption"]) == (1, "delta", 1.0)
+    assert {"cap_ratio_ci", "shuffled_ratio", "shuffled_ratio_ci", "rec_ratio_ci", "num_videos",
+            "verdict"} <= set(result)
     assert "shuffled_ratio" in log and "autoregressive:" in log and "lambda_recon 0.1" in log
     rows = [line.split() for line in log.splitlines()
             if line.split()[:1] in (["coarse"], ["fine_1"]) and re.fullmatch(r"\S+(\s+[0-9.]+)+", line.strip())]
@@ -188,8 +190,8 @@ def test_demo_script_end_to_end(tmp_path):
     assert [len(row) for row in per_frame] == [1 + FRAMES - 1] * 2  # every frame after the cue
     assert all(0.0 <= float(x) <= 1.0 for row in rows for x in row[1:])
     assert "fine_1 - coarse on the cued object, frames 3+ minus frame 2: " in log
-    row = [line for line in proc.stdout.splitlines() if line.startswith("| `foveation` | 0.1 | 1 | 1 |")]
-    assert len(row) == 1 and f"{result['cap_ratio']:.3f}" in row[0]
+    row = [line for line in proc.stdout.splitlines() if line.startswith("| `foveation` | delta | 1 | 0.1 | 1 | 1 |")]
+    assert len(row) == 1 and f"{result['cap_ratio']:.3f}" in row[0] and f"{result['rec_ratio']:.3f} [" in row[0]
     assert f"{float(shares[0][1]):.3f} / {float(shares[1][1]):.3f}" in row[0]  # on the target, coarse / fine
     assert f"{float(shares[0][2]):.3f} / {float(shares[1][2]):.3f}" in row[0]  # on the other objects
     # Where the passes' next-frame predictions stand against copying the last frame, on the same run.

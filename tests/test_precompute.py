@@ -15,6 +15,7 @@ import pytest
 import zarr
 
 from fvlm_data import FeatureStore, StoreError
+from tests.in_process import invoke
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a hub lookup fails at once instead of retrying
@@ -167,7 +168,7 @@ def test_refuses_other_encoders_sizes_and_foreign_stores(reference_store, tmp_pa
             args[i + 1] = change[1]
         else:
             args += change
-        proc = precompute("--out", str(reference_store), "--synthetic", "12", "--workers", "0", *args, check=False)
+        proc = invoke("precompute", ["--out", str(reference_store), "--synthetic", "12", "--workers", "0", *args])
         assert proc.returncode != 0
         # Refused from the store's attributes, before any model is loaded.
         key = "frame_sampling" if change[0] == "--seek" else change[0][2:].replace("-", "_")
@@ -216,8 +217,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     proc = precompute("--out", str(tmp_path / "x.zarr"), "--videos", str(tmp_path / "missing"), *SMALL, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) <= 3
-    proc = precompute("--out", str(tmp_path / "x.zarr"), "--synthetic", "2", "--num-shards", "2",
-                      "--shard-index", "2", *SMALL, check=False)
+    proc = invoke("precompute", ["--out", str(tmp_path / "x.zarr"), "--synthetic", "2", "--num-shards", "2",
+                                 "--shard-index", "2", *SMALL])
     assert proc.returncode != 0 and "--shard-index" in proc.stderr
 
 
