@@ -1,4 +1,4 @@
-"""The foveated joint model, its prediction head, and language-model loading."""
+"""The foveated joint model, its next-frame prediction heads, and language-model loading."""
 
 from .heads import RECON_HEADS, FiLMPredictionHead, HiddenPredictionHead, prediction_head
 from .lm import DEFAULT_LM, build_tokenizer_tiny, load_lm, smollm2_135m_config
@@ -6,13 +6,13 @@ from .model import FoveatedVLM, ModelConfig
 
 __all__ = [
     "DEFAULT_LM",
-    "FiLMPredictionHead",
-    "HiddenPredictionHead",
     "RECON_HEADS",
-    "prediction_head",
+    "FiLMPredictionHead",
     "FoveatedVLM",
+    "HiddenPredictionHead",
     "ModelConfig",
     "build_tokenizer_tiny",
     "load_lm",
+    "prediction_head",
     "smollm2_135m_config",
 ]
