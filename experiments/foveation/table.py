@@ -26,8 +26,8 @@ def attention_shares(log: str) -> dict[str, tuple[float, float]]:
     return shares
 
 
-def ci(values: list[float]) -> str:
-    return f"[{values[0]:.3f}, {values[1]:.3f}]"
+def ci(values: list[float], digits: int = 3) -> str:
+    return f"[{values[0]:.{digits}f}, {values[1]:.{digits}f}]"
 
 
 def row(folder: Path) -> tuple[tuple, str]:
@@ -42,7 +42,8 @@ def row(folder: Path) -> tuple[tuple, str]:
     last_fine = max((k for k in shares if k.startswith("fine")), default=None)
     attention = " | ".join(f"{shares['coarse'][i]:.3f} / {shares[last_fine][i]:.3f}" if last_fine else "-"
                            for i in (0, 1))
-    rec = f"{ev['rec_ratio']:.3f}" + (f" {ci(ev['rec_ratio_ci'])}" if "rec_ratio_ci" in ev else "")
+    # Four digits: rec_ratio's intervals are a few 1e-4 wide.
+    rec = f"{ev['rec_ratio']:.4f}" + (f" {ci(ev['rec_ratio_ci'], 4)}" if "rec_ratio_ci" in ev else "")
     wall = re.search(r"wall time: (.*)$", log, re.M)
     control = [re.search(rf"on the cued object, {label}: (\S+ \[\S+ \S+\])", log)
                for label in (r"frame 2 \([^)]*\)", r"frames 3\+ minus frame 2")]
