@@ -281,9 +281,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def random_init_model(lm: str = "smollm2", fine_iterations: int = 2, dim: int = D, seed: int = 0) -> Any:
+def random_init_model(lm: str = "smollm2", fine_iterations: int = 2, dim: int = D, seed: int = 0,
+                      **options: Any) -> Any:
     """FoveatedVLM over a random-initialised Llama of the named shape (`smollm2`: SmolLM2-135M's,
-    `tiny`: the test preset's), fp32 on the CPU, seeded. The one place the bench builds a model."""
+    `tiny`: the test preset's), fp32 on the CPU, seeded; `options` are further ModelConfig fields
+    (recon_head, lambda_recon). The one place the bench builds a model."""
     from transformers import LlamaForCausalLM
 
     from fvlm_model import FoveatedVLM, ModelConfig
@@ -293,7 +295,8 @@ def random_init_model(lm: str = "smollm2", fine_iterations: int = 2, dim: int = 
     config.name_or_path = lm
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return FoveatedVLM(LlamaForCausalLM(config), ModelConfig(dino_dim=dim, fine_iterations=fine_iterations))
+        return FoveatedVLM(LlamaForCausalLM(config), ModelConfig(dino_dim=dim, fine_iterations=fine_iterations,
+                                                                 **options))
 
 
 # ----------------------------------------------------------------------------- tables

@@ -3,6 +3,7 @@
     python -m bench.train_step                                    # SmolLM2-135M shape, the seed's settings, GPU
     python -m bench.train_step --variants eager,compiled,compiled-cg --batch-size 64
     python -m bench.train_step --lm tiny --device cpu --batch-size 4 --frames 8 --tokens 65 --caption-tokens 16
+    python -m bench.train_step --lm tiny --device cpu --variants eager --recon-head delta --lambda-recon 0.1
 
 The LM is random-initialised from its config (no network): `smollm2` is SmolLM2-135M's shape
 (width 576, 30 layers, 9 heads, 3 KV heads, vocab 49152, tied embeddings), `tiny` the 2-layer test
@@ -45,6 +46,7 @@ if __package__ in (None, ""):  # `python bench/X.py` (the issues' command) puts 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import LATENT, peak_flops, random_init_model, sync
+from fvlm_model import RECON_HEADS
 from fvlm_model.lm import use_causal_sdpa
 from fvlm_train.host_reads import count_host_reads
 from fvlm_train.optim import make_optimizer
@@ -113,7 +115,7 @@ def measure(variant: str, args: argparse.Namespace, device: torch.device, flops_
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    model = random_init_model(args.lm, args.fine_iterations, args.dim, args.seed).to(device)
+    model = random_init_model(args.lm, args.fine_iterations, args.dim, args.seed, **model_options(args)).to(device)
     use_causal_sdpa(model.lm)  # as load_lm gives every LM: is_causal SDPA, no mask, native GQA
     if args.channels_last:
         model.head.to(memory_format=torch.channels_last)
@@ -160,6 +162,11 @@ def measure(variant: str, args: argparse.Namespace, device: torch.device, flops_
     return row
 
 
+def model_options(args: argparse.Namespace) -> dict:
+    """The next-frame head and the loss weight the step is measured with (lambda_recon 0: no head backward)."""
+    return {"recon_head": args.recon_head, "lambda_recon": args.lambda_recon}
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -199,6 +206,8 @@ def main() -> None:
     p.add_argument("--channels-last", action="store_true", help="Prediction head convolutions channels-last.")
     p.add_argument("--no-flops", action="store_true", help="Skip the FLOP count.")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recon-head", choices=RECON_HEADS, default="film", help="Next-frame head (train.py --recon-head).")
+    p.add_argument("--lambda-recon", type=float, default=0.1, help="0: caption-only (the head runs without a graph).")
     p.add_argument("--json", default=None, help="Also write the rows here (JSON list).")
     args = p.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -212,7 +221,7 @@ def main() -> None:
 
     flops = None
     if not args.no_flops:
-        model = random_init_model(args.lm, args.fine_iterations, args.dim, args.seed).to(device)
+        model = random_init_model(args.lm, args.fine_iterations, args.dim, args.seed, **model_options(args)).to(device)
         batch = synthetic_batch(model, args.batch_size, args.frames, args.tokens, args.dim, args.caption_tokens, device,
                                 args.seed)
         flops = count_flops(model, batch)
@@ -223,7 +232,8 @@ def main() -> None:
         del model, batch
     print(f"# {device_name(device)}; torch {torch.__version__}; lm={args.lm} batch={args.batch_size} "
           f"frames={args.frames} tokens={args.tokens}x{args.dim} caption={args.caption_tokens} "
-          f"fine_iterations={args.fine_iterations} steps={args.steps} warmup={args.warmup}", flush=True)
+          f"fine_iterations={args.fine_iterations} recon_head={args.recon_head} lambda_recon={args.lambda_recon} "
+          f"steps={args.steps} warmup={args.warmup}", flush=True)
     rows = []
     for v in variants:
         if v.endswith("-cg") and device.type != "cuda":
