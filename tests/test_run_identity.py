@@ -58,8 +58,9 @@ def train(cwd: Path, store: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=ENV, timeout=600)
 
 
-def refused(cwd: Path, store: Path, *extra: str) -> subprocess.CompletedProcess:
-    """`train(...)` for a command refused before it trains: in this process (tests/in_process.py)."""
+def train_here(cwd: Path, store: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`train(...)` in this process (tests/in_process.py), for a command that stops before it trains: refused,
+    or with nothing left to do."""
     return invoke("train", ["--store", str(store), "--preset", "tiny", "--max-steps", "3", "--batch-size", "4",
                             "--grad-accum", "1", "--num-frames", "4", "--workers", "0", "--val-fraction", "0.25",
                             "--visual-videos", "0", *extra], cwd=cwd)
@@ -101,7 +102,7 @@ def test_two_stores_of_one_file_name_never_share_a_run_folder(stores):
     assert len({r["store_id"] for r in recorded}) == 2 and {r["frame_sampling"] for r in recorded} == {EXACT,
                                                                                                        KEYFRAME}
     # The same command again resumes its own run.
-    again = train(stores, Path("exact/clips.zarr"))
+    again = train_here(stores, Path("exact/clips.zarr"))
     assert again.returncode == 0 and "nothing to do" in again.stderr, again.stderr
 
 
@@ -117,16 +118,16 @@ def test_resuming_or_evaluating_on_another_store_is_refused(stores, tmp_path):
         test_two_stores_of_one_file_name_never_share_a_run_folder(stores)
     ckpt = run_of(stores, "exact")
     # Another seek mode: its frame_sampling differs.
-    line = one_line_error(refused(stores, Path("keyframe/clips.zarr"), "--resume", str(ckpt), "--max-steps", "4",
+    line = one_line_error(train_here(stores, Path("keyframe/clips.zarr"), "--resume", str(ckpt), "--max-steps", "4",
                                   "--out", str(tmp_path / "a")), "frame_sampling: checkpoint's store")
     assert "keyframe nearest" in line
     # The same settings, another store: named both ways, --other-store lets it through.
     other = stores / "other" / "clips.zarr"
-    line = one_line_error(refused(stores, other, "--resume", str(ckpt), "--max-steps", "4", "--out",
+    line = one_line_error(train_here(stores, other, "--resume", str(ckpt), "--max-steps", "4", "--out",
                                   str(tmp_path / "b")), "the checkpoint was trained on another store")
     assert str((stores / "exact" / "clips.zarr").resolve()) in line and str(other.resolve()) in line
     assert "--other-store" in line
-    line = one_line_error(refused(stores, other, "--resume", str(ckpt), "--eval-only"), "trained on another store")
+    line = one_line_error(train_here(stores, other, "--resume", str(ckpt), "--eval-only"), "trained on another store")
     allowed = train(stores, other, "--resume", str(ckpt), "--max-steps", "4", "--out", str(tmp_path / "b"),
                     "--other-store")
     assert allowed.returncode == 0 and "resumed from" in allowed.stderr, allowed.stderr[-2000:]
@@ -142,9 +143,9 @@ def test_eval_json_into_a_missing_folder_and_an_unknown_device(stores, tmp_path)
     proc = train(stores, Path("exact/clips.zarr"), "--resume", str(ckpt), "--eval-only", "--json", str(report))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(report.read_text())["checkpoint_step"] == 3
-    one_line_error(refused(stores, Path("exact/clips.zarr"), "--resume", str(ckpt), "--eval-only", "--json",
+    one_line_error(train_here(stores, Path("exact/clips.zarr"), "--resume", str(ckpt), "--eval-only", "--json",
                            str(tmp_path)), "is a folder")
-    one_line_error(refused(stores, Path("exact/clips.zarr"), "--device", "tpu", "--out", str(tmp_path / "t")),
+    one_line_error(train_here(stores, Path("exact/clips.zarr"), "--device", "tpu", "--out", str(tmp_path / "t")),
                    "--device tpu: not a device type torch knows")
 
 
