@@ -295,11 +295,13 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
 
 
 def test_torchrun_two_cpu_processes_default_grad_accum(store, tmp_path):
-    """Two gloo processes with the default --grad-accum 2 (DDP's no_sync on the first micro-batch)."""
+    """Two gloo processes with the default --grad-accum 2 (DDP's no_sync on the first micro-batch), caption loss
+    only (--lambda-recon 0: the next-frame head gets no gradient, which DDP must be told or its second step fails)."""
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     out = tmp_path / "ddp"
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", *train_cmd(store, out, grad_accum=None)[1:],
-           "--max-steps", "6", "--save-every", "3", "--log-every", "3", "--val-every", "6", "--visual-videos", "0"]
+           "--max-steps", "6", "--save-every", "3", "--log-every", "3", "--val-every", "6", "--visual-videos", "0",
+           "--lambda-recon", "0"]
     run(cmd)
     assert (out / "checkpoint_latest.pt").exists()
     assert len(list(out.glob("events.out.tfevents.*"))) >= 1
