@@ -51,19 +51,20 @@ def make_store(path: Path, frame_sampling: str = EXACT, n: int = 12) -> Path:
     return path
 
 
+def train_args(store: Path, *extra: str) -> list[str]:
+    return ["--store", str(store), "--preset", "tiny", "--max-steps", "3", "--batch-size", "4", "--grad-accum", "1",
+            "--num-frames", "4", "--workers", "0", "--val-fraction", "0.25", "--visual-videos", "0", *extra]
+
+
 def train(cwd: Path, store: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "train.py"), "--store", str(store), "--preset", "tiny", "--max-steps", "3",
-           "--batch-size", "4", "--grad-accum", "1", "--num-frames", "4", "--workers", "0", "--val-fraction", "0.25",
-           "--visual-videos", "0", *extra]
+    cmd = [sys.executable, str(ROOT / "train.py"), *train_args(store, *extra)]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=ENV, timeout=600)
 
 
 def train_here(cwd: Path, store: Path, *extra: str) -> subprocess.CompletedProcess:
     """`train(...)` in this process (tests/in_process.py), for a command that stops before it trains: refused,
     or with nothing left to do."""
-    return invoke("train", ["--store", str(store), "--preset", "tiny", "--max-steps", "3", "--batch-size", "4",
-                            "--grad-accum", "1", "--num-frames", "4", "--workers", "0", "--val-fraction", "0.25",
-                            "--visual-videos", "0", *extra], cwd=cwd)
+    return invoke("train", train_args(store, *extra), cwd=cwd)
 
 
 def one_line_error(proc: subprocess.CompletedProcess, text: str) -> str:
