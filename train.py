@@ -193,9 +193,8 @@ def train(store_path: str, run_dir: Path, resume: Path | None, given: dict[str, 
     writer = open_writer(run_dir, config, step) if main_rank else None
     # Training runs through `fn` (DDP and/or compiled); evaluation, generation and checkpoints use
     # `model` itself (so state_dict keys carry no prefix).
-    # Parameters these options give no gradient (the next-frame head when lambda_recon is 0, latent_init with
-    # the hidden head) must be declared to DDP, or its second step fails waiting for their gradients.
-    unused = config.lambda_recon == 0 or config.recon_head == "hidden"
+    # Parameters without a gradient must be declared to DDP, or its second step waits for them and fails.
+    unused = not model.every_parameter_gets_a_gradient()
     fn = DistributedDataParallel(model, find_unused_parameters=unused) if world_size > 1 else model
     use_compile = compile_model if compile_model is not None else device.type == "cuda"
     compiled = CompiledStep(fn, device, config.grad_accum) if use_compile else None

@@ -165,6 +165,12 @@ class FoveatedVLM(nn.Module):
         prev = torch.cat([init, latents[:, :-1]], dim=1)
         return self.head(rec_hidden, prev)
 
+    def every_parameter_gets_a_gradient(self) -> bool:
+        """False when these options leave parameters without a gradient (DDP must be told so): the head at
+        lambda_recon 0 (it runs without a graph, below) and latent_init with the `hidden` head (which never
+        reads the previous latents)."""
+        return self.config.lambda_recon != 0.0 and self.config.recon_head != "hidden"
+
     # ---- training forward ---------------------------------------------------------------------
 
     def forward(

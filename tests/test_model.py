@@ -377,3 +377,14 @@ def test_shuffled_query_control(tokenizer):
     out = model(dino, latents, ids, labels)
     control = model.shuffled_query_loss(dino, out["last_queries"], ids, labels)
     assert control.shape == (3,) and not torch.allclose(control, out["cap_sum"][-1])
+
+
+@pytest.mark.parametrize(("recon_head", "lambda_recon"),
+                         [("film", 0.1), ("film", 0.0), ("delta", 0.1), ("hidden", 0.1)])
+def test_the_model_says_when_a_parameter_gets_no_gradient(tokenizer, recon_head, lambda_recon):
+    """What train.py tells DDP (find_unused_parameters) is what a backward pass really leaves without a gradient."""
+    model = make_model(recon_head=recon_head, fine_iterations=1)
+    model.config.lambda_recon = lambda_recon
+    model(*make_batch(tokenizer))["loss"].backward()
+    every = all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert every == model.every_parameter_gets_a_gradient()
