@@ -8,6 +8,7 @@ that need the real process (an exit code seen by the shell, environment read at 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -18,11 +19,13 @@ def invoke(script: str, args: list[str], cwd: Path | None = None) -> subprocess.
     from click.testing import CliRunner
 
     main = __import__(script).main
-    before = os.getcwd()
+    # Left as found: the working folder, and the SIGTERM handler precompute.py installs for its workers.
+    before, on_sigterm = os.getcwd(), signal.getsignal(signal.SIGTERM)
     if cwd is not None:
         os.chdir(cwd)
     try:
         result = CliRunner().invoke(main, args)
     finally:
         os.chdir(before)
+        signal.signal(signal.SIGTERM, on_sigterm)
     return subprocess.CompletedProcess([script, *args], result.exit_code, result.stdout, result.stderr)
