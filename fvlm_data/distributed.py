@@ -54,6 +54,9 @@ class RankGroup:
         """Every rank's `obj` on rank 0 (in rank order); None on the other ranks."""
         out: list[Any] | None = [None] * self.launch.world_size if self.launch.rank == 0 else None
         dist.gather_object(obj, out, dst=0)
+        # No rank tears its group down while rank 0 may still be receiving: once in the suite (1 of 5 runs) rank 0
+        # aborted ("terminate called without an active exception") after the other rank had left.
+        dist.barrier()
         return out
 
     def close(self) -> None:
