@@ -23,14 +23,15 @@ import click
 import torch
 from click.core import ParameterSource
 
-from fvlm_data.distributed import Launch, RankGroup, torchrun_launch
-from fvlm_data.encoders import TINY, EncoderLoadError, FrozenEncoders
-from fvlm_data.hub import hub_reachable
-from fvlm_data.pipeline import PrecomputeSummary, run_precompute
-from fvlm_data.precompute_config import DEFAULT_SYNTHETIC_VIDEOS, PrecomputeConfig, click_options
+from fvlm_data.environment import Launch, hub_reachable, torchrun_launch
+from fvlm_data.errors import EncoderLoadError, StoreError
+from fvlm_data.precompute.config import DEFAULT_SYNTHETIC_VIDEOS, PrecomputeConfig, click_options
+from fvlm_data.precompute.encoders import TINY, FrozenEncoders
+from fvlm_data.precompute.pipeline import PrecomputeSummary, run_precompute
+from fvlm_data.precompute.ranks import RankGroup
+from fvlm_data.precompute.workers import Stopped, stop_on_sigterm
 from fvlm_data.sources import list_inputs
-from fvlm_data.store import FeatureStore, StoreError, check_compatible
-from fvlm_data.workers import Stopped, stop_on_sigterm
+from fvlm_data.store import FeatureStore, check_compatible
 
 
 def _default_device() -> str:

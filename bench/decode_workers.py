@@ -4,7 +4,7 @@ and the resident memory of a worker, for two pools in alternating rounds:
 - plain: `ProcessPoolExecutor` with the spawn context, as precompute used before. Spawn re-runs
   the parent's main script in every worker; this script imports what precompute.py imports
   (torch, the encoders), so its workers do too.
-- fvlm: `fvlm_data.workers.decode_executor`, whose workers skip the main script and import only
+- fvlm: `fvlm_data.precompute.workers.decode_executor`, whose workers skip the main script and import only
   the decode code (and exit with their parent).
 
     python -m bench.decode_workers [--rounds 5] [--workers 2]
@@ -20,9 +20,9 @@ import time
 from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 
-import fvlm_data.encoders  # noqa: F401  (what precompute.py imports: torch, transformers, diffusers)
-import fvlm_data.pipeline  # noqa: F401
-from fvlm_data.workers import decode_executor, stop_decode_workers
+import fvlm_data.precompute.encoders  # noqa: F401  (what precompute.py imports: torch, transformers, diffusers)
+import fvlm_data.precompute.pipeline  # noqa: F401
+from fvlm_data.precompute.workers import decode_executor, stop_decode_workers
 
 
 def plain_pool(workers: int) -> Executor:
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     pools = {"plain spawn ProcessPoolExecutor (re-runs the main script)": plain_pool,
-             "fvlm_data.workers.decode_executor": decode_executor}
+             "fvlm_data.precompute.workers.decode_executor": decode_executor}
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in pools}
     for _ in range(args.rounds):
         for name, make_pool in pools.items():  # alternate, so both see the same machine load

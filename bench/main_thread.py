@@ -29,10 +29,11 @@ import numpy as np
 import torch
 
 from fvlm_data import pipeline
-from fvlm_data.encoders import EncodedFrames
-from fvlm_data.precompute_config import PrecomputeConfig
-from fvlm_data.sources import DecodedVideo, VideoInput
-from fvlm_data.store import FeatureShapes, FeatureStore, ShardBuffer
+from fvlm_data.precompute.config import PrecomputeConfig
+from fvlm_data.precompute.encoders import EncodedFrames
+from fvlm_data.records import DecodedVideo, VideoInput
+from fvlm_data.store import FeatureShapes, ShardBuffer
+from fvlm_data.store.writer import StoreWriter
 
 
 class NoOpEncoders:
@@ -144,7 +145,7 @@ def _today_round(out: Path, args, decoded: list) -> dict:
     encoders = NoOpEncoders(frames, args.dino_tokens, 384, args.gpu_ms / 1e3)
     shapes = FeatureShapes(t, args.dino_tokens, 384, (4, 32, 32))
     attrs = dict(dino="bench", vae="bench", num_frames=t, image_size=256, feature_dtype="float16")
-    store = FeatureStore.create_or_open(out, attrs, shapes, capacity=len(decoded), shard_videos=64)
+    store = StoreWriter.create_or_open(out, attrs, shapes, capacity=len(decoded), shard_videos=64)
     buffers: dict[int, ShardBuffer] = {}
     t0 = time.perf_counter()
     for i in range(0, len(decoded), args.videos):

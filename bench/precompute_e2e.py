@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from bench.common import dinov2_small
-from fvlm_data.encoders import FrozenEncoders
-from fvlm_data.pipeline import run_precompute
-from fvlm_data.precompute_config import PrecomputeConfig
+from fvlm_data.precompute.config import PrecomputeConfig
+from fvlm_data.precompute.encoders import FrozenEncoders
+from fvlm_data.precompute.pipeline import run_precompute
 from fvlm_data.sources import list_inputs
 
 GOAL = 60.0  # videos/s on one H100/H200 (issue 20)

@@ -31,18 +31,14 @@ import argparse
 import gc
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-if __package__ in (None, ""):  # `python bench/precompute_speed.py` (the issue's command) puts bench/ on the path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import dinov2_small, peak_flops, sync  # noqa: E402
-from bench.main_thread import PIPE_HEADER, fmt_pipe, pipeline_rows  # noqa: E402
+from bench.common import dinov2_small, peak_flops, sync
+from bench.main_thread import PIPE_HEADER, fmt_pipe, pipeline_rows
 
 SD_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "latent_channels": 4,
           "norm_num_groups": 32, "scaling_factor": 0.18215}
@@ -87,7 +83,7 @@ def flops_per_frame(fn, x) -> float:
 
 
 def encoder_rows(args, device: torch.device, rows: list[dict], emit) -> None:
-    from fvlm_data.encoders import FrozenEncoders
+    from fvlm_data.precompute.encoders import FrozenEncoders
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     frames = args.videos * args.frames_per_video if args.frames_per_batch is None else args.frames_per_batch
@@ -187,8 +183,9 @@ ENC_HEADER = ("| encoder variant | model | frames/s | videos/s | first call s | 
 def decode_rows(args, rows: list[dict], emit) -> None:
     import numpy as np
 
-    from fvlm_data.sources import VideoInput, load_frames
-    from fvlm_data.video import sample_timestamps
+    from fvlm_data.records import VideoInput
+    from fvlm_data.sources import load_frames
+    from fvlm_data.video.decode import sample_timestamps
 
     clips = sorted(Path(args.clips).glob("*.mp4"))
     if not clips:
@@ -227,7 +224,7 @@ def decode_ratio_rows(args, rows: list[dict], emit) -> None:
     `frames_at` (opening the file included), repeats interleaved in alternating order, and whether
     the frames and timestamps are identical."""
     from bench.reference_decode import ReferenceVideoFile
-    from fvlm_data.video import VideoFile, sample_timestamps
+    from fvlm_data.video.decode import VideoFile, sample_timestamps
 
     for clip in sorted(Path(args.clips).glob("*.mp4")):
         cpu: dict[str, list[float]] = {"new": [], "today": []}

@@ -1,6 +1,6 @@
 """Today's exact decoder, the reference the GOP-planned one is checked against.
 
-`ReferenceVideoFile(path).frames_at(targets, image_size)` is `fvlm_data.video.VideoFile.frames_at`
+`ReferenceVideoFile(path).frames_at(targets, image_size)` is `fvlm_data.video.decode.VideoFile.frames_at`
 without GOP-planned decoding (fvlm_data/video_gops.py): the full path, as it was before, which
 decodes every frame from the keyframe before each target on. tests/test_video_gops.py and
 `python -m bench.precompute_speed --part decode` compare the two frame for frame.
@@ -8,7 +8,7 @@ decodes every frame from the keyframe before each target on. tests/test_video_go
 
 from __future__ import annotations
 
-from fvlm_data.video import VideoFile
+from fvlm_data.video.decode import VideoFile
 
 
 class ReferenceVideoFile(VideoFile):

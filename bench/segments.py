@@ -23,7 +23,8 @@ import numpy as np
 
 from bench.common import pin_to_one_core, work_folder
 from bench.make_clips import write_clip
-from fvlm_data.sources import Decoding, VideoInput, load_file_frames, load_frames
+from fvlm_data.records import Decoding, VideoInput
+from fvlm_data.sources import load_file_frames, load_frames
 
 
 def segments_of(path: Path, seconds: float, count: int, seed: int = 0) -> list[VideoInput]:

@@ -9,7 +9,7 @@ The LM is random-initialised from its config (no network): `smollm2` is SmolLM2-
 (width 576, 30 layers, 9 heads, 3 KV heads, vocab 49152, tied embeddings), `tiny` the 2-layer test
 preset. Inputs are synthetic tensors of the given shape, already on the device (data loading is
 not timed). The step is the trainer's own `fvlm_train.step.train_step` with the trainer's optimiser
-(`fvlm_train.optim.make_optimizer`): fp32 weights, bf16 autocast on CUDA (fp32 on CPU), backward,
+(`fvlm_train.step.make_optimizer`): fp32 weights, bf16 autocast on CUDA (fp32 on CPU), backward,
 gradient clipping at 1.0, fused AdamW (a non-finite step skipped on the device).
 
 Variants (comma-separated --variants):
@@ -22,7 +22,7 @@ Variants (comma-separated --variants):
 Prints, per variant: samples/s (batch / median step time after --warmup steps), the first step's
 time (compilation included), the host reads of one more step run as the training loop runs a step it
 does not log (`.item()`, `.tolist()`, `.cpu()`, `float()`, ... of a tensor, counted by
-`fvlm_train.host_reads`; target 0), peak memory (CUDA: max_memory_allocated; CPU: the process's peak
+`fvlm_train.step`; target 0), peak memory (CUDA: max_memory_allocated; CPU: the process's peak
 RSS so far), FLOPs per sample (FlopCounterMode over one eager forward+backward, / batch; printed
 before the table also with the intermediate fine passes fed the caption, as before they ran without it) and the
 achieved fraction of the chip's dense bf16 matrix rate ('n/a' on CPU or an unknown GPU). With
@@ -42,16 +42,11 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # `python bench/X.py` (the issues' command) puts bench/ on the path, not the root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from bench.common import LATENT, peak_flops, random_init_model, sync
 from fvlm_model import RECON_HEADS
 from fvlm_model.lm import use_causal_sdpa
-from fvlm_train.host_reads import count_host_reads
-from fvlm_train.optim import make_optimizer
 from fvlm_train.progress import peak_memory_gb
-from fvlm_train.step import random_batch, train_step
+from fvlm_train.step import count_host_reads, make_optimizer, random_batch, train_step
 
 VARIANTS = {
     "eager": None,

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import work_folder
-from fvlm_data.store import FeatureShapes, FeatureStore
+from fvlm_data.store import FeatureShapes
+from fvlm_data.store.writer import StoreWriter
 
 WORDS = ["a", "red", "green", "blue", "circle", "square", "moves", "left", "right", "up", "down", "slowly"]
 TINY = FeatureShapes(num_frames=6, dino_tokens=17, dino_dim=384, latent_shape=(4, 7, 7))
@@ -33,7 +34,7 @@ def write_store(path: Path, videos: int, shapes: FeatureShapes, shard: int = 64)
     t, n, d, latent = shapes.num_frames, shapes.dino_tokens, shapes.dino_dim, tuple(shapes.latent_shape)
     attrs = dict(dino="tiny", vae="tiny", num_frames=t, image_size=56 if n == 17 else 256, feature_dtype="float16",
                  dino_tokens=n, dino_dim=d, latent_shape=list(latent), preset="tiny")
-    store = FeatureStore.create_or_open(path, attrs, shapes, capacity=videos, shard_videos=shard)
+    store = StoreWriter.create_or_open(path, attrs, shapes, capacity=videos, shard_videos=shard)
     rng = np.random.default_rng(0)
     template = rng.standard_normal((8, t, n, d)).astype(np.float16)
     for s in range(-(-videos // shard)):

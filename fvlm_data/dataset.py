@@ -11,10 +11,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fvlm_data.store import FeatureStore
+from fvlm_data.sources.synthetic import get_task, parse_source_tag, synthetic_vocabulary
 from fvlm_data.store.format import FRAME_ARRAYS
+from fvlm_data.store.reader import FeatureStore
 
 SPLITS = ("train", "val", "all")
+
+__all__ = ["FeatureDataset", "CaptionCollator", "split_datasets", "to_device", "synthetic_frames",
+           "synthetic_vocabulary"]  # the vocabulary of the synthetic captions: the tiny tokenizer's words
 
 
 def validation_mask(video_ids: list[str], val_fraction: float) -> np.ndarray:
@@ -56,6 +60,16 @@ def split_slots(store: FeatureStore, val_fraction: float) -> tuple[np.ndarray, n
     file_ids = store.file_ids(slots) if "file_id" in store.arrays else video_ids
     is_val = validation_mask(file_ids, val_fraction)
     return slots[~is_val], slots[is_val], [video_ids[i] for i in np.flatnonzero(is_val)]
+
+
+def synthetic_frames(attrs: dict[str, Any], source: str, timestamps: np.ndarray) -> np.ndarray | None:
+    """The store keeps no pixels; a synthetic video can be rendered again from its source tag."""
+    tag = parse_source_tag(source)
+    if tag is None:
+        return None
+    task, index = tag
+    seed = int(attrs.get("precompute_args", {}).get("seed", 0))
+    return get_task(task)(seed, index, timestamps, int(attrs["image_size"]))[0]
 
 
 class FeatureDataset(Dataset):

@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from fvlm_data.objects import LocalObjects
-from fvlm_data.store import FeatureStore, StoreError, shard_states
+from fvlm_data.errors import StoreError
+from fvlm_data.store import FeatureStore, shard_states
+from fvlm_data.store.objects import LocalObjects
 
 __all__ = ["inspect_store", "render", "main"]
 

@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from fvlm_data.hub import hub_reachable
+from fvlm_data.environment import hub_reachable
 
 DEFAULT_LM = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TINY = "tiny"

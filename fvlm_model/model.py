@@ -37,7 +37,7 @@ class ModelConfig:
     """The model's shape and loss weights, and their defaults: `FoveatedVLM(lm, config)`.
 
     The trainer makes it from its run configuration and the store's feature shapes
-    (`fvlm_train.build.model_config`); a checkpoint stores the run configuration, not this.
+    (`fvlm_train.checkpoint.model_config`); a checkpoint stores the run configuration, not this.
     """
 
     dino_dim: int = 384  # D

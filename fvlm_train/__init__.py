@@ -1,9 +1,9 @@
 """The trainer's parts, one job per module; `train.py` is the loop that composes them.
 
-config (the run configuration and its checks), checkpoint (the saved record), distributed,
-optim (parameter groups, schedule), data (the store and its splits, sampler, loaders), step (the
-one training step), progress (the training log), evaluation (validation and --eval-only),
-visuals (TensorBoard attention maps and captions), build (model + LM loading).
+config (the run configuration, its checks, what the command line settles first), checkpoint (the
+model a configuration describes, the saved record), data (the store and its splits, sampler,
+loaders), step (optimizer, schedule, the one training step, compiled), progress (the training
+log), evaluation (validation, --eval-only, TensorBoard attention maps and captions), distributed.
 """
 
 

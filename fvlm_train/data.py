@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler, get_worker_info
 
 from fvlm_data.dataset import CaptionCollator, FeatureDataset, Splits, check_num_frames, split_datasets, to_device
-from fvlm_data.store import FeatureStore, StoreError
+from fvlm_data.errors import StoreError
+from fvlm_data.store.reader import FeatureStore
 
 from . import TrainError
 from .config import RunConfig

@@ -1,6 +1,6 @@
 """Process group setup for torchrun (NCCL on GPUs, gloo on CPU) and the few collectives used.
 
-The rank layout is `fvlm_data.distributed.Launch`, read from torchrun's environment there.
+The rank layout is `fvlm_data.environment.Launch`, read from torchrun's environment there.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from fvlm_data.distributed import Launch, torchrun_launch
+from fvlm_data.environment import Launch, torchrun_launch
 
 from . import TrainError
 

@@ -1,4 +1,6 @@
-"""Validation and --eval-only: per-video losses over a split, the metrics, their intervals, the verdict."""
+"""Validation and --eval-only: per-video losses over a split, the metrics, their intervals, the
+verdict; and what the queries do, for TensorBoard: attention maps, entropy, token similarity and
+greedy captions of a few fixed held-out videos."""
 
 from __future__ import annotations
 
@@ -11,9 +13,12 @@ import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from fvlm_data.dataset import to_device
+from fvlm_data.dataset import FeatureDataset, synthetic_frames, to_device
+from fvlm_data.store.reader import FeatureStore
 from fvlm_model import FoveatedVLM
 from fvlm_model.evaluation import bootstrap_ratio_ci, pass_metrics, verdict
+from fvlm_model.generate import generate_captions
+from fvlm_model.visualize import attention_figure, attention_grid, inspect_batch
 
 # Validation scalars in TensorBoard (under val/).
 VAL_TAGS = ("loss", "cap_fine", "cap_coarse", "cap_ratio", "cap_improvement_pct", "rec_fine", "rec_coarse",
@@ -122,3 +127,43 @@ def print_eval_table(m: dict[str, Any]) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")
+
+
+def visual_samples(store: FeatureStore, ds: FeatureDataset, count: int) -> tuple[list[dict[str, Any]],
+                                                                                   list[np.ndarray | None]]:
+    """The first `count` videos of `ds` and their rendered frames (None where not synthetic): the
+    fixed validation videos whose attention and captions are shown in TensorBoard."""
+    items = [ds[i] for i in range(min(count, len(ds)))]
+    frames = [synthetic_frames(store.attrs, store.read_string("source", int(ds.slots[it["index"]])),
+                               it["timestamps"].numpy()) for it in items]
+    return items, frames
+
+
+def caption_table(model: FoveatedVLM, tokenizer: Any, batch: dict[str, Any], max_tokens: int,
+                  modes: tuple[str, ...] = ("coarse", "fine")) -> list[dict[str, str]]:
+    """Greedy captions of each mode beside the ground truth."""
+    references = batch.get("references") or [[c] for c in batch["captions"]]
+    rows = [{"video_id": v, "truth": c, "references": r}
+            for v, c, r in zip(batch["video_ids"], batch["captions"], references, strict=True)]
+    for mode in modes:
+        ids = generate_captions(model, batch["dino"], tokenizer.eos_token_id, max_tokens=max_tokens, mode=mode)
+        for row, seq in zip(rows, ids, strict=True):
+            row[mode] = tokenizer.decode(seq, skip_special_tokens=True)
+    return rows
+
+
+def log_visuals(writer: SummaryWriter, model: FoveatedVLM, tokenizer: Any, batch: dict[str, Any],
+                frames: list[np.ndarray | None], step: int, max_tokens: int) -> None:
+    """Attention maps, their entropy, coarse-vs-fine token similarity and generated captions."""
+    info = inspect_batch(model, batch["dino"], batch["latents"], batch["input_ids"], batch["labels"])
+    for name, value in info["entropy"].items():
+        writer.add_scalar(f"val/attention_entropy/{name}", value, step)
+    for name, value in info["token_cosine"].items():
+        writer.add_scalar(f"val/token_cosine/{name}", value, step)
+    for k, video_frames in enumerate(frames):
+        maps = {name: attention_grid(att[k]) for name, att in info["attention"].items()}
+        writer.add_image(f"val/attention/{k}", attention_figure(maps, video_frames), step)
+    rows = caption_table(model, tokenizer, batch, max_tokens)
+    lines = ["| video | ground truth | coarse | fine |", "|---|---|---|---|"]
+    lines += [f"| {r['video_id']} | {r['truth']} | {r['coarse']} | {r['fine']} |" for r in rows]
+    writer.add_text("val/captions", "\n".join(lines), step)

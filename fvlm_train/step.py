@@ -1,14 +1,54 @@
-"""The training step: the one function the loop runs, the benchmark times and the tests check."""
+"""The training step and what it is made of: AdamW with one weight-decay rule, the learning-rate
+schedule, the step itself (the one function the loop runs, the benchmark times and the tests
+check), its compiled form, and a counter of reads back to the host."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import click
 import torch
 
 from .distributed import all_sum
+
+# Vectors and lookup tables: decaying them pulls queries/embeddings/norm gains towards 0, which
+# is not a regulariser of anything. Matched by parameter name, checked by test_weight_decay_rule in
+# tests/test_train_parts.py.
+NO_DECAY_NAMES = ("q_static", "q_init", "latent_init", "mode_embed", "embed_tokens", "lm_head", "norm", "bias")
+
+
+def decays(name: str, param: torch.nn.Parameter) -> bool:
+    """The rule: weight matrices of linear and convolution layers decay; queries, embeddings,
+    norms, biases and the learned initial latent (`latent_init`, `q_init`) do not."""
+    return param.ndim >= 2 and not any(part in name for part in NO_DECAY_NAMES)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in params if decays(n, p)], "weight_decay": weight_decay},
+              {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0}]
+    # Fused (CUDA and CPU): its `found_inf` lets train_step skip a non-finite step without reading
+    # the flag back to the host.
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
+
+
+def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak at `total` steps."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
 
 # What a step sums over its videos (fvlm_model.evaluation.pass_metrics turns sums into metrics).
 SUMS = ("cap_sum_coarse", "cap_sum_fine", "cap_tokens", "rec_sum_coarse", "rec_sum_fine", "videos")
@@ -77,3 +117,81 @@ def random_batch(vocab_size: int, batch: int, frames: int, tokens: int, dino_dim
         "input_ids": ids.masked_fill(pad, 0),
         "labels": ids.masked_fill(pad, -100),
     }
+
+
+def caption_bucket(batch: dict[str, Any], max_caption_tokens: int) -> int:
+    """The padded caption length of a batch: half of --max-caption-tokens, or all of it. Two shapes,
+    so at most two compiled graphs, at the cost of padding (masked, never learned: it changes no loss)."""
+    half = max(1, max_caption_tokens // 2)
+    return half if batch["input_ids"].shape[1] <= half else max_caption_tokens
+
+
+class CompiledStep:
+    """`train_step` through `torch.compile(fn)`; `mode="reduce-overhead"` (CUDA graphs) on CUDA with one
+    micro-batch per step. With gradient accumulation CUDA graphs are off: cudagraph trees hand the first
+    micro-batch's gradients to `.grad` without a copy and the next replay overwrites them, which gives
+    wrong accumulated gradients or an error (pytorch/pytorch#169545, #96693)."""
+
+    def __init__(self, fn: torch.nn.Module, device: torch.device, grad_accum: int = 1) -> None:
+        self.plain, self.cuda_graphs = fn, device.type == "cuda" and grad_accum == 1
+        if device.type == "cuda" and grad_accum > 1:
+            click.echo(f"--compile: no CUDA graphs with --grad-accum {grad_accum} (they corrupt accumulated "
+                       "gradients); --grad-accum 1 with a larger --batch-size gives the same update with them",
+                       err=True)
+        self.fn = torch.compile(fn, dynamic=False, mode="reduce-overhead" if self.cuda_graphs else None)
+        self.compile_s = 0.0
+
+    def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro: list[dict[str, Any]],
+             clip: float, world: int) -> dict[str, Any]:
+        """One step (device results, nothing read back); the time of steps that compiled a graph is
+        counted as compile time."""
+        stats = torch._dynamo.utils.counters["stats"]
+        before, t0 = stats["unique_graphs"], time.perf_counter()
+        try:
+            result = train_step(model, self.fn, optimizer, micro, clip, world, read=False)
+        except Exception as e:  # CUDA graphs that do not hold here: compile without them
+            if not self.cuda_graphs:
+                raise
+            click.echo(f"--compile: CUDA graphs failed ({type(e).__name__}: {' '.join(str(e).split())[:160]}); "
+                       "compiling without them", err=True)
+            optimizer.zero_grad(set_to_none=True)
+            torch._dynamo.reset()
+            self.cuda_graphs = False
+            self.fn = torch.compile(self.plain, dynamic=False)
+            return self.step(model, optimizer, micro, clip, world)
+        if stats["unique_graphs"] > before:
+            self.compile_s += time.perf_counter() - t0
+        return result
+
+    def summary(self) -> str:
+        counters = torch._dynamo.utils.counters
+        skips = int(counters["inductor"]["cudagraph_skips"])
+        graphs = "CUDA graphs" + (f" (skipped for {skips} graph(s): see the log above)" if skips else "") \
+            if self.cuda_graphs else "no CUDA graphs"
+        return (f"compiled {int(counters['stats']['unique_graphs'])} graph(s) in {self.compile_s:.1f} s "
+                f"(the steps that compiled), {graphs}")
+
+
+READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+
+@contextlib.contextmanager
+def count_host_reads() -> Iterator[Counter]:
+    """Inside: every `.item()`, `.tolist()`, `.cpu()`, `.numpy()`, `float()`, `int()`, `bool()` of a
+    tensor is counted by name (on a CPU run too, where it stands for the sync it would be on a GPU)."""
+    counts: Counter = Counter()
+    saved = {name: getattr(torch.Tensor, name) for name in READS}
+
+    def counting(name: str, original):  # noqa: ANN001, ANN202
+        def read(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            counts[name] += 1
+            return original(self, *args, **kwargs)
+        return read
+
+    for name, original in saved.items():
+        setattr(torch.Tensor, name, counting(name, original))
+    try:
+        yield counts
+    finally:
+        for name, original in saved.items():
+            setattr(torch.Tensor, name, original)

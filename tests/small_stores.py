@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from fvlm_data.store import FeatureShapes, FeatureStore
+from fvlm_data.store.writer import StoreWriter
 
 SHAPES = FeatureShapes(num_frames=4, dino_tokens=3, dino_dim=8, latent_shape=(4, 2, 2))
 
@@ -19,7 +20,7 @@ def small_store(path: str | os.PathLike, video_ids: list[str], shard_videos: int
     failures = failures or {}
     attrs = dict(dino="tiny", vae="tiny", preset="tiny", num_frames=4, image_size=28, feature_dtype="float16",
                  latent_dtype="float16", frame_sampling="uniform")
-    store = FeatureStore.create_or_open(path, attrs, SHAPES, capacity=len(video_ids), shard_videos=shard_videos)
+    store = StoreWriter.create_or_open(path, attrs, SHAPES, capacity=len(video_ids), shard_videos=shard_videos)
     rng = np.random.default_rng(0)
     for shard in range(store.num_shard_objects):
         if shard in unpublished:

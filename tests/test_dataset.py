@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from fvlm_data import CaptionCollator, FeatureDataset, FeatureStore
 from fvlm_data.dataset import frame_indices, split_datasets, to_device
 from fvlm_data.store import FeatureShapes
+from fvlm_data.store.writer import StoreWriter
 from fvlm_model import load_lm
 from tests.store_helpers import write_rows
 
@@ -20,7 +21,7 @@ SHAPES = FeatureShapes(num_frames=24, dino_tokens=5, dino_dim=8, latent_shape=(4
 def build_store(path, n=40, feature_dtype="float16"):
     """Row i's features encode (i, frame) so a test can tell exactly what was read."""
     attrs = dict(dino="tiny", vae="tiny", num_frames=24, image_size=28, feature_dtype=feature_dtype)
-    store = FeatureStore.create_or_open(path, attrs, SHAPES, capacity=n + 2, shard_videos=8)
+    store = StoreWriter.create_or_open(path, attrs, SHAPES, capacity=n + 2, shard_videos=8)
     frame = np.arange(24, dtype=np.float32)[:, None, None]
     write_rows(store, ((i, dict(dino=np.broadcast_to(frame + 100 * (i % 5), (24, 5, 8)).copy(),
                                 latents=np.broadcast_to(frame[..., None] * 0 + i, (24, 4, 2, 2)).copy(),
@@ -79,7 +80,7 @@ def test_a_batch_over_more_shard_objects_than_open_files(store_path, monkeypatch
     # 5 shards x 3 frame arrays = 15 objects in one batch, with room for 4 open files: every
     # descriptor must stay open until its own reads are done (a real batch of 32 from a large
     # store touches up to 96 objects).
-    from fvlm_data.objects import LocalObjects
+    from fvlm_data.store.objects import LocalObjects
 
     monkeypatch.setattr(LocalObjects, "MAX_OPEN_FILES", 4)
     ds = FeatureDataset(store_path, num_frames=16, split="all")

@@ -9,8 +9,8 @@ import torch
 import zarr
 
 from fvlm_data import FeatureStore
-from fvlm_data.encoders import TINY, TINY_VAE_SCALING_FACTOR, FrozenEncoders
-from fvlm_data.synthetic import TASKS, render_synthetic
+from fvlm_data.precompute.encoders import TINY, TINY_VAE_SCALING_FACTOR, FrozenEncoders
+from fvlm_data.sources.synthetic import TASKS, render_synthetic
 from tests.in_process import invoke
 from tests.test_precompute import SMALL, precompute
 

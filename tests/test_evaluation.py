@@ -11,8 +11,7 @@ import torch
 from fvlm_model import load_lm
 from fvlm_model.evaluation import bootstrap_ratio_ci, caption_ratio, pass_metrics, verdict
 from fvlm_train.evaluation import evaluate
-from fvlm_train.optim import make_optimizer
-from fvlm_train.step import SUMS, train_step
+from fvlm_train.step import SUMS, make_optimizer, train_step
 from tests.test_model import CAPTIONS, make_batch, make_model
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from fvlm_data import FeatureStore
-from fvlm_data.retries import RetryingStore
-from fvlm_data.store import StoreError
+from fvlm_data.errors import StoreError
+from fvlm_data.store.retries import RetryingStore
 from tests import test_remote_store
 from tests.fault_proxy import FaultProxy
 from tests.test_remote_store import ROOT, SMALL, remote_objects

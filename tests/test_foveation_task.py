@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from fvlm_data.sources import list_inputs, load_frames
-from fvlm_data.synthetic import (
+from fvlm_data.sources.synthetic import (
     BACKGROUNDS,
     COLOURS,
     DIRECTIONS,

@@ -10,15 +10,15 @@ from torch.utils.data import DataLoader
 
 from fvlm_data import CaptionCollator, FeatureDataset, FeatureStore
 from fvlm_data.store import FeatureShapes
+from fvlm_data.store.writer import StoreWriter
 from fvlm_model import load_lm
 from fvlm_model.evaluation import bootstrap_ratio_ci
-from fvlm_train.build import build_model
+from fvlm_train.checkpoint import build_model
 from fvlm_train.config import RunConfig
 from fvlm_train.data import TrainBatches, make_loader
 from fvlm_train.evaluation import evaluate
-from fvlm_train.host_reads import count_host_reads
 from fvlm_train.progress import IntervalLog
-from fvlm_train.step import train_step
+from fvlm_train.step import count_host_reads, train_step
 from tests.store_helpers import write_rows
 
 SHAPES = FeatureShapes(num_frames=6, dino_tokens=5, dino_dim=8, latent_shape=(4, 7, 7))
@@ -29,7 +29,7 @@ def build_store(path, n=24, lists=False):
     """n videos; with `lists`, three captions each (the first is `caption`), in the caption table."""
     attrs = dict(dino="tiny", vae="tiny", num_frames=6, image_size=56, feature_dtype="float16", dino_tokens=5,
                  dino_dim=8, latent_shape=[4, 7, 7])
-    store = FeatureStore.create_or_open(path, attrs, SHAPES, capacity=n, shard_videos=8)
+    store = StoreWriter.create_or_open(path, attrs, SHAPES, capacity=n, shard_videos=8)
     rng = np.random.default_rng(0)
 
     def row(i: int) -> dict:
@@ -87,7 +87,7 @@ def test_non_logging_step_reads_nothing_back_and_a_bad_step_is_skipped(store_pat
     model, tokenizer = tiny(store_path)
     ds = FeatureDataset(store_path, num_frames=4, split="all")
     batch = CaptionCollator(tokenizer)(ds.read_batch(list(range(4))))
-    from fvlm_train.optim import make_optimizer
+    from fvlm_train.step import make_optimizer
 
     optimizer = make_optimizer(model, 1e-3, 0.01, torch.device("cpu"))
     log = IntervalLog(torch.device("cpu"))

@@ -225,7 +225,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
 def test_store_records_the_same_precompute_args_as_before_the_config():
     """`precompute_args` keeps the keys stores made before PrecomputeConfig have, so that their
     attributes compare equal; what only changes speed or output is not recorded."""
-    from fvlm_data.precompute_config import PrecomputeConfig
+    from fvlm_data.precompute.config import PrecomputeConfig
 
     config = PrecomputeConfig(out="s.zarr", synthetic=12, num_frames=6)
     assert config.recorded() == {

@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from fvlm_data import FeatureStore
-from fvlm_data.pipeline import PrecomputeSummary
+from fvlm_data.precompute.pipeline import PrecomputeSummary
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}

@@ -17,6 +17,7 @@ import pytest
 from fvlm_data import FeatureDataset, FeatureStore
 from fvlm_data.dataset import frame_indices
 from fvlm_data.store import FeatureShapes
+from fvlm_data.store.writer import StoreWriter
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -159,7 +160,7 @@ def test_a_batch_costs_a_few_round_trips_not_one_per_sample(s3):
     url = "s3://fvlm/runs/latency/s.zarr"
     shapes = FeatureShapes(num_frames=24, dino_tokens=5, dino_dim=8, latent_shape=(4, 2, 2))
     attrs = dict(dino="tiny", vae="tiny", num_frames=24, image_size=28, feature_dtype="float16")
-    store = FeatureStore.create_or_open(url, attrs, shapes, capacity=64, shard_videos=16)
+    store = StoreWriter.create_or_open(url, attrs, shapes, capacity=64, shard_videos=16)
     rng = np.random.default_rng(0)
     for shard in range(4):
         buf = store.shard_buffer(shard)

@@ -12,7 +12,7 @@ import av
 import numpy as np
 import pytest
 
-from fvlm_data.video import VideoFile, sample_timestamps
+from fvlm_data.video.decode import VideoFile, sample_timestamps
 
 SIZE = 32
 

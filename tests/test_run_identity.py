@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from fvlm_data.dataset import FeatureDataset
-from fvlm_data.precompute_config import PrecomputeConfig
+from fvlm_data.precompute.config import PrecomputeConfig
 from fvlm_data.store import FeatureShapes, FeatureStore
+from fvlm_data.store.writer import StoreWriter
 from fvlm_train import TrainError
 from fvlm_train.config import (
     RunConfig,
@@ -40,7 +41,7 @@ def make_store(path: Path, frame_sampling: str = EXACT, n: int = 12) -> Path:
     """A small real store of random features (what precompute --preset tiny --num-frames 4 --image-size 56 gives)."""
     attrs = dict(dino="tiny", vae="tiny", preset="tiny", num_frames=4, image_size=56, feature_dtype="float16",
                  dino_tokens=17, dino_dim=384, latent_shape=[4, 7, 7], frame_sampling=frame_sampling)
-    store = FeatureStore.create_or_open(path, attrs, SHAPES, capacity=n, shard_videos=n)
+    store = StoreWriter.create_or_open(path, attrs, SHAPES, capacity=n, shard_videos=n)
     rng = np.random.default_rng(0)
     buf = store.shard_buffer(0)
     for i in range(n):
@@ -185,12 +186,12 @@ def test_old_checkpoints_without_identity_or_frame_sampling_keep_loading(tmp_pat
 
 def test_a_store_where_every_input_failed_points_to_inspect(tmp_path):
     attrs = dict(dino="tiny", vae="tiny", num_frames=4, image_size=56, feature_dtype="float16")
-    failed = FeatureStore.create_or_open(tmp_path / "f.zarr", attrs, SHAPES, capacity=2, shard_videos=2)
+    failed = StoreWriter.create_or_open(tmp_path / "f.zarr", attrs, SHAPES, capacity=2, shard_videos=2)
     for slot in range(2):
         write_failure(failed, slot, video_id=f"v{slot}", source=f"/v/{slot}.mp4", reason="truncated")
     with pytest.raises(TrainError, match=r"no committed videos: every input failed: see `python -m fvlm_data.inspect "):
         open_store(str(tmp_path / "f.zarr"))
-    FeatureStore.create_or_open(tmp_path / "e.zarr", attrs, SHAPES, capacity=2, shard_videos=2)
+    StoreWriter.create_or_open(tmp_path / "e.zarr", attrs, SHAPES, capacity=2, shard_videos=2)
     with pytest.raises(TrainError, match="no committed videos: run precompute.py first"):
         open_store(str(tmp_path / "e.zarr"))
 
@@ -244,8 +245,8 @@ def test_an_error_raised_in_a_dataloader_worker_is_printed_as_its_own_line():
     error's own line."""
     from torch._utils import ExceptionWrapper
 
-    from fvlm_data.store import StoreError
-    from fvlm_train.command_line import one_line
+    from fvlm_data.errors import StoreError
+    from fvlm_train.config import one_line
 
     try:
         raise StoreError("GET s3://b/s.zarr/dino/c/0/0/0/0 failed 10 times (HTTP 503 SlowDown): ...")

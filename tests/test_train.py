@@ -18,10 +18,11 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fvlm_data.dataset import FeatureDataset
-from fvlm_data.store import FeatureShapes, FeatureStore
+from fvlm_data.store import FeatureShapes
+from fvlm_data.store.writer import StoreWriter
 from fvlm_model.evaluation import pass_metrics
 from fvlm_model.model import ModelConfig
-from fvlm_train.optim import lr_at
+from fvlm_train.step import lr_at
 from tests.in_process import invoke
 from tests.store_helpers import write_row
 
@@ -232,7 +233,7 @@ def test_bad_input_is_a_one_line_error(store, tmp_path):
     (foreign / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {"format": "x"}}')
     one_line_error(in_process(train_cmd(foreign, tmp_path / "o")), "not an fvlm feature store")
     empty = tmp_path / "empty.zarr"
-    FeatureStore.create_or_open(empty, dict(dino="tiny", vae="tiny", num_frames=6, image_size=56,
+    StoreWriter.create_or_open(empty, dict(dino="tiny", vae="tiny", num_frames=6, image_size=56,
                                             feature_dtype="float16", dino_tokens=17, dino_dim=384,
                                             latent_shape=[4, 7, 7]),
                                 FeatureShapes(6, 17, 384, (4, 7, 7)), capacity=2)
@@ -279,7 +280,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
     """NaN features make every loss NaN: steps are skipped and counted, then the run stops cleanly."""
     path = tmp_path / "nan.zarr"
     shapes = FeatureShapes(4, 17, 384, (4, 7, 7))
-    store = FeatureStore.create_or_open(path, dict(dino="tiny", vae="tiny", num_frames=4, image_size=56,
+    store = StoreWriter.create_or_open(path, dict(dino="tiny", vae="tiny", num_frames=4, image_size=56,
                                                    feature_dtype="float16", dino_tokens=17, dino_dim=384,
                                                    latent_shape=[4, 7, 7]), shapes, capacity=12)
     for i in range(12):

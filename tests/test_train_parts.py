@@ -10,14 +10,14 @@ import torch
 from click.testing import CliRunner
 
 from fvlm_data.dataset import CaptionCollator, FeatureDataset, to_device
-from fvlm_data.distributed import Launch
+from fvlm_data.environment import Launch
 from fvlm_model import FoveatedVLM, ModelConfig, load_lm
 from fvlm_train import TrainError
 from fvlm_train.checkpoint import Checkpoint, rng_state
 from fvlm_train.config import RunConfig, check_split, check_store, click_options, held_out_fingerprint, resolve
 from fvlm_train.data import TrainBatches
 from fvlm_train.distributed import init_distributed
-from fvlm_train.optim import decays, make_optimizer
+from fvlm_train.step import decays, make_optimizer
 from tests.test_dataset import build_store
 
 

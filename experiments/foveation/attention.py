@@ -26,9 +26,9 @@ try:
     from experiments.foveation.common import load_held_out, parser
 except ModuleNotFoundError:  # run as a plain script: its folder is on the path, not the repository
     raise SystemExit("run it from the repository root as a module: python -m experiments.foveation.attention") from None
-from fvlm_data.synthetic import FOVEATION_CUE_S, foveation_object_masks, parse_source_tag
+from fvlm_data.sources.synthetic import FOVEATION_CUE_S, foveation_object_masks, parse_source_tag
 from fvlm_model.visualize import attention_figure, attention_grid, inspect_batch
-from fvlm_train.visuals import synthetic_frames
+from fvlm_train.evaluation import synthetic_frames
 
 PATCH = 14  # DINOv2's patch size: the store's image_size / PATCH patches per side
 

@@ -14,7 +14,7 @@ import torch
 from fvlm_data import CaptionCollator, FeatureDataset, FeatureStore
 from fvlm_data.dataset import split_slots, to_device
 from fvlm_train import TrainError
-from fvlm_train.build import load_trained
+from fvlm_train.checkpoint import load_trained
 from fvlm_train.config import RunConfig
 
 

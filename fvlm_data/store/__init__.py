@@ -25,10 +25,10 @@ Modules, one job each: `format` (what a store holds and which attributes must ag
 them), `creation` (identity, input fingerprint, exclusive creation), `shard_index` (zarr's shard
 index as a value), `shards` (shard objects: keys, indexes, small arrays' values), `reader` (the
 read-only `FeatureStore`), `writer` (creating and growing a store, shard states, whole-shard
-publishing). Byte access to objects, local or remote, is `fvlm_data.objects`.
+publishing). Byte access to objects, local or remote, is `fvlm_data.store.objects`.
 """
 
-from fvlm_data.objects import StoreError
+from fvlm_data.errors import StoreError
 from fvlm_data.store.format import (
     COMPATIBILITY_KEYS,
     DEFAULT_SHARD_VIDEOS,
@@ -44,10 +44,10 @@ from fvlm_data.store.format import (
     quantize_int8,
 )
 from fvlm_data.store.reader import FeatureStore
-from fvlm_data.store.writer import ShardBuffer, ShardState, shard_states
+from fvlm_data.store.writer import ShardBuffer, ShardState, StoreWriter, shard_states
 
 __all__ = [
     "COMPATIBILITY_KEYS", "DEFAULT_SHARD_VIDEOS", "FEATURE_KEYS", "FORMAT_NAME", "FORMAT_VERSION", "FRAME_ARRAYS",
     "SHAPE_KEYS", "STRING_ARRAYS", "FeatureRecipe", "FeatureShapes", "FeatureStore", "ShardBuffer", "ShardState",
-    "StoreError", "check_compatible", "quantize_int8", "shard_states",
+    "StoreError", "StoreWriter", "check_compatible", "quantize_int8", "shard_states",
 ]

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from fvlm_data.objects import StoreError
+from fvlm_data.errors import StoreError
 from fvlm_data.store.format import FeatureShapes, array_specs
 
 REQUIRED = ("shard_videos", "num_frames", "dino_tokens", "dino_dim", "latent_shape", "feature_dtype")

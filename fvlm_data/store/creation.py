@@ -26,7 +26,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fvlm_data.objects import LocalObjects, RemoteObjects, StoreError
+from fvlm_data.errors import StoreError
+from fvlm_data.store.objects import LocalObjects, RemoteObjects
 
 # Remote stores only: who created the store, as the metadata of an empty Zarr group (so that zarr,
 # listing the store's members, sees a node it knows).

@@ -21,7 +21,7 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from fvlm_data.objects import StoreError
+from fvlm_data.errors import StoreError
 
 FORMAT_NAME = "fvlm-features"
 FORMAT_VERSION = 3

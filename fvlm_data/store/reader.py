@@ -3,8 +3,7 @@
 Frames are read by byte ranges computed from each shard's index (`ShardIndex`), a whole batch of
 rows in one batch of requests; the small per-video arrays (caption, video_id, committed, ...) are
 read a whole shard object at a time (`shards`). In a format-3 store every byte read is checked
-against its checksum (`checksums`). Writing goes through `fvlm_data.store.writer`; the two writing entry
-points below only hand over to it.
+against its checksum (`checksums`). Writing is `fvlm_data.store.writer` alone.
 """
 
 from __future__ import annotations
@@ -12,27 +11,24 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import zarr
 
-from fvlm_data.objects import LocalObjects, ReadRequest, RemoteObjects, StoreError, objects_at
+from fvlm_data.errors import StoreError
 from fvlm_data.store.checksums import check_frames
 from fvlm_data.store.consistency import check_attrs_match_arrays
 from fvlm_data.store.format import (
     FRAME_ARRAYS,
-    FeatureShapes,
     check_format,
     check_layout,
     checksum_array,
     chunk_nbytes,
 )
+from fvlm_data.store.objects import LocalObjects, ReadRequest, RemoteObjects, objects_at
 from fvlm_data.store.shard_index import ShardIndex
 from fvlm_data.store.shards import ShardObjects
-
-if TYPE_CHECKING:
-    from fvlm_data.store.writer import ShardBuffer
 
 
 def open_group(path: str | os.PathLike, objects: LocalObjects | RemoteObjects, mode: str) -> zarr.Group:
@@ -50,16 +46,14 @@ def open_group(path: str | os.PathLike, objects: LocalObjects | RemoteObjects, m
 
 
 class FeatureStore(ShardObjects):
-    """A Zarr feature store. `FeatureStore.open(path)` reads; `FeatureStore.create_or_open` writes.
+    """A Zarr feature store, read-only: `FeatureStore.open(path)`. Writing is `writer.StoreWriter`.
 
     `path` is a folder or a URL (s3://bucket/prefix/store.zarr, gs://..., any fsspec protocol).
     """
 
-    def __init__(self, path: str | os.PathLike, objects: LocalObjects | RemoteObjects, group: zarr.Group,
-                 writable: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, objects: LocalObjects | RemoteObjects, group: zarr.Group) -> None:
         self.path = str(path)
         self.objects = objects
-        self.writable = writable
         self.attrs: dict[str, Any] = dict(group.attrs)
         self.version = int(self.attrs["format_version"])
         self.arrays: dict[str, zarr.Array] = {name: group[name] for name in group.array_keys()}
@@ -80,24 +74,6 @@ class FeatureStore(ShardObjects):
     @staticmethod
     def exists(path: str | os.PathLike) -> bool:
         return objects_at(path).exists()
-
-    @classmethod
-    def create_or_open(cls, path: str | os.PathLike, attrs: dict[str, Any], shapes: FeatureShapes, capacity: int,
-                       shard_videos: int | None = None,
-                       inputs: list[tuple[str, str]] | None = None) -> FeatureStore:
-        """Open `path` for writing, creating (or growing) it: see `writer.create_or_open`."""
-        from fvlm_data.store import writer
-
-        return writer.create_or_open(path, attrs, shapes, capacity, shard_videos, inputs)
-
-    def shard_buffer(self, shard: int, keep_existing: bool = False) -> ShardBuffer:
-        """An in-memory shard to fill and publish: see `writer.ShardBuffer`."""
-        from fvlm_data.store.writer import ShardBuffer
-
-        if not self.writable:
-            raise StoreError(f"{self.path} was opened read-only")
-
-        return ShardBuffer(self, shard, keep_existing)
 
     # ------------------------------------------------------------------ reading
     def committed_slots(self) -> np.ndarray:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import google_crc32c
 import numpy as np
 
-from fvlm_data.objects import StoreError
+from fvlm_data.errors import StoreError
 
 _EMPTY = np.uint64(2**64 - 1)  # offset (and nbytes) of an inner chunk that was never written
 

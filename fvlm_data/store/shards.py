@@ -14,9 +14,10 @@ import numcodecs
 import numpy as np
 import zarr
 
-from fvlm_data.objects import LocalObjects, RemoteObjects, StoreError
+from fvlm_data.errors import StoreError
 from fvlm_data.store.checksums import checked_chunk
 from fvlm_data.store.format import STRING_ARRAYS, inner_chunks
+from fvlm_data.store.objects import LocalObjects, RemoteObjects
 from fvlm_data.store.shard_index import ShardIndex
 
 _VLEN_UTF8 = numcodecs.VLenUTF8()  # numcodecs' compiled decoder, the one zarr itself uses

@@ -20,8 +20,8 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from fvlm_data.objects import StoreError, objects_at
-from fvlm_data.store.checksums import check_frames, frame_checksums, shard_data_problem
+from fvlm_data.errors import StoreError
+from fvlm_data.store.checksums import check_frames, frame_checksums
 from fvlm_data.store.creation import check_inputs, create_exclusive, inputs_fingerprint, new_store_id
 from fvlm_data.store.format import (
     DEFAULT_SHARD_VIDEOS,
@@ -36,12 +36,30 @@ from fvlm_data.store.format import (
     quantize_int8,
     schema,
 )
+from fvlm_data.store.objects import objects_at
 from fvlm_data.store.reader import FeatureStore, open_group
 from fvlm_data.store.shard_index import ShardIndex
 
 
+class StoreWriter(FeatureStore):
+    """A store open for writing: `StoreWriter.create_or_open(...)`, then `shard_buffer(shard)` per
+    shard, filled with `add_row`/`add_failure` and published whole. The only way to write a store;
+    `FeatureStore` itself only reads."""
+
+    @classmethod
+    def create_or_open(cls, path: str | os.PathLike, attrs: dict[str, Any], shapes: FeatureShapes, capacity: int,
+                       shard_videos: int | None = None,
+                       inputs: Sequence[tuple[str, str]] | None = None) -> StoreWriter:
+        """See `create_or_open`."""
+        return create_or_open(path, attrs, shapes, capacity, shard_videos, inputs)
+
+    def shard_buffer(self, shard: int, keep_existing: bool = False) -> ShardBuffer:
+        """An in-memory shard to fill and publish: see `ShardBuffer`."""
+        return ShardBuffer(self, shard, keep_existing)
+
+
 def create_or_open(path: str | os.PathLike, attrs: dict[str, Any], shapes: FeatureShapes, capacity: int,
-                   shard_videos: int | None = None, inputs: Sequence[tuple[str, str]] | None = None) -> FeatureStore:
+                   shard_videos: int | None = None, inputs: Sequence[tuple[str, str]] | None = None) -> StoreWriter:
     """Open `path` for writing, creating it with `capacity` slots if it does not exist.
 
     An existing store must have been made with the same encoders, frame count, image size,
@@ -60,7 +78,7 @@ def create_or_open(path: str | os.PathLike, attrs: dict[str, Any], shapes: Featu
     check_compatible(path, group.attrs, FeatureRecipe.from_attrs(attrs), shard_videos)
     recorded = group.attrs.get("inputs")
     check_inputs(path, recorded, inputs)
-    store = FeatureStore(path, objects, group, writable=True)
+    store = StoreWriter(path, objects, group)
     longer = inputs is not None and recorded is not None and recorded["count"] < len(inputs)
     if store.capacity >= capacity and not longer:
         return store
@@ -68,10 +86,10 @@ def create_or_open(path: str | os.PathLike, attrs: dict[str, Any], shapes: Featu
         _grow(store, capacity)
     if longer:  # after the arrays: a run killed in between redoes it
         group.attrs["inputs"] = inputs_fingerprint(inputs)
-    return FeatureStore(path, objects, open_group(path, objects, mode="r+"), writable=True)
+    return StoreWriter(path, objects, open_group(path, objects, mode="r+"))
 
 
-def _grow(store: FeatureStore, capacity: int) -> None:
+def _grow(store: StoreWriter, capacity: int) -> None:
     """More inputs than slots (e.g. a larger --limit): extend every array along the slot axis.
 
     Shards are anchored at slot 0, so existing shard objects stay valid; the old last shard
@@ -113,7 +131,7 @@ def shard_states(store: FeatureStore, shards: list[int], verify_data: bool = Fal
     """The state of each shard. A committed shard is trusted if every array's object of it exists, has
     an intact index (size, crc32c) and holds the features of each committed video. Reads objects'
     ends only, a few batches of requests for all the shards together; `verify_data` also reads every
-    byte of each such shard and checks it against its checksums (`checksums.shard_data_problem`)."""
+    byte of each such shard and checks it against its checksums (`shard_data_problem`)."""
     s = store.shard_videos
     errors: dict[int, str] = {}
     committed = store.shard_values(("committed",), shards, errors=errors)["committed"]
@@ -157,12 +175,47 @@ def shard_states(store: FeatureStore, shards: list[int], verify_data: bool = Fal
     return out
 
 
+def shard_data_problem(store: FeatureStore, shard: int) -> str | None:
+    """Why the data of a published shard cannot be trusted (every byte of every array's object read and
+    checked against its checksums), or None. Format 2 has no frame checksums: only its small arrays
+    are decoded. One shard's objects in memory at a time."""
+    names = list(store.arrays)
+    datas = store.objects.get_many([store.shard_key(name, shard) for name in names])
+    objects = dict(zip(names, datas, strict=True))
+    try:
+        small = {name: store.decode_small(name, shard, data) for name, data in objects.items()
+                 if name not in FRAME_ARRAYS and data is not None}
+        committed = small.get("committed")
+        if committed is None:
+            return f"{store.shard_name('committed', shard)} is missing"
+        n_slots = min(store.shard_videos, store.capacity - shard * store.shard_videos)
+        for name in [n for n in FRAME_ARRAYS if n in objects]:
+            data = objects[name]
+            if data is None:
+                return str(store.missing(name, shard))
+            if checksum_array(name) not in small:
+                continue  # format 2: nothing to check the frames against
+            arr = store.arrays[name]
+            index = ShardIndex.parse(data, len(data), store.shard_videos, store.shard_name(name, shard))
+            for j in np.flatnonzero(committed[:n_slots]).tolist():
+                slot = shard * store.shard_videos + j
+                if index.chunk_nbytes(j) != int(np.prod(arr.shape[1:])) * np.dtype(arr.dtype).itemsize:
+                    return f"{store.slot_name(name, slot)} lacks its features"
+                chunk = index.chunk(memoryview(data), j)  # a view: no copy of the video's bytes
+                frames = np.frombuffer(chunk, dtype=np.dtype(arr.dtype)).reshape(arr.shape[1:])
+                expected = small[checksum_array(name)][j]
+                check_frames(frames, expected, store.slot_name(name, slot), np.arange(len(frames)))
+    except StoreError as e:
+        return str(e)
+    return None
+
+
 class ShardBuffer:
     """The rows of one shard, in memory until published: S videos of features at most.
 
     `keep_existing` starts from the shard's committed and failed rows (read by zarr's own reader)."""
 
-    def __init__(self, store: FeatureStore, shard: int, keep_existing: bool = False) -> None:
+    def __init__(self, store: StoreWriter, shard: int, keep_existing: bool = False) -> None:
         self.store, self.shard = store, shard
         self.start = shard * store.shard_videos
         self.stop = min(self.start + store.shard_videos, store.capacity)

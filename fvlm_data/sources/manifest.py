@@ -11,11 +11,16 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ManifestRow", "read_manifest"]
+from fvlm_data.records import VideoInput
+from fvlm_data.sources.captions import all_captions, clean
+from fvlm_data.video.segments import segment_id
+
+__all__ = ["ManifestRow", "read_manifest", "list_manifest"]
 
 
 @dataclass(frozen=True)
@@ -101,16 +106,25 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def clean(text: str) -> str | None:
-    """Stripped caption; empty means caption-less."""
-    text = text.strip()
-    return text or None
-
-
-def all_captions(caption: str | None, captions: tuple[str, ...] | list[str]) -> tuple[str | None, tuple[str, ...]]:
-    """(first caption, every caption in order) of a row or sidecar giving `caption` and/or a `captions`
-    list: `caption`, when given, comes first (unless it already is)."""
-    captions = tuple(captions)
-    if caption is None:
-        return (captions[0] if captions else None), captions
-    return caption, (captions if captions and captions[0] == caption else (caption, *captions))
+def list_manifest(manifest: Path) -> list[VideoInput]:
+    """A manifest's rows in the user's order. A segment row's video_id defaults to `<file id>#<start>-<end>`;
+    its file_id is the video_id of its file's whole-file row if the manifest has one, else the file id
+    (the path relative to the manifest, without suffix), so the split keeps every row of a file together."""
+    base = manifest.parent
+    rows = read_manifest(manifest)
+    paths = [Path(row.path) if Path(row.path).is_absolute() else base / row.path for row in rows]
+    default_ids = [Path(os.path.relpath(path, base)).with_suffix("").as_posix() for path in paths]
+    whole_file_ids = {str(path): row.video_id or default
+                      for row, path, default in zip(rows, paths, default_ids, strict=True)
+                      if row.start is None and row.end is None}
+    items = []
+    for row, path, default in zip(rows, paths, default_ids, strict=True):
+        caption, captions = all_captions(row.caption, row.captions)
+        common = dict(source=str(path), caption=caption, captions=captions, path=str(path))
+        if row.start is None and row.end is None:
+            items.append(VideoInput(video_id=row.video_id or default, **common))
+        else:
+            file_id = whole_file_ids.get(str(path), default)
+            items.append(VideoInput(video_id=row.video_id or segment_id(file_id, row.start, row.end),
+                                    file_id=file_id, start=row.start, end=row.end, **common))
+    return items

@@ -9,17 +9,15 @@ one file are decoded with one open and one pass: every span's targets sorted tog
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Hashable
 
 import numpy as np
 
-from fvlm_data.video import InputError, VideoFile, sample_timestamps
+from fvlm_data.errors import InputError
+from fvlm_data.records import DecodedVideo, Decoding, VideoInput
+from fvlm_data.video.decode import VideoFile, sample_timestamps
 
-if TYPE_CHECKING:
-    from fvlm_data.sources import Decoding, VideoInput
-
-__all__ = ["SEGMENT_SLACK_S", "file_key", "segment_id", "span_of", "decode_spans"]
+__all__ = ["SEGMENT_SLACK_S", "file_key", "segment_id", "span_of", "decode_spans", "decode_file"]
 
 # Annotations often end a little past the file (rounded times, a container's duration that is a
 # frame short): an end this close to the file's end is clipped to it; one further out is a failure.
@@ -37,10 +35,11 @@ def segment_id(file_id: str, start: float | None, end: float | None) -> str:
 
 
 def file_key(item: VideoInput) -> Hashable | None:
-    """What inputs decoded together share (the file, or the tar member); None for synthetic inputs."""
-    if item.synthetic is not None or item.path is None:
+    """What inputs decoded together share (the file, or the tar member); None for inputs of no file
+    (synthetic ones)."""
+    if item.path is None:
         return None
-    return (item.path, item.member)
+    return (item.kind, item.path, item.locator)
 
 
 def span_of(item: VideoInput, duration: float, decoding: Decoding) -> tuple[float, float]:
@@ -80,3 +79,40 @@ def decode_spans(video: VideoFile, spans: list[tuple[float, float]], num_frames:
     unsorted_frames[order], unsorted_times[order] = frames, times
     parts = [slice(k * num_frames, (k + 1) * num_frames) for k in range(len(spans))]
     return [(unsorted_frames[part], unsorted_times[part]) for part in parts]
+
+
+def decode_file(items: list[VideoInput], decoding: Decoding,
+                read: Callable[[VideoInput], bytes] | None = None) -> list[DecodedVideo | InputError]:
+    """Decode inputs of one file (e.g. its segments) with one open and one pass over the file: its
+    `path`, or the bytes `read(item)` returns (a tar member).
+
+    Each result is the input's frames or the ``InputError`` saying why it is skipped; a problem of
+    the file itself is every input's. If the one pass fails (a file cut short, say), each input is
+    decoded alone, so the segments before the damage are kept."""
+    if items[0].path is None:
+        return [InputError("no video path")] * len(items)
+    results: list[DecodedVideo | InputError | None] = [None] * len(items)  # None: the file's own problem
+    spans: dict[int, tuple[float, float]] = {}  # input -> its checked span of the file
+    try:
+        src = read(items[0]) if read is not None else items[0].path
+        # Open and check the cheap things (container, span, duration, caption) before decoding any frame.
+        with VideoFile(src) as video:
+            for k, item in enumerate(items):
+                try:
+                    span = span_of(item, video.duration, decoding)
+                    if item.caption is None:
+                        raise InputError("no caption")
+                    spans[k] = span
+                except InputError as e:
+                    results[k] = e
+            if spans:
+                decoded = decode_spans(video, list(spans.values()), decoding.num_frames, decoding.image_size,
+                                       decoding.seek)
+                for k, (frames, timestamps) in zip(spans, decoded, strict=True):
+                    lo, hi = spans[k]
+                    results[k] = DecodedVideo(frames=frames, timestamps=timestamps, duration=hi - lo)
+    except InputError as e:
+        if len(spans) > 1:  # decode each alone (their own errors come back the same)
+            return [decode_file([item], decoding, read)[0] for item in items]
+        return [e if r is None or k in spans else r for k, r in enumerate(results)]
+    return results  # type: ignore[return-value]

@@ -7,8 +7,8 @@ does them with `pread` and temp file + rename; `RemoteObjects` goes through zarr
 variables) and issues a batch's requests concurrently, so a batch costs a few round trips.
 
 Object stores fail transiently as a matter of course (503 SlowDown, 500, reset connections,
-timeouts): every remote request goes through `fvlm_data.retries.RetryingStore`, one retry policy (bounded, jittered
-exponential backoff; the client libraries' own retries are turned off so that attempts do not
+timeouts): every remote request goes through `fvlm_data.store.retries.RetryingStore`, one retry
+policy (bounded, jittered exponential backoff; the client libraries' own retries are turned off so that attempts do not
 multiply), which logs the first failure of each kind and ends a failure that persists with one
 line naming the store and the object.
 """
@@ -25,16 +25,12 @@ from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from fvlm_data.environment import is_remote
+from fvlm_data.errors import StoreError
+from fvlm_data.store.retries import S3_OPTIONS, RetryingStore
+
 # (key, offset, buffer to fill): one ranged read.
 ReadRequest = tuple[str, int, memoryview]
-
-
-class StoreError(Exception):
-    """A store that cannot be used as asked; the message is one line for the user."""
-
-
-def is_remote(path: str | os.PathLike) -> bool:
-    return "://" in str(path) and not str(path).startswith("file://")
 
 
 class LocalObjects:
@@ -162,7 +158,6 @@ class RemoteObjects:
     CONCURRENCY = 64
 
     def __init__(self, url: str, read_only: bool) -> None:
-        from fvlm_data.retries import S3_OPTIONS, RetryingStore  # here: it imports StoreError from this module
 
         self.url = url.rstrip("/")
         protocol = self.url.split("://")[0]

@@ -1,4 +1,4 @@
-"""Synthetic videos rendered in numpy: no files, no decoding, deterministic for (task, seed, index).
+"""`--synthetic N`: videos rendered in numpy: no files, no decoding, deterministic for (task, seed, index).
 
 A task is a function ``(seed, index, timestamps, image_size) -> (frames, caption)`` that renders
 uint8 RGB ``[T, S, S, 3]`` frames directly at the given timestamps (seconds). Called with empty
@@ -9,10 +9,12 @@ uint8 RGB ``[T, S, S, 3]`` frames directly at the given timestamps (seconds). Ca
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from fvlm_data.video import sample_timestamps
+from fvlm_data.records import DecodedVideo, Decoding, Source, VideoInput
+from fvlm_data.video.decode import sample_timestamps
 
 DURATION_S = 4.0  # nominal length of a synthetic clip; frames are rendered at the sample times
 
@@ -247,3 +249,27 @@ def render_synthetic(
 def synthetic_vocabulary() -> list[str]:
     """Every word any synthetic caption can contain (sorted, unique), for the tiny tokenizer."""
     return sorted({word for words in TASK_VOCABULARY.values() for word in words})
+
+
+def list_inputs(count: int, options: dict[str, Any]) -> list[VideoInput]:
+    """`count` videos of `options["synthetic_task"]` (default shapes), seed `options["seed"]` (default 0)."""
+    task, seed = options.get("synthetic_task", "shapes"), options.get("seed", 0)
+    if count < 0:
+        raise ValueError(f"synthetic must be >= 0, got {count}")
+    get_task(task)  # unknown task: ValueError now, not in a worker
+    return [VideoInput(video_id=f"synthetic-{task}-{seed}-{i:06d}", source=source_tag(task, i),
+                       caption=synthetic_caption(task, seed, i), kind="synthetic", locator=(task, seed, i))
+            for i in range(count)]
+
+
+def decode(items: list[VideoInput], decoding: Decoding) -> list:
+    """Rendered at the uniform sample times of a clip of `DURATION_S`, whatever the seek mode."""
+    out = []
+    for item in items:
+        task, seed, index = item.locator
+        frames, timestamps, _ = render_synthetic(task, seed, index, decoding.num_frames, decoding.image_size)
+        out.append(DecodedVideo(frames=frames, timestamps=timestamps, duration=DURATION_S))
+    return out
+
+
+SOURCE = Source(option="synthetic", kind="synthetic", list_inputs=list_inputs, decode=decode)

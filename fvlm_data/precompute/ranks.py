@@ -10,34 +10,16 @@ summary so that rank 0 prints one. The store itself is shared through its path o
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
 
+from fvlm_data.environment import Launch
+
 # Ranks wait for each other twice: while rank 0 loads models and creates the store, and at the end
 # until the slowest rank finishes its share, which on a large run can be hours after the fastest.
 GROUP_TIMEOUT = timedelta(days=7)
-
-
-@dataclass(frozen=True)
-class Launch:
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-
-
-def torchrun_launch(env: Mapping[str, str] = os.environ) -> Launch | None:
-    """The rank layout when started by torchrun (or any launcher that sets its variables), else None."""
-    if not all(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")):
-        return None
-    world = int(env["WORLD_SIZE"])
-    return Launch(rank=int(env["RANK"]), world_size=world, local_rank=int(env["LOCAL_RANK"]),
-                  local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)))
 
 
 class RankGroup:

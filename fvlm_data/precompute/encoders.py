@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fvlm_data.errors import EncoderLoadError
+
 DEFAULT_DINO = "facebook/dinov2-small"
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 TINY = "tiny"
@@ -27,10 +29,6 @@ TINY_SEED = 1234  # fixed, so the tiny preset writes the same arrays on every ru
 # task, 8 frames at 112 px, seed 0; tests/test_encoders.py re-derives it). With SD's factor the tiny
 # latents had std 0.05 and the next-frame loss was numerically absent from joint training.
 TINY_VAE_SCALING_FACTOR = 3.36
-
-
-class EncoderLoadError(Exception):
-    """An encoder id that cannot be loaded; one line for the user."""
 
 
 @contextlib.contextmanager

@@ -31,8 +31,10 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any
 
-from fvlm_data.segments import file_key
-from fvlm_data.sources import DecodedVideo, Decoding, InputError, VideoInput, load_file_frames, load_frames
+from fvlm_data.errors import InputError
+from fvlm_data.records import DecodedVideo, Decoding, VideoInput
+from fvlm_data.sources import load_file_frames, load_frames
+from fvlm_data.video.segments import file_key
 
 PARENT_POLL_S = 1.0
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>

@@ -2,7 +2,7 @@
 
 Every failure caused by the input file becomes an ``InputError`` with a short reason ("not a
 video", "corrupt video", "truncated", "zero-length file", "unreadable"), so a precompute run can
-record it and move on. `fvlm_data.video` decodes; this module only tells files apart.
+record it and move on. `fvlm_data.video.decode` decodes; this module only tells files apart.
 """
 
 from __future__ import annotations
@@ -12,14 +12,12 @@ from typing import Any, BinaryIO
 
 import av
 
+from fvlm_data.errors import InputError
+
 # Magic bytes of containers we recognise, to tell "corrupt video" from "not a video".
 VIDEO_MAGIC = (b"\x1a\x45\xdf\xa3", b"RIFF", b"OggS", b"FLV", b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3")
 MP4_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot", b"uuid", b"styp", b"moof"}
 FFMPEG_ERRORS = (av.FFmpegError, OSError, EOFError)
-
-
-class InputError(Exception):
-    """A bad input; ``str(e)`` is a short one-line reason."""
 
 
 def error_line(e: BaseException) -> str:

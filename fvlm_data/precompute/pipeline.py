@@ -20,13 +20,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fvlm_data.encoders import FrozenEncoders
-from fvlm_data.precompute_config import PrecomputeConfig
-from fvlm_data.sources import DecodedVideo, VideoInput
-from fvlm_data.store import FeatureShapes, FeatureStore, ShardBuffer, StoreError, shard_states
-from fvlm_data.video import FRAME_SAMPLING
-from fvlm_data.workers import decode_executor, decoded_in_order, stop_decode_workers
-from fvlm_data.writeback import BackgroundWriter, DeviceTransfers, HostCopy, stored_features
+from fvlm_data.errors import StoreError
+from fvlm_data.precompute.config import PrecomputeConfig
+from fvlm_data.precompute.encoders import FrozenEncoders
+from fvlm_data.precompute.workers import decode_executor, decoded_in_order, stop_decode_workers
+from fvlm_data.precompute.writeback import BackgroundWriter, DeviceTransfers, HostCopy, stored_features
+from fvlm_data.records import DecodedVideo, VideoInput
+from fvlm_data.store import FeatureShapes, FeatureStore, ShardBuffer, shard_states
+from fvlm_data.store.writer import StoreWriter
+from fvlm_data.video.decode import FRAME_SAMPLING
 
 
 @dataclass
@@ -124,9 +126,9 @@ def _open_store(config: PrecomputeConfig, inputs: list[VideoInput], encoders: Fr
                              "grow it with a single process (--num-shards 1) first")
     if barrier is not None:  # process 0 creates (or grows) the store while the others wait
         if config.shard_index == 0:
-            FeatureStore.create_or_open(config.out, attrs, shapes, len(inputs), config.shard_videos, keys)
+            StoreWriter.create_or_open(config.out, attrs, shapes, len(inputs), config.shard_videos, keys)
         barrier()
-    return FeatureStore.create_or_open(config.out, attrs, shapes, len(inputs), config.shard_videos, keys)
+    return StoreWriter.create_or_open(config.out, attrs, shapes, len(inputs), config.shard_videos, keys)
 
 
 @dataclass

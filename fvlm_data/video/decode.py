@@ -6,7 +6,7 @@ never just its first seconds, and each frame is resized on its short side and ce
 ``keyframes_at`` (``seek="keyframe"`` upstream) decodes keyframes only and takes the keyframe
 nearest to each target: several times faster, at the cost of frames up to half a keyframe
 interval off their targets (the actual times are returned either way). Every failure caused by
-the input file becomes an ``InputError`` with a short one-line reason (`fvlm_data.video_probe`).
+the input file becomes an ``InputError`` with a short one-line reason (`fvlm_data.video.probe`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import BinaryIO
 import av
 import numpy as np
 
-from fvlm_data.video_gops import decode_by_gop
-from fvlm_data.video_probe import FFMPEG_ERRORS, InputError, error_line, open_container, probe_duration
+from fvlm_data.errors import InputError
+from fvlm_data.video.gops import decode_by_gop
+from fvlm_data.video.probe import FFMPEG_ERRORS, error_line, open_container, probe_duration
 
 __all__ = ["FRAME_SAMPLING", "SEEK_MODES", "InputError", "VideoFile", "resize_center_crop", "sample_timestamps"]
 

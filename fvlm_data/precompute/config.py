@@ -14,11 +14,11 @@ from typing import Any
 
 import click
 
-from fvlm_data.encoders import PRESETS
-from fvlm_data.sources import Decoding
+from fvlm_data.precompute.encoders import PRESETS
+from fvlm_data.records import Decoding
+from fvlm_data.sources.synthetic import TASKS
 from fvlm_data.store import DEFAULT_SHARD_VIDEOS, FeatureRecipe
-from fvlm_data.synthetic import TASKS
-from fvlm_data.video import FRAME_SAMPLING, SEEK_MODES
+from fvlm_data.video.decode import FRAME_SAMPLING, SEEK_MODES
 
 DEFAULT_SYNTHETIC_VIDEOS = 256
 FEATURE_DTYPES = ("float16", "int8")

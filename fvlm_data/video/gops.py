@@ -20,7 +20,7 @@ import av
 import numpy as np
 from av.codec.context import ThreadType
 
-from fvlm_data.video_probe import FFMPEG_ERRORS
+from fvlm_data.video.probe import FFMPEG_ERRORS
 
 _IDR_SLICE = 5  # H.264 nal_unit_type of an IDR picture's slice
 

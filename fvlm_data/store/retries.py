@@ -2,7 +2,7 @@
 
 At scale, object stores answer `503 SlowDown` and `500`, reset connections and time out as a matter of
 course; a run must ride them out, and end with one line naming the store and the object when one
-persists. `RetryingStore` wraps the zarr store that `fvlm_data.objects.RemoteObjects` reads and writes
+persists. `RetryingStore` wraps the zarr store that `fvlm_data.store.objects.RemoteObjects` reads and writes
 through, so every request (zarr's metadata reads too) gets the same policy.
 """
 
@@ -15,7 +15,7 @@ import random
 import zarr
 from zarr.storage import WrapperStore
 
-from fvlm_data.objects import StoreError
+from fvlm_data.errors import StoreError
 
 log = logging.getLogger(__name__)
 
