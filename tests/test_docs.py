@@ -1,5 +1,6 @@
 """The Markdown tells the truth about the tree: every repository path it names exists, every link
-(and its #anchor) resolves, and the README's code-layout table names every module there is."""
+(and its #anchor) resolves, the README's folder tree names every package and top-level folder (and
+only folders that exist), and the README stays a user's guide (at most README_MAX_LINES lines)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fvlm_data", "fvlm_model", "fvlm_train")
 TOP = (*PACKAGES, "bench", "experiments", "docs", "tests", ".ci")
+# The top-level folders the README's tree must show (besides the packages).
+TREE_TOP = ("bench", "experiments", "docs", "tests")
+README_MAX_LINES = 260
 # A path into one of the project's folders, as prose, a command or a table names it (not `REV:path`, a
 # file of an earlier commit).
 PATH = re.compile(r"(?<![\w/.:-])((?:" + "|".join(re.escape(t) for t in TOP) + r")/[\w./-]*[\w/])")
@@ -55,11 +59,39 @@ def test_every_link_resolves(md: Path) -> None:
     assert not broken, f"{md.relative_to(ROOT)} has broken links: {broken}"
 
 
-def test_code_layout_table_names_every_module() -> None:
+def readme_tree() -> list[str]:
+    """The folders of the README's layout tree (the first code block under "## Layout"), as paths:
+    a line's folder is a name ending in "/"; its depth is its tree prefix ("├── ", "│   ") / 4."""
     readme = (ROOT / "README.md").read_text()
-    layout = readme.split("## Code layout", 1)[1].split("\n## ", 1)[0]
-    modules = [p.relative_to(ROOT).as_posix() for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")
-               if p.name != "__init__.py"]
-    modules += ["train.py", "precompute.py", "bench/", "experiments/foveation/", "docs/", "tests/"]
-    unnamed = [m for m in modules if f"`{m}`" not in layout]
-    assert not unnamed, f"the README's code layout does not name: {unnamed}"
+    assert "\n## Layout\n" in readme, "the README has no '## Layout' section"
+    section = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```", 2)[1]
+    folders, stack = [], []
+    for line in block.splitlines():
+        m = re.match(r"([│├└─ ]*)([\w.-]+)/(?:\s|$)", line)
+        if not m:
+            continue
+        depth = len(m.group(1)) // 4
+        stack = [*stack[:depth], m.group(2)]
+        folders.append("/".join(stack))
+    return folders
+
+
+def packages() -> list[str]:
+    """Every package and subpackage (a folder holding Python modules) of the project's packages."""
+    return sorted({p.parent.relative_to(ROOT).as_posix() for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")
+                   if "__pycache__" not in p.parts})
+
+
+def test_readme_tree_names_every_package_and_top_level_folder() -> None:
+    folders = readme_tree()
+    missing = [f for f in folders if not (ROOT / f).is_dir()]
+    assert not missing, f"the README's folder tree names folders that do not exist: {missing}"
+    unnamed = [f for f in [*packages(), *TREE_TOP] if f not in folders]
+    assert not unnamed, f"the README's folder tree does not show: {unnamed}"
+
+
+def test_readme_stays_short() -> None:
+    lines = len((ROOT / "README.md").read_text().splitlines())
+    assert lines <= README_MAX_LINES, (f"README.md has {lines} lines (at most {README_MAX_LINES}): move details to "
+                                       "docs/ and figures to docs/performance.md")
