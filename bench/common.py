@@ -28,7 +28,7 @@ from fvlm_data.store.writer import StoreWriter
 T, N, D = 24, 325, 384  # DINOv2-small at 256 px: 1 CLS + 18 x 18 patches, width 384
 LATENT = (4, 32, 32)  # SD-VAE latents of a 256 px frame
 WANT = 16  # frames per training sample
-SHAPES = FeatureShapes(num_frames=T, dino_tokens=N, dino_dim=D, latent_shape=LATENT)
+SHAPES = FeatureShapes(T, {"dino": (N, D), "latents": LATENT})
 TIMESTAMPS = ((np.arange(T) + 0.5) * 1.5).astype(np.float32)
 _TEXT = ("a small red ball rolls slowly across the table while a dog watches from the sofa and the "
          "camera pans left to show a window with rain outside then a person walks in")

@@ -28,9 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fvlm_data import pipeline
+from fvlm_data.precompute import pipeline
 from fvlm_data.precompute.config import PrecomputeConfig
-from fvlm_data.precompute.encoders import EncodedFrames
 from fvlm_data.records import DecodedVideo, VideoInput
 from fvlm_data.store import FeatureShapes, ShardBuffer
 from fvlm_data.store.writer import StoreWriter
@@ -45,25 +44,25 @@ class NoOpEncoders:
 
     def __init__(self, frames: int, tokens: int, dim: int, gpu_s: float) -> None:
         self.device = torch.device("cpu")
-        self.shapes = ((tokens, dim), (4, 32, 32))
+        self.shapes = {"dino": (tokens, dim), "latents": (4, 32, 32)}
         gen = torch.Generator().manual_seed(0)
         self._dino = torch.randn(frames, tokens, dim, generator=gen)
         self._latents = torch.randn(frames, 4, 32, 32, generator=gen)
         self.gpu_s = gpu_s
         self.calls: list[tuple[float, float, float, float]] = []  # (wall, CPU) at each call's start, then end
 
-    def output_shapes(self, image_size: int) -> tuple:
+    def output_shapes(self, image_size: int) -> dict:
         return self.shapes
 
     def describe(self) -> dict:
         return {"dino": self.dino_id, "vae": self.vae_id, "vae_scaling_factor": 1.0}
 
-    def encode(self, frames: torch.Tensor, *, float32: bool = True) -> EncodedFrames:
+    def encode(self, frames: torch.Tensor, *, float32: bool = True) -> dict[str, torch.Tensor]:
         w0, c0 = time.perf_counter(), time.thread_time()
         time.sleep(self.gpu_s)  # the GPU's time; the main thread only waits
         n = len(frames)
         self.calls.append((w0, c0, time.perf_counter(), time.thread_time()))
-        return EncodedFrames(dino=self._dino[:n], latents=self._latents[:n])
+        return {"dino": self._dino[:n], "latents": self._latents[:n]}
 
 
 class _Clock:
@@ -143,7 +142,7 @@ def _today_round(out: Path, args, decoded: list) -> dict:
     """The loop as it was: encode, fp32 to the host, add_row and publish on the main thread."""
     frames, t = args.videos * args.frames_per_video, args.frames_per_video
     encoders = NoOpEncoders(frames, args.dino_tokens, 384, args.gpu_ms / 1e3)
-    shapes = FeatureShapes(t, args.dino_tokens, 384, (4, 32, 32))
+    shapes = FeatureShapes(t, {"dino": (args.dino_tokens, 384), "latents": (4, 32, 32)})
     attrs = dict(dino="bench", vae="bench", num_frames=t, image_size=256, feature_dtype="float16")
     store = StoreWriter.create_or_open(out, attrs, shapes, capacity=len(decoded), shard_videos=64)
     buffers: dict[int, ShardBuffer] = {}
@@ -151,8 +150,8 @@ def _today_round(out: Path, args, decoded: list) -> dict:
     for i in range(0, len(decoded), args.videos):
         batch = decoded[i : i + args.videos]
         encoded = encoders.encode(torch.from_numpy(np.concatenate([v.frames for _, _, v in batch])))
-        dino = encoded.dino.view(len(batch), t, *encoded.dino.shape[1:]).cpu().numpy()
-        latents = encoded.latents.view(len(batch), t, *encoded.latents.shape[1:]).cpu().numpy()
+        dino = encoded["dino"].view(len(batch), t, *encoded["dino"].shape[1:]).cpu().numpy()
+        latents = encoded["latents"].view(len(batch), t, *encoded["latents"].shape[1:]).cpu().numpy()
         for k, (slot, item, video) in enumerate(batch):
             shard = slot // 64
             buf = buffers.setdefault(shard, store.shard_buffer(shard))

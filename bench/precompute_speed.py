@@ -142,7 +142,7 @@ def encoder_rows(args, device: torch.device, rows: list[dict], emit) -> None:
 
         def encode(u8, enc=enc):
             out = enc.encode(u8)
-            return out.dino.cpu(), out.latents.cpu()
+            return out["dino"].cpu(), out["latents"].cpu()
 
         try:
             med, first = time_fn(encode, frames_u8, device, args.iters, args.warmup)

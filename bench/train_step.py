@@ -97,8 +97,7 @@ def count_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor], caption_
     device = batch["dino"].device
     counter = flop_counter.FlopCounterMode(display=False, custom_mapping=custom)
     with counter, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        out = model(batch["dino"], batch["latents"], batch["input_ids"], batch["labels"],
-                    score_all_passes=caption_in_every_pass)
+        out = model(batch, score_all_passes=caption_in_every_pass)
         out["loss"].backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch["dino"].shape[0]

@@ -26,12 +26,12 @@ from fvlm_data.store import FeatureShapes
 from fvlm_data.store.writer import StoreWriter
 
 WORDS = ["a", "red", "green", "blue", "circle", "square", "moves", "left", "right", "up", "down", "slowly"]
-TINY = FeatureShapes(num_frames=6, dino_tokens=17, dino_dim=384, latent_shape=(4, 7, 7))
-REAL = FeatureShapes(num_frames=24, dino_tokens=325, dino_dim=384, latent_shape=(4, 32, 32))  # DINOv2-s, SD-VAE
+TINY = FeatureShapes(6, {"dino": (17, 384), "latents": (4, 7, 7)})
+REAL = FeatureShapes(24, {"dino": (325, 384), "latents": (4, 32, 32)})  # DINOv2-s, SD-VAE
 
 
 def write_store(path: Path, videos: int, shapes: FeatureShapes, shard: int = 64) -> None:
-    t, n, d, latent = shapes.num_frames, shapes.dino_tokens, shapes.dino_dim, tuple(shapes.latent_shape)
+    t, (n, d), latent = shapes.num_frames, shapes.per_frame["dino"], tuple(shapes.per_frame["latents"])
     attrs = dict(dino="tiny", vae="tiny", num_frames=t, image_size=56 if n == 17 else 256, feature_dtype="float16",
                  dino_tokens=n, dino_dim=d, latent_shape=list(latent), preset="tiny")
     store = StoreWriter.create_or_open(path, attrs, shapes, capacity=videos, shard_videos=shard)

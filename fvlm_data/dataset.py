@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fvlm_data.sources.synthetic import get_task, parse_source_tag, synthetic_vocabulary
-from fvlm_data.store.format import FRAME_ARRAYS
+from fvlm_data.store.format import SCALE_SUFFIX
 from fvlm_data.store.reader import FeatureStore
 
 SPLITS = ("train", "val", "all")
@@ -175,8 +175,9 @@ class FeatureDataset(Dataset):
 
     def _rows(self, indices: list[int], epoch: int | None, out: dict[str, np.ndarray] | None = None) -> list[dict]:
         videos = [int(i) if self.pairs is None else int(self.pairs[i, 0]) for i in indices]
-        return self._store_for_this_process().read_slots([int(self.slots[v]) for v in videos],
-                                                         [self.frames_for(v, epoch) for v in videos], out)
+        store = self._store_for_this_process()
+        return store.read_slots([int(self.slots[v]) for v in videos], [self.frames_for(v, epoch) for v in videos],
+                                out, names=store.frame_arrays(read_by_dataset=True))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])[0]
@@ -192,8 +193,8 @@ class FeatureDataset(Dataset):
         tensors (one copy), allocated in shared memory (`memory="shared"`: a DataLoader worker hands
         them to the main process without copying) or pinned memory (`"pinned"`: ready for an
         asynchronous copy to the GPU). `epoch` overrides `set_epoch` (workers that outlive an epoch)."""
-        arrays = self._store_for_this_process().arrays
-        names = [n for n in FRAME_ARRAYS if n in arrays]
+        store = self._store_for_this_process()
+        arrays, names = store.arrays, store.frame_arrays(read_by_dataset=True)
         tensors = {}
         for n in names:
             shape, dtype = (len(indices), self.num_frames, *arrays[n].shape[2:]), _TORCH[np.dtype(arrays[n].dtype)]
@@ -208,17 +209,10 @@ class FeatureDataset(Dataset):
         return batch
 
     def _item(self, row: dict[str, Any], index: int) -> dict[str, Any]:
-        item = {
-            "dino": torch.from_numpy(row["dino"]),
-            "latents": torch.from_numpy(row["latents"]),
-            "timestamps": torch.from_numpy(row["timestamps"]),
-            "caption": self.caption_of(row, index),
-            "captions": row["captions"],
-            "video_id": row["video_id"],
-            "index": index if self.pairs is None else int(self.pairs[index, 0]),
-        }
-        if "dino_scale" in row:
-            item["dino_scale"] = torch.from_numpy(row["dino_scale"])
+        """Every per-frame array the dataset reads (`format.FRAME_TABLE`) as a tensor by its name, and the strings."""
+        item = {name: torch.from_numpy(value) for name, value in row.items() if isinstance(value, np.ndarray)}
+        item.update(caption=self.caption_of(row, index), captions=row["captions"], video_id=row["video_id"],
+                    index=index if self.pairs is None else int(self.pairs[index, 0]))
         return item
 
 
@@ -277,9 +271,9 @@ class CaptionCollator:
         if isinstance(items, dict):
             return {**items, **dict(zip(("input_ids", "labels"), self.tokenize(items["captions"]), strict=True))}
         input_ids, labels = self.tokenize([it["caption"] for it in items])
+        frames = [name for name, value in items[0].items() if torch.is_tensor(value) and value.ndim > 0]
         batch = {
-            "dino": torch.stack([it["dino"] for it in items]),
-            "latents": torch.stack([it["latents"] for it in items]),
+            **{name: torch.stack([it[name] for it in items]) for name in frames},  # the per-frame arrays
             "input_ids": input_ids,
             "labels": labels,
             "index": torch.tensor([it["index"] for it in items]),
@@ -287,21 +281,21 @@ class CaptionCollator:
             "video_ids": [it["video_id"] for it in items],
             "references": [it.get("captions") or [it["caption"]] for it in items],
         }
-        if "dino_scale" in items[0]:
-            batch["dino_scale"] = torch.stack([it["dino_scale"] for it in items])
         return batch
 
 
 def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """Move a batch to the device; int8 features are dequantised there.
+    """Move a batch to the device; int8 features (those with a `<name>_scale`) are dequantised there.
 
-    Features keep their stored half precision unless `dtype` is given: the model converts them to
-    its compute dtype itself (an fp32 copy here would only double the bytes moved and converted).
+    Features keep their stored half precision unless `dtype` is given (then every floating tensor is
+    converted): the model converts them to its compute dtype itself (an fp32 copy here would only
+    double the bytes moved and converted).
     """
     out = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-    if "dino_scale" in out:
-        scale = out.pop("dino_scale")
-        out["dino"] = out["dino"].to(scale.dtype) * scale.unsqueeze(-1)
+    for name in [k for k in out if k.endswith(SCALE_SUFFIX) and k.removesuffix(SCALE_SUFFIX) in out]:
+        scale = out.pop(name)
+        feature = name.removesuffix(SCALE_SUFFIX)
+        out[feature] = out[feature].to(scale.dtype) * scale.unsqueeze(-1)
     if dtype is not None:
-        out["dino"], out["latents"] = out["dino"].to(dtype), out["latents"].to(dtype)
+        out = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
     return out

@@ -21,6 +21,7 @@ import numpy as np
 
 from fvlm_data.errors import StoreError
 from fvlm_data.store import FeatureStore, shard_states
+from fvlm_data.store.format import features
 from fvlm_data.store.objects import LocalObjects
 
 __all__ = ["inspect_store", "render", "main"]
@@ -94,9 +95,11 @@ def _how_made(store: FeatureStore) -> dict[str, Any]:
     attrs = store.attrs
     keys = ("format", "format_version", "store_id", "dino", "vae", "preset", "num_frames", "image_size",
             "feature_dtype", "latent_dtype", "frame_sampling")
-    return {**{k: attrs.get(k) for k in keys}, "shard_videos": store.shard_videos,
-            # per video, from the arrays themselves: [T, N, D] and [T, C, h, w]
-            "dino_shape": list(store.arrays["dino"].shape[1:]), "latent_shape": list(store.arrays["latents"].shape[1:]),
+    # Per video, from the arrays themselves: each encoded feature of the table, e.g. dino [T, N, D].
+    arrays = {f.name: store.arrays[f.name] for f in features() if f.name in store.arrays}
+    made_features = {name: {"dtype": str(np.dtype(arr.dtype)), "shape": list(arr.shape[1:])}
+                     for name, arr in arrays.items()}
+    return {**{k: attrs.get(k) for k in keys}, "shard_videos": store.shard_videos, "features": made_features,
             "checksums": store.has_checksums, "precompute_args": attrs.get("precompute_args")}
 
 
@@ -142,8 +145,8 @@ def render(report: dict[str, Any]) -> str:
         f"format      {m['format']} {m['format_version']}, store_id {m['store_id'] or '-'}, "
         f"checksums {'yes' if m['checksums'] else 'no'}",
         f"encoders    dino={m['dino']} vae={m['vae']} preset={m['preset']}",
-        f"frames      {m['num_frames']} per video at {m['image_size']} px; dino {m['feature_dtype']} "
-        f"{m['dino_shape']}, latents {m['latent_dtype']} {m['latent_shape']} per video",
+        f"frames      {m['num_frames']} per video at {m['image_size']} px; "
+        + ", ".join(f"{name} {f['dtype']} {f['shape']}" for name, f in m["features"].items()) + " per video",
         f"sampling    {m['frame_sampling']}",
         f"slots       {slots['total']}: {slots['committed']} committed, {slots['failed']} failed, "
         f"{slots['pending']} pending",

@@ -17,6 +17,7 @@ Shapes: B batch, T frames, N DINO tokens per frame, D DINO width, H LM width, L 
 P = 1 + fine_iterations passes, latents [C, S, S].
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -174,11 +175,13 @@ class FoveatedVLM(nn.Module):
     # ---- training forward ---------------------------------------------------------------------
 
     def forward(
-        self, dino: Tensor, latents: Tensor, input_ids: Tensor, labels: Tensor, *,
+        self, batch: Mapping[str, Any], *,
         cap_tokens: Tensor | None = None, num_videos: Tensor | None = None, score_all_passes: bool = False,
     ) -> dict[str, Tensor]:
-        """dino [B, T, N, D] (any float dtype; fp16 as stored is best), latents [B, T, C, S, S],
-        input_ids and labels [B, L] (labels -100 on padding, EOS included as a real label).
+        """`batch` is the dataset's batch on the device, keyed by the store's array names; the model reads
+        `dino` [B, T, N, D] (any float dtype; fp16 as stored is best), `latents` [B, T, C, S, S], and
+        `input_ids` and `labels` [B, L] (labels -100 on padding, EOS included as a real label). Other
+        entries (timestamps, captions, ids) are ignored.
 
         The caption losses are divided by `cap_tokens` and the reconstruction losses by
         `num_videos` (default: this batch's caption tokens and videos). A step over several
@@ -194,9 +197,10 @@ class FoveatedVLM(nn.Module):
         run without the caption (their visual hidden states do not depend on it: causal) and
         their caption losses are NaN unless `score_all_passes` (evaluation) asks for them.
         """
-        batch, frames = dino.shape[:2]
+        dino, input_ids, labels = batch["dino"], batch["input_ids"], batch["labels"]
+        latents = batch["latents"].to(self.latent_init.dtype)
+        videos, frames = dino.shape[:2]
         num_passes = 1 + self.config.fine_iterations
-        latents = latents.to(self.latent_init.dtype)
         # Convert the features once, not once per pass.
         features = dino.to(self.compute_dtype(dino.device))
         # The last caption token predicts nothing, so it is never fed.
@@ -204,7 +208,7 @@ class FoveatedVLM(nn.Module):
         no_caption = caption_embeds[:, :0]
 
         token_ce, rec_hidden, attention = [], [], []
-        queries = self.static_queries(batch, frames)
+        queries = self.static_queries(videos, frames)
         for p in range(num_passes):
             scored = p in (0, num_passes - 1) or score_all_passes
             hidden, attn = self.run_pass(dino, queries, COARSE if p == 0 else FINE,
@@ -235,7 +239,7 @@ class FoveatedVLM(nn.Module):
         else:
             pred = self.predict_latents(torch.stack(rec_hidden), latents)  # [P, B, T, C, S, S]
         rec_per_sample = (pred.float() - latents).pow(2).mean(dim=(2, 3, 4, 5))
-        rec_passes = rec_per_sample.sum(dim=1) / (batch if num_videos is None else num_videos)
+        rec_passes = rec_per_sample.sum(dim=1) / (videos if num_videos is None else num_videos)
 
         loss = joint_loss(self.config, cap_passes[0], cap_passes[-1], rec_passes[0], rec_passes[-1])
         return {
@@ -258,16 +262,17 @@ class FoveatedVLM(nn.Module):
     # ---- evaluation control -------------------------------------------------------------------
 
     @torch.no_grad()
-    def shuffled_query_loss(self, dino: Tensor, last_queries: Tensor, input_ids: Tensor, labels: Tensor) -> Tensor:
+    def shuffled_query_loss(self, batch: Mapping[str, Any], last_queries: Tensor) -> Tensor:
         """Per-video caption loss, summed over the caption's tokens [B] (as `cap_sum`), of the last
         pass when its queries for frames 2..T come from ANOTHER video (the batch rolled by one;
         frame 1 keeps q_init). `last_queries` [B, T, D] are `forward`'s output of that name for
-        the same batch, so no earlier pass runs again.
+        the same `batch`, so no earlier pass runs again.
 
         The control for "the fine pass uses this video's earlier frames": if cap_fine is lower than
         this, the gain comes from where the queries look, not from the fine pass having its own
         parameters (q_init, the mode token). Needs B >= 2 (with B = 1 the roll is the identity).
         """
+        dino, input_ids, labels = batch["dino"], batch["input_ids"], batch["labels"]
         frames = dino.shape[1]
         caption_embeds = self.lm.get_input_embeddings()(input_ids[:, :-1])
         queries = torch.cat([last_queries[:, :1], last_queries[:, 1:].roll(1, dims=0)], dim=1)

@@ -9,6 +9,8 @@ figure (rows = passes, columns = frames) shows where each pass looks.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -180,10 +182,8 @@ def pass_names(num_passes: int) -> list[str]:
     return ["coarse"] + [f"fine_{k}" for k in range(1, num_passes)]
 
 
-def inspect_batch(
-    model: FoveatedVLM, dino: Tensor, latents: Tensor, input_ids: Tensor, labels: Tensor
-) -> dict[str, dict[str, Tensor | float]]:
-    """One forward (eval mode, no grad) and what it says about the passes.
+def inspect_batch(model: FoveatedVLM, batch: Mapping[str, Any]) -> dict[str, dict[str, Tensor | float]]:
+    """One forward of `batch` (eval mode, no grad) and what it says about the passes.
 
     Returns {"attention": {pass: [B, T, N] float32 on the CPU}, "entropy": {pass: nats over the N
     tokens}, "token_cosine": {"fine_k": cosine between coarse and fine_k visual tokens},
@@ -193,7 +193,8 @@ def inspect_batch(
     model.eval()
     try:
         with torch.no_grad():
-            out = model(dino, latents, input_ids, labels, score_all_passes=True)
+            out = model(batch, score_all_passes=True)
+            dino = batch["dino"]
             attention = out["attention"]  # [P, B, T, N]
             # The visual token is project_visual(attention @ P_t) (see `encode_frames`): no need
             # to rebuild the queries of every pass to get it.

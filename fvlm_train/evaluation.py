@@ -41,11 +41,10 @@ def evaluate(model: FoveatedVLM, loader: Iterable[dict[str, Any]], device: torch
     for batch in itertools.islice(loader, max_batches):  # no batch is read beyond the cap
         batch = to_device(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = model(batch["dino"], batch["latents"], batch["input_ids"], batch["labels"], score_all_passes=True)
+            out = model(batch, score_all_passes=True)
             n = batch["input_ids"].shape[0]
             if shuffled_control and n > 1:  # a batch of one has no other video to take queries from
-                shuffled.append(model.shuffled_query_loss(batch["dino"], out["last_queries"], batch["input_ids"],
-                                                          batch["labels"]).double().cpu())
+                shuffled.append(model.shuffled_query_loss(batch, out["last_queries"]).double().cpu())
             elif shuffled_control:
                 shuffled.append(torch.full((n,), float("nan"), dtype=torch.float64))
         cap.append(out["cap_sum"].double().cpu())
@@ -155,7 +154,7 @@ def caption_table(model: FoveatedVLM, tokenizer: Any, batch: dict[str, Any], max
 def log_visuals(writer: SummaryWriter, model: FoveatedVLM, tokenizer: Any, batch: dict[str, Any],
                 frames: list[np.ndarray | None], step: int, max_tokens: int) -> None:
     """Attention maps, their entropy, coarse-vs-fine token similarity and generated captions."""
-    info = inspect_batch(model, batch["dino"], batch["latents"], batch["input_ids"], batch["labels"])
+    info = inspect_batch(model, batch)
     for name, value in info["entropy"].items():
         writer.add_scalar(f"val/attention_entropy/{name}", value, step)
     for name, value in info["token_cosine"].items():

@@ -82,7 +82,8 @@ def train_step(model: torch.nn.Module, fn: Callable[..., dict[str, torch.Tensor]
         last = i == len(micro_batches) - 1
         no_sync = fn.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
         with no_sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = fn(b["dino"], b["latents"], b["input_ids"], b["labels"], cap_tokens=tokens, num_videos=videos)
+            # The batch's tensors as one mapping (its strings stay out of what a compiled step is given).
+            out = fn({k: v for k, v in b.items() if torch.is_tensor(v)}, cap_tokens=tokens, num_videos=videos)
         # Always backward, even a non-finite loss: DDP ranks must all join the gradient all-reduce.
         out["loss"].backward()
         loss += out["loss"].detach().float()

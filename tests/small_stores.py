@@ -10,7 +10,7 @@ import numpy as np
 from fvlm_data.store import FeatureShapes, FeatureStore
 from fvlm_data.store.writer import StoreWriter
 
-SHAPES = FeatureShapes(num_frames=4, dino_tokens=3, dino_dim=8, latent_shape=(4, 2, 2))
+SHAPES = FeatureShapes(4, {"dino": (3, 8), "latents": (4, 2, 2)})
 
 
 def small_store(path: str | os.PathLike, video_ids: list[str], shard_videos: int = 4,

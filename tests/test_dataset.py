@@ -15,7 +15,7 @@ from fvlm_data.store.writer import StoreWriter
 from fvlm_model import load_lm
 from tests.store_helpers import write_rows
 
-SHAPES = FeatureShapes(num_frames=24, dino_tokens=5, dino_dim=8, latent_shape=(4, 2, 2))
+SHAPES = FeatureShapes(24, {"dino": (5, 8), "latents": (4, 2, 2)})
 
 
 def build_store(path, n=40, feature_dtype="float16"):

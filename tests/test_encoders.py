@@ -38,7 +38,7 @@ def test_tiny_latents_have_unit_scale_on_synthetic_clips(tiny, task, image_size)
     # Other videos (seed 0, indices 100+) than the calibration sample, and other sizes.
     frames = torch.from_numpy(np.concatenate(
         [render_synthetic(task, 0, 100 + i, 8, image_size)[0] for i in range(6)]))
-    latents = tiny.encode(frames).latents
+    latents = tiny.encode(frames)["latents"]
     assert 0.5 <= float(latents.std()) <= 2.0
     # Frame-to-frame change is what next-frame prediction must learn; it must not vanish either.
     per_video = latents.view(6, 8, *latents.shape[1:])

@@ -69,10 +69,10 @@ def test_evaluate_sums_interval_and_shuffled_control():
     m = evaluate(model, as_batches(big, small), torch.device("cpu"))
 
     with torch.no_grad():
-        outs = [model(*b) for b in (big, small)]
+        outs = [model(b) for b in as_batches(big, small)]
         sums = torch.cat([o["cap_sum"] for o in outs], dim=1).double().numpy()  # [2, 4]
         tokens = torch.cat([o["cap_tokens"] for o in outs]).double().numpy()
-        shuffled = model.shuffled_query_loss(big[0], outs[0]["last_queries"], big[2], big[3]).double().numpy()
+        shuffled = model.shuffled_query_loss(as_batches(big)[0], outs[0]["last_queries"]).double().numpy()
     assert m["num_videos"] == 4
     assert m["cap_coarse"] == pytest.approx(sums[0].sum() / tokens.sum(), rel=1e-5)
     assert m["cap_fine"] == pytest.approx(sums[1].sum() / tokens.sum(), rel=1e-5)
@@ -105,7 +105,7 @@ def test_training_and_validation_report_the_same_cap_metrics():
     for k in ("cap_coarse", "cap_fine", "cap_ratio", "rec_coarse", "rec_fine", "rec_ratio", "loss"):
         assert logged[k] == pytest.approx(validation[k], rel=1e-5), k
     assert step["loss"] == pytest.approx(validation["loss"], rel=1e-5)  # the loss that was back-propagated
-    per_video_mean = (model.eval()(*batch)["cap_per_sample"][0]).mean().item()
+    per_video_mean = (model.eval()(as_batches(batch)[0])["cap_per_sample"][0]).mean().item()
     assert validation["cap_coarse"] != pytest.approx(per_video_mean, rel=1e-4)  # the definitions differ
 
 

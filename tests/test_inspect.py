@@ -44,7 +44,8 @@ def check_report(report: dict, url: str) -> None:
     assert report["captions_per_video"] == {"1": 22 - 8 - len(failures)}
     assert report["owed_by_shard_index"] == {"0": [], "1": [4], "2": [2]}  # process I owns I, I+K, ...
     assert report["made"]["dino"] == "tiny" and report["made"]["num_frames"] == 4
-    assert report["made"]["dino_shape"] == [4, 3, 8] and report["made"]["shard_videos"] == 4
+    assert report["made"]["features"]["dino"] == {"dtype": "float16", "shape": [4, 3, 8]}
+    assert report["made"]["shard_videos"] == 4
     assert report["bytes_on_disk"] > 0
     assert len(FeatureStore.open(url)) == report["slots"]["committed"]  # the count the reader gives
 

@@ -21,7 +21,7 @@ from fvlm_train.progress import IntervalLog
 from fvlm_train.step import count_host_reads, train_step
 from tests.store_helpers import write_rows
 
-SHAPES = FeatureShapes(num_frames=6, dino_tokens=5, dino_dim=8, latent_shape=(4, 7, 7))
+SHAPES = FeatureShapes(6, {"dino": (5, 8), "latents": (4, 7, 7)})
 WORDS = ["red", "green", "blue", "circle", "square", "moves", "left", "right", "a", "the"]
 
 
@@ -130,7 +130,7 @@ def test_compiled_attention_reaches_sdpa_causal_without_a_mask(store_path):
         torch._dynamo.reset()
     assert calls and all(c["is_causal"] is True and c["attn_mask"] is None and c["enable_gqa"] for c in calls)
     model.lm.set_attn_implementation("sdpa")  # transformers' own path: the same numbers
-    ref = model(batch["dino"], batch["latents"], batch["input_ids"], batch["labels"])
+    ref = model(batch)
     torch.testing.assert_close(out["loss"], ref["loss"], rtol=1e-5, atol=1e-6)
 
 

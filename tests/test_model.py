@@ -65,6 +65,11 @@ def make_batch(tokenizer, captions=CAPTIONS, seed: int = 0):
 # ---- language model and tokenizer ------------------------------------------------------------
 
 
+def as_batch(dino, latents, input_ids, labels) -> dict:
+    """A batch as the model takes it: one mapping, keyed as the dataset keys it."""
+    return {"dino": dino, "latents": latents, "input_ids": input_ids, "labels": labels}
+
+
 def test_tiny_tokenizer():
     tok = build_tokenizer_tiny(["Red", "square", "moves", "red"])
     assert tok.pad_token == "<pad>" and tok.eos_token == "<|endoftext|>"
@@ -125,7 +130,7 @@ def test_smollm2_config_shape():
 def test_shapes_and_attention_rows(tokenizer):
     model = make_model()
     dino, latents, input_ids, labels = make_batch(tokenizer)
-    out = model(dino, latents, input_ids, labels)
+    out = model(as_batch(dino, latents, input_ids, labels))
     P = 3
     assert out["loss"].shape == () and out["loss"].requires_grad
     for key in ("cap_coarse", "cap_fine", "rec_coarse", "rec_fine"):
@@ -156,7 +161,7 @@ def test_intermediate_pass_without_caption_changes_no_trained_number(tokenizer):
     the caption)."""
     batch = make_batch(tokenizer)
     lean, full = make_model(), make_model()
-    out, ref = lean(*batch), full(*batch, score_all_passes=True)
+    out, ref = lean(as_batch(*batch)), full(as_batch(*batch), score_all_passes=True)
     assert torch.isfinite(ref["cap_passes"]).all()
     for k in ("loss", "cap_coarse", "cap_fine", "rec_passes", "last_queries", "attention"):
         torch.testing.assert_close(out[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
@@ -172,9 +177,9 @@ def test_loss_normalisers(tokenizer):
     model = make_model()
     batch = make_batch(tokenizer)
     with torch.no_grad():
-        out = model(*batch)
+        out = model(as_batch(*batch))
         tokens = out["cap_tokens"].sum().float()
-        half = model(*batch, cap_tokens=2 * tokens, num_videos=torch.tensor(2.0 * B))
+        half = model(as_batch(*batch), cap_tokens=2 * tokens, num_videos=torch.tensor(2.0 * B))
     torch.testing.assert_close(half["loss"], out["loss"] / 2)
 
 
@@ -207,13 +212,13 @@ def test_no_leak_next_frame_prediction(tokenizer, recon_head):
     model = make_model(recon_head=recon_head)
     dino, latents, input_ids, labels = make_batch(tokenizer)
     with torch.no_grad():
-        pred = model(dino, latents, input_ids, labels)["pred_latents"]
+        pred = model(as_batch(dino, latents, input_ids, labels))["pred_latents"]
         for t in range(T):
             # Changing frame t and later (features and latents) must not change predictions up to t.
             d2, l2 = dino.clone(), latents.clone()
             d2[:, t:] += torch.randn_like(d2[:, t:])
             l2[:, t:] += torch.randn_like(l2[:, t:])
-            pred2 = model(d2, l2, input_ids, labels)["pred_latents"]
+            pred2 = model(as_batch(d2, l2, input_ids, labels))["pred_latents"]
             torch.testing.assert_close(pred2[:, :, : t + 1], pred[:, :, : t + 1], rtol=0, atol=1e-6)
             if t + 1 < T:
                 assert not torch.allclose(pred2[:, :, t + 1], pred[:, :, t + 1])
@@ -221,7 +226,7 @@ def test_no_leak_next_frame_prediction(tokenizer, recon_head):
                 # ...while the previous frame's features do reach it, through the LM hidden state.
                 d3 = dino.clone()
                 d3[:, t - 1] += torch.randn_like(d3[:, t - 1])
-                pred3 = model(d3, latents, input_ids, labels)["pred_latents"]
+                pred3 = model(as_batch(d3, latents, input_ids, labels))["pred_latents"]
                 assert not torch.allclose(pred3[:, :, t], pred[:, :, t])
 
 
@@ -230,11 +235,11 @@ def test_batch_independence(tokenizer, recon_head):
     model = make_model(recon_head=recon_head)
     dino, latents, input_ids, labels = make_batch(tokenizer)
     with torch.no_grad():
-        out = model(dino, latents, input_ids, labels)
+        out = model(as_batch(dino, latents, input_ids, labels))
         for i in range(B):
             n = int((labels[i] != -100).sum())  # run alone, without any padding
             one = slice(i, i + 1)
-            alone = model(dino[one], latents[one], input_ids[one, :n], labels[one, :n])
+            alone = model(as_batch(dino[one], latents[one], input_ids[one, :n], labels[one, :n]))
             for key in ("cap_per_sample", "rec_per_sample", "attention", "pred_latents"):
                 torch.testing.assert_close(alone[key][:, 0], out[key][:, i], rtol=1e-5, atol=1e-5, msg=key,
                                            equal_nan=True)
@@ -246,21 +251,21 @@ def test_padding_ignored_eos_and_first_token_learned(tokenizer):
     pad = labels == -100
     assert pad.any()
     with torch.no_grad():
-        loss = model(dino, latents, input_ids, labels)["loss"]
+        loss = model(as_batch(dino, latents, input_ids, labels))["loss"]
         # Whatever sits in padded positions does not matter.
         junk = input_ids.clone()
         junk[pad] = torch.randint(0, len(tokenizer), (int(pad.sum()),))
-        torch.testing.assert_close(model(dino, latents, junk, labels)["loss"], loss, rtol=0, atol=1e-6)
+        torch.testing.assert_close(model(as_batch(dino, latents, junk, labels))["loss"], loss, rtol=0, atol=1e-6)
         # The first caption token is predicted (from the last visual position).
         first = labels.clone()
         first[:, 0] = (first[:, 0] + 1) % len(tokenizer)
-        assert not torch.allclose(model(dino, latents, input_ids, first)["loss"], loss)
+        assert not torch.allclose(model(as_batch(dino, latents, input_ids, first))["loss"], loss)
         # EOS is a real label.
         lengths = (~pad).sum(1)
         assert (labels[torch.arange(B), lengths - 1] == tokenizer.eos_token_id).all()
         no_eos = labels.clone()
         no_eos[torch.arange(B), lengths - 1] = -100
-        assert not torch.allclose(model(dino, latents, input_ids, no_eos)["loss"], loss)
+        assert not torch.allclose(model(as_batch(dino, latents, input_ids, no_eos))["loss"], loss)
 
 
 def test_fine_queries_depend_on_previous_pass(tokenizer):
@@ -269,8 +274,8 @@ def test_fine_queries_depend_on_previous_pass(tokenizer):
     d2 = dino.clone()
     d2[:, 0] += torch.randn_like(d2[:, 0])
     with torch.no_grad():
-        att = model(dino, latents, input_ids, labels)["attention"]
-        att2 = model(d2, latents, input_ids, labels)["attention"]
+        att = model(as_batch(dino, latents, input_ids, labels))["attention"]
+        att2 = model(as_batch(d2, latents, input_ids, labels))["attention"]
     torch.testing.assert_close(att2[0, :, 1:], att[0, :, 1:], rtol=0, atol=0)  # coarse: static query
     for p in (1, 2):
         assert not torch.allclose(att2[p, :, 1], att[p, :, 1])  # fine: query from frame 1's hidden
@@ -282,7 +287,7 @@ def test_loss_decreases(tokenizer):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(40):
-        loss = model(*batch)["loss"]
+        loss = model(as_batch(*batch))["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -298,7 +303,7 @@ def test_caption_only_skips_reconstruction_graph(tokenizer):
     batch = make_batch(tokenizer)
     ref, cap_only = make_model(), make_model()
     ref.config.lambda_recon, cap_only.config.lambda_recon = 1e-30, 0.0  # 1e-30: the graph path
-    out_ref, out = ref(*batch), cap_only(*batch)
+    out_ref, out = ref(as_batch(*batch)), cap_only(as_batch(*batch))
     for k in ("loss", "cap_coarse", "cap_fine", "rec_coarse", "rec_fine"):
         torch.testing.assert_close(out[k], out_ref[k])
     assert out["rec_fine"] > 0
@@ -313,9 +318,9 @@ def test_bf16_autocast_and_low_precision_inputs(tokenizer):
     model = make_model()
     dino, latents, input_ids, labels = make_batch(tokenizer)
     with torch.no_grad():
-        ref = model(dino, latents, input_ids, labels)
+        ref = model(as_batch(dino, latents, input_ids, labels))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(dino.bfloat16(), latents.half(), input_ids, labels)
+            out = model(as_batch(dino.bfloat16(), latents.half(), input_ids, labels))
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
     torch.testing.assert_close(out["loss"], ref["loss"], rtol=0.05, atol=0.05)
 
@@ -344,7 +349,7 @@ def test_reconstruction_only(tokenizer):
     gradient, while the queries do."""
     model = make_model(recon_head="delta", fine_iterations=1)
     model.config.lambda_caption = 0.0
-    out = model(*make_batch(tokenizer))
+    out = model(as_batch(*make_batch(tokenizer)))
     lr, lc = model.config.lambda_recon, model.config.lambda_coarse
     torch.testing.assert_close(out["loss"].detach(), lr * (out["rec_fine"] + lc * out["rec_coarse"]))
     assert out["cap_fine"] > 0 and torch.isfinite(out["cap_coarse"])
@@ -370,12 +375,12 @@ def test_shuffled_query_control(tokenizer):
     model = make_model()
     dino, latents, ids, labels = make_batch(tokenizer, captions=[CAPTIONS[0]] * 3)
     same = dino[:1].expand_as(dino).contiguous()
-    out = model(same, latents[:1].expand_as(latents), ids, labels)
-    control = model.shuffled_query_loss(same, out["last_queries"], ids, labels)
+    out = model(as_batch(same, latents[:1].expand_as(latents), ids, labels))
+    control = model.shuffled_query_loss(as_batch(same, latents, ids, labels), out["last_queries"])
     torch.testing.assert_close(control, out["cap_sum"][-1], rtol=1e-5, atol=1e-5)
 
-    out = model(dino, latents, ids, labels)
-    control = model.shuffled_query_loss(dino, out["last_queries"], ids, labels)
+    out = model(as_batch(dino, latents, ids, labels))
+    control = model.shuffled_query_loss(as_batch(dino, latents, ids, labels), out["last_queries"])
     assert control.shape == (3,) and not torch.allclose(control, out["cap_sum"][-1])
 
 
@@ -385,6 +390,6 @@ def test_the_model_says_when_a_parameter_gets_no_gradient(tokenizer, recon_head,
     """What train.py tells DDP (find_unused_parameters) is what a backward pass really leaves without a gradient."""
     model = make_model(recon_head=recon_head, fine_iterations=1)
     model.config.lambda_recon = lambda_recon
-    model(*make_batch(tokenizer))["loss"].backward()
+    model(as_batch(*make_batch(tokenizer)))["loss"].backward()
     every = all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert every == model.every_parameter_gets_a_gradient()

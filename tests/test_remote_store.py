@@ -158,7 +158,7 @@ def test_a_batch_costs_a_few_round_trips_not_one_per_sample(s3):
     from zarr.testing.store import LatencyStore
 
     url = "s3://fvlm/runs/latency/s.zarr"
-    shapes = FeatureShapes(num_frames=24, dino_tokens=5, dino_dim=8, latent_shape=(4, 2, 2))
+    shapes = FeatureShapes(24, {"dino": (5, 8), "latents": (4, 2, 2)})
     attrs = dict(dino="tiny", vae="tiny", num_frames=24, image_size=28, feature_dtype="float16")
     store = StoreWriter.create_or_open(url, attrs, shapes, capacity=64, shard_videos=16)
     rng = np.random.default_rng(0)

@@ -32,7 +32,7 @@ from tests.store_helpers import write_failure
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-SHAPES = FeatureShapes(4, 17, 384, (4, 7, 7))
+SHAPES = FeatureShapes(4, {"dino": (17, 384), "latents": (4, 7, 7)})
 EXACT = "uniform over the whole duration (segment centres); short side resized, centre crop"
 KEYFRAME = "keyframe nearest to each uniform target over the whole duration (segment centres)"
 

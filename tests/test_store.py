@@ -12,7 +12,7 @@ from fvlm_data.store import FORMAT_VERSION, FeatureShapes, quantize_int8
 from fvlm_data.store.writer import StoreWriter
 from tests.store_helpers import duration, shard_problem, slot_state, write_failure, write_row
 
-SHAPES = FeatureShapes(num_frames=6, dino_tokens=5, dino_dim=8, latent_shape=(4, 2, 2))
+SHAPES = FeatureShapes(6, {"dino": (5, 8), "latents": (4, 2, 2)})
 
 
 def attrs(**over):
@@ -23,8 +23,8 @@ def attrs(**over):
 def make_row(rng, shapes=SHAPES):
     t = shapes.num_frames
     return dict(
-        dino=rng.standard_normal((t, shapes.dino_tokens, shapes.dino_dim)).astype(np.float16),
-        latents=rng.standard_normal((t, *shapes.latent_shape)).astype(np.float16),
+        dino=rng.standard_normal((t, *shapes.per_frame["dino"])).astype(np.float16),
+        latents=rng.standard_normal((t, *shapes.per_frame["latents"])).astype(np.float16),
         timestamps=np.linspace(0.5, 5.5, t),
         duration=6.0,
     )
@@ -129,7 +129,7 @@ def test_grows_for_more_inputs_and_keeps_rows(tmp_path):
 
 def test_int8_storage_halves_bytes_and_keeps_values_close(tmp_path):
     rng = np.random.default_rng(3)
-    shapes = FeatureShapes(4, 7, 64, (4, 2, 2))
+    shapes = FeatureShapes(4, {"dino": (7, 64), "latents": (4, 2, 2)})
     store = StoreWriter.create_or_open(tmp_path / "q.zarr", attrs(num_frames=4, feature_dtype="int8"),
                                         shapes, capacity=1)
     row = make_row(rng, shapes)

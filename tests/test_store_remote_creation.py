@@ -13,7 +13,7 @@ from fvlm_data.store.objects import RemoteObjects
 from fvlm_data.store.writer import StoreWriter
 from tests.test_remote_store import s3  # noqa: F401 (the fixture that starts the server)
 
-SHAPES = FeatureShapes(num_frames=4, dino_tokens=5, dino_dim=8, latent_shape=(4, 2, 2))
+SHAPES = FeatureShapes(4, {"dino": (5, 8), "latents": (4, 2, 2)})
 ATTRS = dict(dino="tiny", vae="tiny", num_frames=4, image_size=28, feature_dtype="float16")
 
 

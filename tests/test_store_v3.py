@@ -18,7 +18,7 @@ from fvlm_data.store.objects import LocalObjects
 from fvlm_data.store.reader import open_group
 from fvlm_data.store.writer import StoreWriter
 
-SHAPES = FeatureShapes(num_frames=6, dino_tokens=5, dino_dim=8, latent_shape=(4, 2, 2))
+SHAPES = FeatureShapes(6, {"dino": (5, 8), "latents": (4, 2, 2)})
 ATTRS = dict(dino="tiny", vae="tiny", num_frames=6, image_size=28, feature_dtype="float16")
 CAPTIONS = {1: ("a dog runs", "a brown dog running", "dog"), 5: ("two cats",)}
 
@@ -59,7 +59,7 @@ def format_2_store(path: Path) -> FeatureStore:
         (path / key).parent.mkdir(parents=True, exist_ok=True)
         (path / key).write_bytes(data)
     objects = LocalObjects(path)
-    return FeatureStore(path, objects, open_group(path, objects, mode="r+"), writable=True)
+    return StoreWriter(path, objects, open_group(path, objects, mode="r+"))
 
 
 def test_caption_table_and_file_ids(store_path):

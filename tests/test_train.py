@@ -236,7 +236,7 @@ def test_bad_input_is_a_one_line_error(store, tmp_path):
     StoreWriter.create_or_open(empty, dict(dino="tiny", vae="tiny", num_frames=6, image_size=56,
                                             feature_dtype="float16", dino_tokens=17, dino_dim=384,
                                             latent_shape=[4, 7, 7]),
-                                FeatureShapes(6, 17, 384, (4, 7, 7)), capacity=2)
+                                FeatureShapes(6, {"dino": (17, 384), "latents": (4, 7, 7)}), capacity=2)
     one_line_error(in_process(train_cmd(empty, tmp_path / "o")), "no committed videos")
     one_line_error(in_process([*train_cmd(store, tmp_path / "o"), "--num-frames", "7"]), "stores 6 frames")
     proc = in_process([*train_cmd(store, tmp_path / "o"), "--preset", "huge"])
@@ -279,7 +279,7 @@ def test_every_option_has_help_and_workers_fit_the_machine():
 def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
     """NaN features make every loss NaN: steps are skipped and counted, then the run stops cleanly."""
     path = tmp_path / "nan.zarr"
-    shapes = FeatureShapes(4, 17, 384, (4, 7, 7))
+    shapes = FeatureShapes(4, {"dino": (17, 384), "latents": (4, 7, 7)})
     store = StoreWriter.create_or_open(path, dict(dino="tiny", vae="tiny", num_frames=4, image_size=56,
                                                    feature_dtype="float16", dino_tokens=17, dino_dim=384,
                                                    latent_shape=[4, 7, 7]), shapes, capacity=12)

@@ -51,7 +51,7 @@ def synthetic_batch(model: torch.nn.Module, batch: int, frames: int, tokens: int
 
 def plain_step(model, optimizer, batch):
     """The reference: the model called directly, backward, clip at 1.0, AdamW (as train.py on CPU)."""
-    out = model(batch["dino"], batch["latents"], batch["input_ids"], batch["labels"])
+    out = model(batch)
     out["loss"].backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()

@@ -175,7 +175,7 @@ def test_inspect_batch_matches_the_passes(setup):
     model, (dino, latents, input_ids, labels) = setup
     model.train()
     try:
-        info = inspect_batch(model, dino, latents, input_ids, labels)
+        info = inspect_batch(model, {"dino": dino, "latents": latents, "input_ids": input_ids, "labels": labels})
         assert model.training  # mode restored
     finally:
         model.eval()
@@ -208,7 +208,7 @@ def test_inspect_batch_reveals_collapse(setup):
         collapsed.llm_to_query.weight.zero_()
         collapsed.llm_to_query.bias.copy_(collapsed.q_static)
         collapsed.q_init.copy_(collapsed.q_static)
-    info = inspect_batch(collapsed, *batch)
+    info = inspect_batch(collapsed, dict(zip(("dino", "latents", "input_ids", "labels"), batch, strict=True)))
     for name in ("fine_1", "fine_2"):
         assert info["token_cosine"][name] == pytest.approx(1.0, abs=1e-5)
         assert info["entropy"][name] == pytest.approx(info["entropy"]["coarse"], rel=1e-5)

@@ -38,13 +38,13 @@ def test_int8_on_the_device_gives_the_bytes_of_the_store_rule(seed):
 def test_float16_on_the_device_equals_numpys_cast():
     x = _features(2)
     for src in (torch.from_numpy(x), torch.from_numpy(x).bfloat16()):
-        got = stored_features(src, src[..., :16], "float16")
+        got = stored_features({"dino": src, "latents": src[..., :16]}, "float16")
         with np.errstate(over="ignore"):
             want = src.float().numpy().astype(np.float16)
         assert got["dino"].numpy().tobytes() == want.tobytes()
         assert got["latents"].numpy().tobytes() == want[..., :16].tobytes()
         assert "dino_scale" not in got
-    got = stored_features(torch.from_numpy(x), torch.from_numpy(x[..., :4]), "int8")
+    got = stored_features({"dino": torch.from_numpy(x), "latents": torch.from_numpy(x[..., :4])}, "int8")
     assert got["dino"].dtype == torch.int8 and got["dino_scale"].shape == x.shape[:-1]
 
 
@@ -95,8 +95,8 @@ def test_int8_store_from_precompute_holds_the_host_rules_bytes(tmp_path):
     for lo in (0, 2):
         frames = np.concatenate([load_frames(item, 3, 56).frames for item in inputs[lo : lo + 2]])
         out = encoders.encode(torch.from_numpy(frames))
-        q, scale = quantize_int8_numpy(out.dino.numpy())
-        latents = out.latents.numpy().astype(np.float16)
+        q, scale = quantize_int8_numpy(out["dino"].numpy())
+        latents = out["latents"].numpy().astype(np.float16)
         for k in range(2):
             row = store.read(lo + k)
             assert row["dino"].dtype == np.int8

@@ -74,7 +74,7 @@ def main() -> None:
     names, per_video = None, []  # per video: [passes + uniform, 3 masks, frames after the cue]
     for start, chunk, batch in held.batches():
         chunk_sources = sources[start : start + len(chunk)]
-        info = inspect_batch(held.model, batch["dino"], batch["latents"], batch["input_ids"], batch["labels"])
+        info = inspect_batch(held.model, batch)
         names = list(info["attention"])
         if start == 0 and opts.figure:
             save_figure(opts.figure, attrs, chunk[: opts.figure_videos], chunk_sources, info["attention"])

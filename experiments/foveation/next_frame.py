@@ -29,8 +29,7 @@ def main() -> None:
     errors, copy, zeros = [], [], []  # [P, B, T], [B, T - 1], [B, T]
     with torch.no_grad():
         for _, _, batch in held.batches():
-            out = held.model(batch["dino"], batch["latents"], batch["input_ids"], batch["labels"],
-                             score_all_passes=True)
+            out = held.model(batch, score_all_passes=True)
             latents = batch["latents"].float()
             errors.append((out["pred_latents"].float() - latents).pow(2).mean(dim=(3, 4, 5)).numpy())
             copy.append((latents[:, 1:] - latents[:, :-1]).pow(2).mean(dim=(2, 3, 4)).numpy())

@@ -8,7 +8,6 @@ with no network access; a store made with it says so in its attributes.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -90,12 +89,6 @@ def _one_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
-@dataclass
-class EncodedFrames:
-    dino: torch.Tensor  # [B, N, D]
-    latents: torch.Tensor  # [B, C, h, w]
-
-
 class FrozenEncoders:
     """DINOv2 + SD-VAE, frozen, run in half precision on GPU (fp32 on CPU) under inference_mode.
 
@@ -168,10 +161,11 @@ class FrozenEncoders:
         }
 
     @torch.inference_mode()
-    def encode(self, frames: torch.Tensor, *, float32: bool = True, _eager: bool = False) -> EncodedFrames:
-        """frames: uint8 [B, H, W, 3] (any device). Returns DINO tokens and scaled VAE latents, on the
-        device: fp32, or with `float32=False` in the compute dtype (bf16 on CUDA: no fp32 copy is made
-        for features that are stored as fp16 or int8 anyway)."""
+    def encode(self, frames: torch.Tensor, *, float32: bool = True, _eager: bool = False) -> dict[str, torch.Tensor]:
+        """frames: uint8 [B, H, W, 3] (any device). Returns one tensor per feature of the store's table
+        (`fvlm_data.store.format.FRAME_TABLE`), by name: `dino` [B, N, D] DINO tokens and `latents`
+        [B, C, h, w] scaled VAE latents, on the device: fp32, or with `float32=False` in the compute
+        dtype (bf16 on CUDA: no fp32 copy is made for features that are stored as fp16 or int8 anyway)."""
         x = frames.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         dino_in = ((x - self._mean) / self._std).to(self.dtype)
         tokens = (self._dino_tokens if _eager else self._dino_fn)(dino_in)
@@ -179,17 +173,17 @@ class FrozenEncoders:
         if self.channels_last:
             vae_in = vae_in.contiguous(memory_format=torch.channels_last)
         latents = (self._vae_mean if _eager else self._vae_fn)(vae_in) * self.vae_scaling_factor
-        if not float32:
-            return EncodedFrames(dino=tokens, latents=latents)
-        return EncodedFrames(dino=tokens.float(), latents=latents.float())
+        out = {"dino": tokens, "latents": latents}
+        return {name: t.float() for name, t in out.items()} if float32 else out
 
     @torch.inference_mode()
     def raw_latent_std(self, frames: torch.Tensor) -> float:
         """Std of the VAE's unscaled latents (`latent_dist.mean`) of uint8 frames [B, H, W, 3]."""
-        return float((self.encode(frames, _eager=True).latents / self.vae_scaling_factor).std())
+        return float((self.encode(frames, _eager=True)["latents"] / self.vae_scaling_factor).std())
 
-    def output_shapes(self, image_size: int) -> tuple[tuple[int, int], tuple[int, int, int]]:
-        """(N, D) and (C, h, w) for frames of image_size, found by encoding one blank frame."""
+    def output_shapes(self, image_size: int) -> dict[str, tuple[int, ...]]:
+        """Each output's per-frame shape ((N, D), (C, h, w), ...) for frames of image_size, found by
+        encoding one blank frame."""
         # Eager: a one-frame batch must not cost a compilation.
         out = self.encode(torch.zeros(1, image_size, image_size, 3, dtype=torch.uint8), _eager=True)
-        return tuple(out.dino.shape[1:]), tuple(out.latents.shape[1:])
+        return {name: tuple(t.shape[1:]) for name, t in out.items()}

@@ -103,7 +103,7 @@ def store_attributes(encoders: FrozenEncoders, shapes: FeatureShapes, config: Pr
         "preset": config.preset,
         "encoders": encoders.describe(),
         "image_size": config.image_size,
-        **shapes.as_attrs(),  # num_frames, dino_tokens, dino_dim, latent_shape
+        **shapes.as_attrs(),  # num_frames, feature_shapes (and dino_tokens, dino_dim, latent_shape)
         "feature_dtype": config.feature_dtype,
         "latent_dtype": "float16",
         "frame_sampling": FRAME_SAMPLING[config.seek],
@@ -114,8 +114,7 @@ def store_attributes(encoders: FrozenEncoders, shapes: FeatureShapes, config: Pr
 def _open_store(config: PrecomputeConfig, inputs: list[VideoInput], encoders: FrozenEncoders,
                 barrier: Callable[[], None] | None) -> FeatureStore:
     """The store, created or grown to one slot per input (by process 0 first, if there is a barrier)."""
-    (n_tokens, dim), latent_shape = encoders.output_shapes(config.image_size)
-    shapes = FeatureShapes(config.num_frames, n_tokens, dim, latent_shape)
+    shapes = FeatureShapes(config.num_frames, encoders.output_shapes(config.image_size))
     attrs = store_attributes(encoders, shapes, config)
     keys = [(item.video_id, item.source) for item in inputs]  # the store's input fingerprint is made of these
     if config.num_shards > 1 and barrier is None and FeatureStore.exists(config.out):
@@ -192,9 +191,8 @@ def _encode(encoders: FrozenEncoders, transfers: DeviceTransfers, videos: list[D
         frames += [np.zeros_like(frames[0])] * (config.batch_videos - len(videos))
     encoded = encoders.encode(transfers.frames_to_device(frames), float32=False)
     n = len(videos) * config.num_frames
-    dino = encoded.dino[:n].view(len(videos), config.num_frames, *encoded.dino.shape[1:])
-    latents = encoded.latents[:n].view(len(videos), config.num_frames, *encoded.latents.shape[1:])
-    return stored_features(dino, latents, config.feature_dtype)
+    per_video = {name: t[:n].view(len(videos), config.num_frames, *t.shape[1:]) for name, t in encoded.items()}
+    return stored_features(per_video, config.feature_dtype)
 
 
 class _ShardsInProgress:
@@ -227,15 +225,12 @@ class _ShardsInProgress:
 
     def add_rows(self, batch: list[tuple[int, VideoInput, DecodedVideo]], features: HostCopy) -> None:
         """On the writer thread: the batch's rows, from its features copied to the host."""
-        arrays = features.arrays()  # waits for the device-to-host copy
-        dino, latents, scale = arrays["dino"], arrays["latents"], arrays.get("dino_scale")
+        arrays = features.arrays()  # waits for the device-to-host copy (int8 ones quantized on the device)
         for k, (slot, item, video) in enumerate(batch):
-            quantized = {} if scale is None else {"dino_scale": scale[k]}  # int8, quantized on the device
-            self._buffer(slot).add_row(slot, dino=dino[k], latents=latents[k], caption=item.caption or "",
-                                       video_id=item.video_id, source=item.source,
+            self._buffer(slot).add_row(slot, caption=item.caption or "", video_id=item.video_id, source=item.source,
                                        timestamps=video.timestamps, duration=video.duration,
                                        captions=item.captions, file_id=item.file_id,
-                                       **quantized)
+                                       **{name: values[k] for name, values in arrays.items()})
             self._publish_if_complete(slot)
             self.summary.written += 1
         features.release()

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fvlm_data.store.format import SCALE_SUFFIX, features
+
 WRITE_QUEUE = 2  # jobs waiting for the writer thread (the memory bound above)
 _POLL_S = 0.1  # how often a blocked hand-over checks whether the writer failed
 
@@ -42,14 +44,17 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.inference_mode()
-def stored_features(dino: torch.Tensor, latents: torch.Tensor, feature_dtype: str) -> dict[str, torch.Tensor]:
-    """The arrays a row stores, converted on the device: `dino` (float16 or int8), `dino_scale`
-    (int8 only), `latents` (float16)."""
-    out = {"latents": latents.to(torch.float16)}
-    if feature_dtype == "int8":
-        out["dino"], out["dino_scale"] = quantize_int8(dino)
-    else:
-        out["dino"] = dino.to(torch.float16)
+def stored_features(encoded: dict[str, torch.Tensor], feature_dtype: str) -> dict[str, torch.Tensor]:
+    """The arrays rows store, converted on the device to their dtypes in the store's table
+    (`fvlm_data.store.format.FRAME_TABLE`): e.g. `dino` float16 (or int8 and `dino_scale` float16 with
+    `feature_dtype="int8"`), `latents` float16."""
+    out = {}
+    for feature in features():
+        x = encoded[feature.name]
+        if feature.quantizable and feature_dtype == "int8":
+            out[feature.name], out[feature.name + SCALE_SUFFIX] = quantize_int8(x)
+        else:
+            out[feature.name] = x.to(getattr(torch, feature.dtype))
     return out
 
 

@@ -35,11 +35,12 @@ from fvlm_data.store.format import (
     FEATURE_KEYS,
     FORMAT_NAME,
     FORMAT_VERSION,
-    FRAME_ARRAYS,
+    FRAME_TABLE,
     SHAPE_KEYS,
     STRING_ARRAYS,
     FeatureRecipe,
     FeatureShapes,
+    FrameArray,
     check_compatible,
     quantize_int8,
 )
@@ -47,7 +48,7 @@ from fvlm_data.store.reader import FeatureStore
 from fvlm_data.store.writer import ShardBuffer, ShardState, StoreWriter, shard_states
 
 __all__ = [
-    "COMPATIBILITY_KEYS", "DEFAULT_SHARD_VIDEOS", "FEATURE_KEYS", "FORMAT_NAME", "FORMAT_VERSION", "FRAME_ARRAYS",
-    "SHAPE_KEYS", "STRING_ARRAYS", "FeatureRecipe", "FeatureShapes", "FeatureStore", "ShardBuffer", "ShardState",
-    "StoreError", "StoreWriter", "check_compatible", "quantize_int8", "shard_states",
+    "COMPATIBILITY_KEYS", "DEFAULT_SHARD_VIDEOS", "FEATURE_KEYS", "FORMAT_NAME", "FORMAT_VERSION", "FRAME_TABLE",
+    "SHAPE_KEYS", "STRING_ARRAYS", "FeatureRecipe", "FeatureShapes", "FeatureStore", "FrameArray", "ShardBuffer",
+    "ShardState", "StoreError", "StoreWriter", "check_compatible", "quantize_int8", "shard_states",
 ]

@@ -65,9 +65,17 @@ def check_attrs_match_arrays(path: str | os.PathLike, attrs: Mapping[str, Any], 
         shard = (arr.shards or (None,))[0]
         if shard != attrs["shard_videos"]:
             refuse(f"attribute shard_videos={attrs['shard_videos']!r} but array {name!r} has shards of {shard!r} slots")
-    shapes = FeatureShapes(attrs["num_frames"], attrs["dino_tokens"], attrs["dino_dim"], tuple(latent))
+    recorded = attrs.get("feature_shapes", {})
+    if not (isinstance(recorded, dict) and all(isinstance(shape, list) and all(isinstance(x, int) for x in shape)
+                                               for shape in recorded.values())):
+        refuse(f"attribute feature_shapes={recorded!r} is not a shape (a list of integers) per feature")
+    shapes = FeatureShapes.from_attrs(attrs)
     capacity = arrays["committed"].shape[0]
-    for name, (shape, dtype) in array_specs(shapes, attrs["feature_dtype"], version).items():
+    try:
+        specs = array_specs(shapes, attrs["feature_dtype"], version)
+    except StoreError as e:
+        refuse(str(e))
+    for name, (shape, dtype) in specs.items():
         if name not in arrays:
             refuse(f"array {name!r} is missing")
         arr = arrays[name]

@@ -31,8 +31,46 @@ DEFAULT_SHARD_VIDEOS = 64
 # `captions` is "" when a slot has one caption (then it is `caption`), else a JSON list of all of them.
 STRING_ARRAYS = ("caption", "video_id", "source", "failure", "captions", "file_id")
 FORMAT_3_ARRAYS = ("captions", "file_id")  # and the checksum arrays
-FRAME_ARRAYS = ("dino", "dino_scale", "latents", "timestamps")  # one inner chunk per video
 CHECKSUM_SUFFIX = "_crc32c"
+SCALE_SUFFIX = "_scale"
+
+
+@dataclass(frozen=True)
+class FrameArray:
+    """One per-frame array of the store, [V, T, *shape]: one inner chunk per video, uncompressed (read
+    by byte ranges, a few frames at a time), and in format 3 a crc32c per frame (`<name>_crc32c`)."""
+
+    name: str  # the array's name: in the store, in the encoders' output and in the dataset's batch
+    dtype: str  # how it is stored
+    quantizable: bool = False  # --feature-dtype int8: int8 and a float16 scale per token (`<name>_scale`)
+    encoded: bool = True  # an encoder output (its per-frame shape recorded in `feature_shapes`); else the decoder's
+    read: bool = True  # the dataset reads it into every sample
+
+
+# The store's per-frame arrays: the one place they are declared. The writer, reader, consistency checks,
+# checksums, dataset and `inspect` loop over this table; an encoder that returns one more array, declared
+# here, reaches the store and the dataset's batch with nothing else changed (tests/test_feature_table.py).
+FRAME_TABLE: tuple[FrameArray, ...] = (
+    FrameArray("dino", "float16", quantizable=True),  # DINOv2's final tokens [N, D]
+    FrameArray("latents", "float16"),  # SD-VAE latents [C, h, w], scaled by the VAE's factor
+    FrameArray("timestamps", "float32", encoded=False),  # seconds of each sampled frame in its file
+)
+
+
+def features() -> tuple[FrameArray, ...]:
+    """The per-frame arrays the encoders make (`FRAME_TABLE` without the decoder's timestamps)."""
+    return tuple(f for f in FRAME_TABLE if f.encoded)
+
+
+def frame_array_names(read_by_dataset: bool = False) -> tuple[str, ...]:
+    """Every per-frame array a store may hold, in table order: the table's arrays and the int8 scales of
+    quantizable ones (`read_by_dataset`: only those the dataset reads into every sample)."""
+    return tuple(n for f in FRAME_TABLE if f.read or not read_by_dataset
+                 for n in ((f.name, f.name + SCALE_SUFFIX) if f.quantizable else (f.name,)))
+
+
+def is_frame_array(name: str) -> bool:
+    return name in frame_array_names()
 
 
 def checksum_array(name: str) -> str:
@@ -65,15 +103,30 @@ FEATURE_KEYS = ("dino", "vae", "preset", "num_frames", "image_size", "feature_dt
 
 @dataclass(frozen=True)
 class FeatureShapes:
-    """Per-video shapes: T frames of N DINO tokens of width D, VAE latents (C, h, w) per frame."""
+    """Per-video shapes: T frames, and each encoder output's per-frame shape (`per_frame`, by name:
+    DINO's [N, D], the VAE latents' [C, h, w], and any other array of the table)."""
 
     num_frames: int
-    dino_tokens: int
-    dino_dim: int
-    latent_shape: tuple[int, int, int]
+    per_frame: Mapping[str, tuple[int, ...]]
 
     def as_attrs(self) -> dict[str, Any]:
-        return {**asdict(self), "latent_shape": list(self.latent_shape)}
+        """`num_frames`, `feature_shapes` ({name: shape}) and, as every store has had them, the shape
+        keys of DINO and the latents (`dino_tokens`, `dino_dim`, `latent_shape`: checkpoints record them)."""
+        attrs: dict[str, Any] = {"num_frames": self.num_frames,
+                                 "feature_shapes": {name: list(shape) for name, shape in self.per_frame.items()}}
+        if "dino" in self.per_frame:
+            attrs["dino_tokens"], attrs["dino_dim"] = (int(x) for x in self.per_frame["dino"])
+        if "latents" in self.per_frame:
+            attrs["latent_shape"] = list(self.per_frame["latents"])
+        return attrs
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> FeatureShapes:
+        """From a store's attributes; a store made before `feature_shapes` has DINO's and the latents' keys."""
+        recorded = attrs.get("feature_shapes")
+        if recorded is None:
+            recorded = {"dino": [attrs["dino_tokens"], attrs["dino_dim"]], "latents": attrs["latent_shape"]}
+        return cls(int(attrs["num_frames"]), {name: tuple(shape) for name, shape in recorded.items()})
 
 
 def check_compatible(path: str | os.PathLike, existing: Mapping[str, Any], wanted: FeatureRecipe,
@@ -103,29 +156,35 @@ def check_format(path: str | os.PathLike, attrs: Mapping[str, Any]) -> None:
 
 def array_specs(shapes: FeatureShapes, feature_dtype: str,
                 version: int = FORMAT_VERSION) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """Per-slot shape and dtype of every array in a store of format `version`."""
-    t, n, d = shapes.num_frames, shapes.dino_tokens, shapes.dino_dim
-    specs: dict[str, tuple[tuple[int, ...], Any]] = {
-        "dino": ((t, n, d), "int8" if feature_dtype == "int8" else "float16"),
-        "latents": ((t, *shapes.latent_shape), "float16"),
-        "timestamps": ((t,), "float32"),
-        "duration": ((), "float32"),
-        "committed": ((), "uint8"),
-    }
-    if feature_dtype == "int8":
-        specs["dino_scale"] = ((t, n), "float16")
+    """Per-slot shape and dtype of every array in a store of format `version`: the table's per-frame
+    arrays (an encoder output the shapes lack is refused), then the small ones."""
+    t = shapes.num_frames
+    specs: dict[str, tuple[tuple[int, ...], Any]] = {}
+    for f in FRAME_TABLE:
+        if not f.encoded:
+            specs[f.name] = ((t,), f.dtype)
+            continue
+        if f.name not in shapes.per_frame:
+            raise StoreError(f"no per-frame shape for the feature {f.name!r} (the encoders made "
+                             f"{', '.join(shapes.per_frame) or 'none'})")
+        shape = (t, *shapes.per_frame[f.name])
+        if f.quantizable and feature_dtype == "int8":
+            specs[f.name], specs[f.name + SCALE_SUFFIX] = (shape, "int8"), (shape[:-1], "float16")
+        else:
+            specs[f.name] = (shape, f.dtype)
+    specs.update({"duration": ((), "float32"), "committed": ((), "uint8")})
     for name in STRING_ARRAYS:
         if version >= 3 or name not in FORMAT_3_ARRAYS:
             specs[name] = ((), str)
     if version >= 3:
-        for name in [n for n in FRAME_ARRAYS if n in specs]:
+        for name in [n for n in specs if is_frame_array(n)]:
             specs[checksum_array(name)] = ((t,), "uint32")
     return specs
 
 
 def inner_chunks(name: str, shard_videos: int) -> int:
     """Inner chunks per shard object: one per video for frame arrays, one for the small arrays."""
-    return shard_videos if name in FRAME_ARRAYS else 1
+    return shard_videos if is_frame_array(name) else 1
 
 
 def inner_chunk_videos(name: str, shard_videos: int) -> int:
@@ -145,7 +204,7 @@ def schema(attrs: Mapping[str, Any], shapes: FeatureShapes, capacity: int, shard
     mem = zarr.storage.MemoryStore()
     group = zarr.open_group(mem, mode="w", zarr_format=3)
     for name, (shape, dtype) in array_specs(shapes, attrs["feature_dtype"], version).items():
-        small = name not in FRAME_ARRAYS
+        small = not is_frame_array(name)
         group.create_array(
             name,
             shape=(capacity, *shape),
@@ -184,7 +243,7 @@ def check_layout(path: str | os.PathLike, name: str, arr: zarr.Array, shard_vide
         sharding = codecs[0]
         inner = [type(c).__name__ for c in sharding.codecs]
         index = [type(c).__name__ for c in sharding.index_codecs]
-        checksum = ["Crc32cCodec"] if version >= 3 and name not in FRAME_ARRAYS else []
+        checksum = ["Crc32cCodec"] if version >= 3 and not is_frame_array(name) else []
         ok = (
             tuple(arr.shards or ()) == (shard_videos, *arr.shape[1:])
             and tuple(sharding.chunk_shape) == (inner_chunk_videos(name, shard_videos), *arr.shape[1:])

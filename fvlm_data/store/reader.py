@@ -20,11 +20,11 @@ from fvlm_data.errors import StoreError
 from fvlm_data.store.checksums import check_frames
 from fvlm_data.store.consistency import check_attrs_match_arrays
 from fvlm_data.store.format import (
-    FRAME_ARRAYS,
     check_format,
     check_layout,
     checksum_array,
     chunk_nbytes,
+    frame_array_names,
 )
 from fvlm_data.store.objects import LocalObjects, ReadRequest, RemoteObjects, objects_at
 from fvlm_data.store.shard_index import ShardIndex
@@ -121,13 +121,18 @@ class FeatureStore(ShardObjects):
         return [(key, offset, view[first * frame_bytes : end * frame_bytes])
                 for offset, first, end in index.frame_ranges(j, idx, frame_bytes)]
 
+    def frame_arrays(self, read_by_dataset: bool = False) -> list[str]:
+        """The store's per-frame arrays (`format.FRAME_TABLE`), in table order."""
+        return [n for n in frame_array_names(read_by_dataset) if n in self.arrays]
+
     def read_slots(self, slots: list[int], frames: list[np.ndarray | None],
-                   out: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
+                   out: dict[str, np.ndarray] | None = None, names: list[str] | None = None) -> list[dict[str, Any]]:
         """Rows of many slots at once: shard indexes and captions in one batch, then every frame
         range in one batch (concurrent requests on a remote store). `out` (optional) gives the batch
         buffers to read into, one per frame array, [len(slots), frames, ...] of its dtype (e.g. in
-        shared or pinned memory): the bytes are then copied once, from the file into them."""
-        frame_names = [n for n in FRAME_ARRAYS if n in self.arrays]
+        shared or pinned memory): the bytes are then copied once, from the file into them. `names`
+        (optional) picks the frame arrays to read (default: all of them)."""
+        frame_names = self.frame_arrays() if names is None else names
         shards = [s // self.shard_videos for s in slots]
         indexes = self._indexes([(n, sh) for sh in shards for n in frame_names])
         sums = tuple(checksum_array(n) for n in frame_names) if self.has_checksums else ()
@@ -210,8 +215,9 @@ class FeatureStore(ShardObjects):
         return self.read_slots([slot], [frames])[0]
 
     def read(self, i: int, frames: np.ndarray | None = None) -> dict[str, Any]:
-        """The i-th committed video: dino [T', N, D], latents [T', C, h, w] (stored dtypes),
-        caption, video_id, timestamps [T'] (float32 seconds). `frames` picks frame indices."""
+        """The i-th committed video: every per-frame array [T', ...] in its stored dtype (dino [T', N, D],
+        latents [T', C, h, w], timestamps [T'] float32 seconds, ...), caption, captions, video_id.
+        `frames` picks frame indices."""
         slots = self.committed_slots()
         if not -len(slots) <= i < len(slots):
             raise IndexError(f"row {i} out of range: the store has {len(slots)} committed videos")

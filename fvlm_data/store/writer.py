@@ -25,13 +25,15 @@ from fvlm_data.store.checksums import check_frames, frame_checksums
 from fvlm_data.store.creation import check_inputs, create_exclusive, inputs_fingerprint, new_store_id
 from fvlm_data.store.format import (
     DEFAULT_SHARD_VIDEOS,
-    FRAME_ARRAYS,
+    SCALE_SUFFIX,
     STRING_ARRAYS,
     FeatureRecipe,
     FeatureShapes,
     check_compatible,
     checksum_array,
     chunk_nbytes,
+    features,
+    is_frame_array,
     memory_objects,
     quantize_int8,
     schema,
@@ -136,8 +138,8 @@ def shard_states(store: FeatureStore, shards: list[int], verify_data: bool = Fal
     errors: dict[int, str] = {}
     committed = store.shard_values(("committed",), shards, errors=errors)["committed"]
     ok = [shard for shard in committed if shard not in errors]
-    small = [n for n in store.arrays if n not in FRAME_ARRAYS and n != "committed"]
-    frames = [n for n in store.arrays if n in FRAME_ARRAYS]
+    small = [n for n in store.arrays if not is_frame_array(n) and n != "committed"]
+    frames = store.frame_arrays()
     for names, chunks in ((small, 1), (frames, s)):
         wanted = [(n, shard) for shard in ok for n in names]
         tails = store.objects.tails([store.shard_key(n, shard) for n, shard in wanted], ShardIndex.nbytes(chunks))
@@ -152,7 +154,7 @@ def shard_states(store: FeatureStore, shards: list[int], verify_data: bool = Fal
             except StoreError as e:
                 errors[shard] = str(e)
                 continue
-            if name in FRAME_ARRAYS:
+            if is_frame_array(name):
                 n_slots = min(s, store.capacity - shard * s)
                 bad = (committed[shard][:n_slots] == 1) & (index.sizes()[:n_slots] != chunk_nbytes(store.arrays[name]))
                 if bad.any():
@@ -184,12 +186,12 @@ def shard_data_problem(store: FeatureStore, shard: int) -> str | None:
     objects = dict(zip(names, datas, strict=True))
     try:
         small = {name: store.decode_small(name, shard, data) for name, data in objects.items()
-                 if name not in FRAME_ARRAYS and data is not None}
+                 if not is_frame_array(name) and data is not None}
         committed = small.get("committed")
         if committed is None:
             return f"{store.shard_name('committed', shard)} is missing"
         n_slots = min(store.shard_videos, store.capacity - shard * store.shard_videos)
-        for name in [n for n in FRAME_ARRAYS if n in objects]:
+        for name in [n for n in store.frame_arrays() if n in objects]:
             data = objects[name]
             if data is None:
                 return str(store.missing(name, shard))
@@ -242,7 +244,7 @@ class ShardBuffer:
         self.filled = (self.data["committed"] == 1) | np.array([bool(r) for r in self.data["failure"]])
         for data in self.data.values():  # rows never completed are not kept
             data[~self.filled] = "" if data.dtype == object else 0
-        for name in [n for n in FRAME_ARRAYS if checksum_array(n) in self.data]:
+        for name in [n for n in store.frame_arrays() if checksum_array(n) in self.data]:
             for j in np.flatnonzero(self.data["committed"] == 1).tolist():
                 check_frames(self.data[name][j], self.data[checksum_array(name)][j],
                              store.slot_name(name, self.start + j), np.arange(self.data[name].shape[1]))
@@ -256,22 +258,33 @@ class ShardBuffer:
         self.filled[j] = True
         return j
 
-    def add_row(self, slot: int, *, dino: np.ndarray, latents: np.ndarray, caption: str, video_id: str,
-                source: str, timestamps: np.ndarray, duration: float, captions: Sequence[str] = (),
-                file_id: str | None = None, dino_scale: np.ndarray | None = None) -> None:
-        """One video's row. `captions`: all its captions, the first being `caption` (default: that one);
-        `file_id`: the file it was cut from (default: `video_id`, a whole file); `dino_scale` given:
-        `dino` is already int8 (quantized on the device by the same rule)."""
+    def add_row(self, slot: int, *, caption: str, video_id: str, source: str, timestamps: np.ndarray,
+                duration: float, captions: Sequence[str] = (), file_id: str | None = None,
+                **arrays: np.ndarray) -> None:
+        """One video's row: `arrays` holds every feature of the table (`format.FRAME_TABLE`) by name,
+        [T, ...] each (dino=, latents=, ...). A quantizable feature in an int8 store is quantized here,
+        unless its scale is given too (`dino_scale=`: quantized on the device by the same rule).
+        `captions`: all its captions, the first being `caption` (default: that one); `file_id`: the file
+        it was cut from (default: `video_id`, a whole file)."""
         if captions and captions[0] != caption:
             raise ValueError(f"captions[0] must be the caption: {captions[0]!r} != {caption!r}")
+        names = {f.name for f in features()}
+        if unknown := sorted(set(arrays) - names - {n + SCALE_SUFFIX for n in names}):
+            raise TypeError(f"add_row: {', '.join(unknown)} is not a feature of the store's table")
+        if missing := sorted(n for n in names if n not in arrays):
+            raise TypeError(f"add_row: missing the feature(s) {', '.join(missing)}")
         j, d = self._clear(slot), self.data
-        if dino_scale is not None:
-            d["dino"][j], d["dino_scale"][j] = dino, dino_scale
-        elif "dino_scale" in d:
-            d["dino"][j], d["dino_scale"][j] = quantize_int8(dino)
-        else:
-            d["dino"][j] = dino
-        d["latents"][j], d["timestamps"][j], d["duration"][j] = latents, timestamps, duration
+        for name in names:
+            scale = name + SCALE_SUFFIX
+            if scale not in d:
+                if scale in arrays:
+                    raise TypeError(f"add_row: {scale} given but the store keeps {name} unquantized")
+                d[name][j] = arrays[name]
+            elif scale in arrays:
+                d[name][j], d[scale][j] = arrays[name], arrays[scale]
+            else:
+                d[name][j], d[scale][j] = quantize_int8(arrays[name])
+        d["timestamps"][j], d["duration"][j] = timestamps, duration
         d["caption"][j], d["video_id"][j], d["source"][j] = caption, video_id, source
         if "captions" in d:  # format 3; one caption (the common case) is "", costing nothing
             d["captions"][j] = json.dumps(list(captions), ensure_ascii=False) if len(captions) > 1 else ""
@@ -293,7 +306,8 @@ class ShardBuffer:
     def publish(self) -> None:
         """Encode each array's shard with zarr (in memory) and write it whole; `committed` last."""
         store = self.store
-        for name in [n for n in FRAME_ARRAYS if checksum_array(n) in self.data]:  # every row: kept ones were checked
+        # Every row's checksums: the kept ones were checked when loaded.
+        for name in [n for n in store.frame_arrays() if checksum_array(n) in self.data]:
             self.data[checksum_array(name)][...] = [frame_checksums(frames) for frames in self.data[name]]
         mem = zarr.storage.MemoryStore()
         names = sorted(self.data, key=lambda n: n == "committed")
