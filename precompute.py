@@ -30,7 +30,7 @@ from fvlm_data.precompute.encoders import TINY, FrozenEncoders
 from fvlm_data.precompute.pipeline import PrecomputeSummary, run_precompute
 from fvlm_data.precompute.ranks import RankGroup
 from fvlm_data.precompute.workers import Stopped, stop_on_sigterm
-from fvlm_data.sources import list_inputs
+from fvlm_data.sources import SOURCES, list_inputs
 from fvlm_data.store import FeatureStore, check_compatible
 
 
@@ -107,10 +107,10 @@ def _store_write_failed(out: str, error: OSError) -> str:
 def main(**args) -> None:
     """Videos -> frames over the whole video -> frozen DINOv2 + SD-VAE -> a Zarr feature store."""
     config = PrecomputeConfig(**args)
-    sources = [k for k in ("videos", "webdataset", "synthetic") if getattr(config, k) is not None]
-    if len(sources) > 1:
-        raise click.UsageError("give at most one of --videos, --webdataset, --synthetic")
-    if not sources:
+    given = [source.option for source in SOURCES if getattr(config, source.option) is not None]
+    if len(given) > 1:
+        raise click.UsageError(f"give at most one of {', '.join('--' + source.option for source in SOURCES)}")
+    if not given:
         config.synthetic = DEFAULT_SYNTHETIC_VIDEOS  # the embedded default source
     launch = torchrun_launch()
     if launch is not None:
@@ -139,8 +139,8 @@ def main(**args) -> None:
             # factor changed keeps its own): the store's attributes are the one source of the factor.
             recorded_scaling = existing.get("encoders", {}).get("vae_scaling_factor")
         _hub_models_reachable(config)
-        inputs = list_inputs(videos=config.videos, webdataset=config.webdataset, synthetic=config.synthetic,
-                             synthetic_task=config.synthetic_task, seed=config.seed)[: config.limit]
+        chosen = {source.option: getattr(config, source.option) for source in SOURCES}
+        inputs = list_inputs(**chosen, synthetic_task=config.synthetic_task, seed=config.seed)[: config.limit]
         if not inputs:
             raise click.ClickException("no inputs found")
         rank = f"rank {launch.rank} of {launch.world_size}: " if launch else ""
