@@ -75,7 +75,7 @@ class VideoFile:
     ``src`` is a file path or the bytes of a video (e.g. a tar member); ``name`` is used in messages.
     """
 
-    # Exact decoding planned GOP by GOP (video_gops.py) where it can vouch for the same frames; False:
+    # Exact decoding planned GOP by GOP (gops.py) where it can vouch for the same frames; False:
     # always the full path below (the reference that planned decoding is tested against).
     plan_gops = True
 
@@ -131,7 +131,7 @@ class VideoFile:
         tolerance = max(1.0, 3 * self._frame_interval)  # how far past the last frame a target may lie
         if self.plan_gops:
             if decode_by_gop(self._container, self.stream, self._start, tolerance, targets, take):
-                return out, times  # the same frames, decoding only what the targets need (video_gops.py)
+                return out, times  # the same frames, decoding only what the targets need (gops.py)
             self._rewind()  # anything that shortcut cannot vouch for: decode as always
         j = 0  # next target to fill
         prev, prev_t = None, -np.inf  # last decoded frame before targets[j]
