@@ -124,8 +124,8 @@ def test_compiled_attention_reaches_sdpa_causal_without_a_mask(store_path):
     batch = CaptionCollator(tokenizer)(ds.read_batch([0, 1]))
     torch._dynamo.reset()
     try:
-        out = torch.compile(model, backend=backend, dynamic=False)(batch["dino"], batch["latents"],
-                                                                   batch["input_ids"], batch["labels"])
+        tensors = {k: v for k, v in batch.items() if torch.is_tensor(v)}  # what the training step gives it
+        out = torch.compile(model, backend=backend, dynamic=False)(tensors)
     finally:
         torch._dynamo.reset()
     assert calls and all(c["is_causal"] is True and c["attn_mask"] is None and c["enable_gqa"] for c in calls)
@@ -160,8 +160,7 @@ def test_evaluation_scores_every_caption_per_video(listed_store):
     sums, tokens = np.zeros(2), 0.0
     for j in range(3):  # the definition: per video, sums over its captions; ratios of sums over videos
         items = [{**it, "caption": it["captions"][j]} for it in ds.__getitems__(list(range(24)))]
-        out = model.eval()(*(collate(items)[k] for k in ("dino", "latents", "input_ids", "labels")),
-                           score_all_passes=True)
+        out = model.eval()(collate(items), score_all_passes=True)
         sums += out["cap_sum"].double().sum(1)[[0, -1]].detach().numpy()
         tokens += float(out["cap_tokens"].sum())
     assert m["cap_coarse"] == pytest.approx(sums[0] / tokens, rel=1e-5)
@@ -182,7 +181,7 @@ def test_evaluation_with_one_caption_per_video_gives_todays_numbers(store_path):
     cap, tok = [], []
     for start in range(0, 24, 8):
         b = collate(ds.__getitems__(list(range(start, start + 8))))
-        out = model.eval()(b["dino"], b["latents"], b["input_ids"], b["labels"], score_all_passes=True)
+        out = model.eval()(b, score_all_passes=True)
         cap.append(out["cap_sum"].double().detach())
         tok.append(out["cap_tokens"].double())
     cap_sum, tokens = torch.cat(cap, 1).numpy(), torch.cat(tok).numpy()
