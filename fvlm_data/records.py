@@ -67,4 +67,4 @@ class Source:
     option: str  # the precompute option that selects it (--videos, --webdataset, --synthetic)
     kind: str  # VideoInput.kind of its inputs
     list_inputs: Callable[[Any, dict[str, Any]], list[VideoInput]]
-    decode: Callable[[list[VideoInput], Decoding], list[Any]]
+    decode: Callable[[list[VideoInput], Decoding], list[Any]]  # DecodedVideo or InputError each

@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fvlm_data.records import Decoding, Source, VideoInput
+from fvlm_data.errors import InputError
+from fvlm_data.records import DecodedVideo, Decoding, Source, VideoInput
 from fvlm_data.sources.captions import all_captions, clean, json_captions
 from fvlm_data.sources.manifest import list_manifest
 from fvlm_data.video.segments import decode_file
@@ -54,7 +55,7 @@ def _sidecar_captions(path: Path) -> tuple[str | None, tuple[str, ...]]:
     return None, ()
 
 
-def decode(items: list[VideoInput], decoding: Decoding) -> list:
+def decode(items: list[VideoInput], decoding: Decoding) -> list[DecodedVideo | InputError]:
     return decode_file(items, decoding)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from fvlm_data.errors import InputError
 from fvlm_data.records import DecodedVideo, Decoding, Source, VideoInput
 from fvlm_data.video.decode import sample_timestamps
 
@@ -262,7 +263,7 @@ def list_inputs(count: int, options: dict[str, Any]) -> list[VideoInput]:
             for i in range(count)]
 
 
-def decode(items: list[VideoInput], decoding: Decoding) -> list:
+def decode(items: list[VideoInput], decoding: Decoding) -> list[DecodedVideo | InputError]:
     """Rendered at the uniform sample times of a clip of `DURATION_S`, whatever the seek mode."""
     out = []
     for item in items:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fvlm_data.errors import InputError
-from fvlm_data.records import Decoding, Source, VideoInput
+from fvlm_data.records import DecodedVideo, Decoding, Source, VideoInput
 from fvlm_data.sources.captions import all_captions, clean, json_captions
 from fvlm_data.video.segments import decode_file
 
@@ -120,7 +120,7 @@ def _read(item: VideoInput) -> bytes:
     return _read_member(item.path, item.locator[0])
 
 
-def decode(items: list[VideoInput], decoding: Decoding) -> list:
+def decode(items: list[VideoInput], decoding: Decoding) -> list[DecodedVideo | InputError]:
     return decode_file(items, decoding, read=_read)
 
 
