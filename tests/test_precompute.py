@@ -15,19 +15,8 @@ import pytest
 import zarr
 
 from fvlm_data import FeatureStore, StoreError
-from tests.in_process import invoke
-
-ROOT = Path(__file__).resolve().parents[1]
-OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a hub lookup fails at once instead of retrying
-SMALL = ["--preset", "tiny", "--image-size", "56", "--num-frames", "6", "--shard-videos", "3", "--quiet"]
-
-
-def precompute(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / "precompute.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300, env=OFFLINE_ENV)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"precompute failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+from tests.helpers.in_process import invoke
+from tests.helpers.precompute import ROOT, SMALL, precompute
 
 
 def store_contents(path: Path) -> dict[str, tuple]:

@@ -27,8 +27,8 @@ from fvlm_train.config import (
     store_provenance,
 )
 from fvlm_train.data import open_store
-from tests.in_process import invoke
-from tests.store_helpers import write_failure
+from tests.helpers.in_process import invoke
+from tests.helpers.store_helpers import write_failure
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -63,7 +63,7 @@ def train(cwd: Path, store: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def train_here(cwd: Path, store: Path, *extra: str) -> subprocess.CompletedProcess:
-    """`train(...)` in this process (tests/in_process.py), for a command that stops before it trains: refused,
+    """`train(...)` in this process (tests/helpers/in_process.py), for a command that stops before it trains: refused,
     or with nothing left to do."""
     return invoke("train", train_args(store, *extra), cwd=cwd)
 

@@ -22,7 +22,7 @@ from fvlm_data.sources import list_inputs, load_frames
 from fvlm_data.sources.synthetic import COLOURS, synthetic_vocabulary
 from fvlm_data.sources.webdataset import expand_braces
 from fvlm_data.video.decode import resize_center_crop, sample_timestamps
-from tests.conftest import COUNTER_FPS, counter_index, draw_counter
+from tests.helpers.videos import COUNTER_FPS, counter_index, draw_counter
 
 ROOT = Path(__file__).resolve().parents[1]
 

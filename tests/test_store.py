@@ -10,7 +10,7 @@ import zarr
 from fvlm_data import FeatureStore, StoreError
 from fvlm_data.store import FORMAT_VERSION, FeatureShapes, quantize_int8
 from fvlm_data.store.writer import StoreWriter
-from tests.store_helpers import duration, shard_problem, slot_state, write_failure, write_row
+from tests.helpers.store_helpers import duration, shard_problem, slot_state, write_failure, write_row
 
 SHAPES = FeatureShapes(num_frames=6, dino_tokens=5, dino_dim=8, latent_shape=(4, 2, 2))
 

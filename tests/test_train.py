@@ -23,8 +23,9 @@ from fvlm_data.store.writer import StoreWriter
 from fvlm_model.evaluation import pass_metrics
 from fvlm_model.model import ModelConfig
 from fvlm_train.step import lr_at
-from tests.in_process import invoke
-from tests.store_helpers import write_row
+from tests.helpers.in_process import invoke
+from tests.helpers.store_helpers import write_row
+from tests.helpers.tensorboard import scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -49,12 +50,6 @@ def run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
 
 def in_process(cmd: list[str]) -> subprocess.CompletedProcess:
     return invoke("train", cmd[2:])  # train_cmd's arguments, without the interpreter and script
-
-
-def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
-    acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from fvlm_train.config import RunConfig, check_split, check_store, click_options
 from fvlm_train.data import TrainBatches
 from fvlm_train.distributed import init_distributed
 from fvlm_train.step import decays, make_optimizer
-from tests.test_dataset import build_store
+from tests.helpers.numbered_store import build_store
 
 
 def test_weight_decay_rule():
