@@ -194,12 +194,12 @@ def test_decode_workers_end_with_the_run(tmp_path, how):
     else:
         os.kill(proc.pid, STOPS[how])
     try:
-        code = proc.wait(timeout=10)
+        code = proc.wait(timeout=60)
     finally:
-        left = wait_all_gone(descendants, 10)
+        left = wait_all_gone(descendants, 60)
         for p in left:  # do not leave them to the next test
             p.kill()
-    assert not left, f"left running 10 s after {how}: {[p.cmdline() for p in left]}"
+    assert not left, f"left running 60 s after {how}: {[p.cmdline() for p in left]}"
     if how != "kill-9":  # a clean stop: one line, no traceback (none from the workers either)
         text = err.read_text()
         assert code == 128 + STOPS[how], text
