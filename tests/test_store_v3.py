@@ -59,7 +59,7 @@ def format_2_store(path: Path) -> FeatureStore:
         (path / key).parent.mkdir(parents=True, exist_ok=True)
         (path / key).write_bytes(data)
     objects = LocalObjects(path)
-    return FeatureStore(path, objects, open_group(path, objects, mode="r+"), writable=True)
+    return StoreWriter(path, objects, open_group(path, objects, mode="r+"))
 
 
 def test_caption_table_and_file_ids(store_path):
