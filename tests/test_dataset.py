@@ -83,6 +83,7 @@ def test_split_is_deterministic_disjoint_and_complete(store_path):
     assert val.slots.tolist() == again.slots.tolist()
 
 
+@pytest.mark.slow  # spawned DataLoader workers: new interpreters
 def test_split_datasets_take_both_splits_in_one_pass(store_path):
     """From one open store: the same videos as FeatureDataset(split=...), the held-out ids in slot
     order, evenly spaced frames for validation, and datasets that read in spawn workers (pickled)."""
@@ -111,7 +112,7 @@ def test_refuses_more_frames_than_stored(store_path):
         FeatureDataset(store_path, num_frames=25)
 
 
-@pytest.mark.parametrize("context", ["fork", "spawn"])
+@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])  # spawn: new interpreters
 def test_multiworker_dataloader_reads_every_sample_once(store_path, context):
     _, tokenizer = load_lm("tiny")
     ds = FeatureDataset(store_path, num_frames=6, split="all")

@@ -45,6 +45,7 @@ def test_tiny_latents_have_unit_scale_on_synthetic_clips(tiny, task, image_size)
     assert float((per_video[:, 1:] - per_video[:, :-1]).std()) > 0.02
 
 
+@pytest.mark.slow  # precompute.py in a new process
 def test_rows_added_to_a_store_use_the_factor_the_store_recorded(tmp_path):
     old_factor = 0.18215  # what tiny-preset stores recorded before the calibrated factor
     grown, fresh = tmp_path / "grown.zarr", tmp_path / "fresh.zarr"

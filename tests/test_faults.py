@@ -19,6 +19,8 @@ from tests.helpers.fault_proxy import FaultProxy
 from tests.helpers.s3 import SMALL, remote_objects
 from tests.helpers.tensorboard import scalars
 
+pytestmark = pytest.mark.slow  # the S3 server, the fault proxy, precompute.py / train.py in new processes
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TRANSIENT_LINE = "retrying with backoff"

@@ -48,6 +48,7 @@ def check_report(report: dict, url: str) -> None:
     assert len(FeatureStore.open(url)) == report["slots"]["committed"]  # the count the reader gives
 
 
+@pytest.mark.slow  # python -m fvlm_data.inspect in a new process
 def test_inspect_counts_a_local_store_with_failures_and_missing_shards(tmp_path):
     path = tmp_path / "s.zarr"
     small_store(path, IDS, failures=FAILURES, unpublished=UNPUBLISHED)
@@ -74,6 +75,7 @@ def test_inspect_verify_reports_a_damaged_shard_as_to_compute(tmp_path):
     assert report["slots"]["pending"] == 12  # its slots are to do again
 
 
+@pytest.mark.slow  # the S3 server
 def test_inspect_counts_a_store_on_s3(s3, capsys):
     url = "s3://fvlm/inspect/s.zarr"
     small_store(url, IDS, failures=FAILURES, unpublished=UNPUBLISHED)

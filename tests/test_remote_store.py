@@ -20,6 +20,8 @@ from fvlm_data.store import FeatureShapes
 from fvlm_data.store.writer import StoreWriter
 from tests.helpers.s3 import SMALL, local_objects, remote_objects
 
+pytestmark = pytest.mark.slow  # the S3 server and precompute.py / train.py in new processes
+
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 

@@ -86,6 +86,7 @@ def stores(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow  # train.py / precompute.py in new processes
 def test_two_stores_of_one_file_name_never_share_a_run_folder(stores):
     first = train(stores, Path("exact/clips.zarr"))
     assert first.returncode == 0, first.stderr[-2000:]
@@ -114,6 +115,7 @@ def run_of(stores: Path, store: str) -> Path:
     raise AssertionError(f"no run of {store}")
 
 
+@pytest.mark.slow  # train.py / precompute.py in new processes
 def test_resuming_or_evaluating_on_another_store_is_refused(stores, tmp_path):
     if not (stores / "runs").exists():
         test_two_stores_of_one_file_name_never_share_a_run_folder(stores)
@@ -136,6 +138,7 @@ def test_resuming_or_evaluating_on_another_store_is_refused(stores, tmp_path):
     assert saved["store_path"] == str(other.resolve())  # the run now records the store it continued on
 
 
+@pytest.mark.slow  # train.py / precompute.py in new processes
 def test_eval_json_into_a_missing_folder_and_an_unknown_device(stores, tmp_path):
     if not (stores / "runs").exists():
         test_two_stores_of_one_file_name_never_share_a_run_folder(stores)
@@ -218,6 +221,7 @@ def precompute(tmp_path: Path, *args: str, env: dict | None = None) -> subproces
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env or ENV, timeout=300)
 
 
+@pytest.mark.slow  # train.py / precompute.py in new processes
 def test_precompute_bad_options_are_one_line(tmp_path):
     one_line_error(precompute(tmp_path, "--preset", "tiny", "--device", "tpu"), "--device tpu: not a device type")
     args = ["--out", str(tmp_path / "p.zarr"), "--synthetic", "2", "--workers", "0", "--quiet", "--preset", "tiny"]
@@ -226,6 +230,7 @@ def test_precompute_bad_options_are_one_line(tmp_path):
     assert not (tmp_path / "p.zarr").exists()  # refused before anything was written
 
 
+@pytest.mark.slow  # train.py / precompute.py in new processes
 @pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "no network"])
 def test_precompute_default_preset_offline_says_what_to_do_fast(tmp_path, offline):
     env = {**ENV, "HF_HOME": str(tmp_path / "hf")}  # an empty cache, whatever this machine has cached

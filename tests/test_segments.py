@@ -166,6 +166,7 @@ def segment_store(manifest, tmp_path_factory) -> tuple[Path, subprocess.Complete
     return out, proc
 
 
+@pytest.mark.slow  # precompute.py in new processes
 def test_a_rerun_after_a_stop_gives_the_arrays_of_an_uninterrupted_run(segment_store, tmp_path):
     """A run stopped before its second shard was published (its `committed` object, written last, absent;
     one video per encoder batch as in the reference, so the bytes can agree), then run again."""
@@ -181,6 +182,7 @@ def test_a_rerun_after_a_stop_gives_the_arrays_of_an_uninterrupted_run(segment_s
     assert objects == {str(f.relative_to(out)): f.read_bytes() for f in out.glob("*/c/**/*") if f.is_file()}
 
 
+@pytest.mark.slow  # precompute.py in new processes
 def test_kill_9_then_rerun_equals_an_uninterrupted_run(clips, tmp_path):
     """A real SIGKILL mid-run on segment rows with caption lists (27 rows, 9 shards), then the same command."""
     rows = [{**row, "video_id": f"r{k}-{i}"} for k in range(3) for i, row in enumerate(ROWS)]
@@ -211,6 +213,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(clips, tmp_path):
     assert FeatureStore.open(out).read(1)["captions"] == ["five to twenty", "a second caption"]
 
 
+@pytest.mark.slow  # precompute.py in new processes
 def test_precompute_of_segments_writes_the_good_ones_and_records_the_bad(segment_store):
     out, proc = segment_store
     assert "written 6 videos, skipped 0 already in the store, 3 failed" in proc.stdout
@@ -231,6 +234,7 @@ def test_precompute_of_segments_writes_the_good_ones_and_records_the_bad(segment
         "too short": 1, "segment outside the file": 1, "bad segment": 1}
 
 
+@pytest.mark.slow  # precompute.py in new processes
 def test_the_split_never_separates_two_segments_of_one_file(segment_store):
     path = segment_store[0]
     store = FeatureStore.open(path)

@@ -337,6 +337,7 @@ def test_a_wrong_type_in_a_jsonl_manifest_is_one_line_naming_the_row(video_folde
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow  # precompute.py in a new process
 def test_precompute_names_the_bad_manifest_row_in_one_line(video_folder, tmp_path):
     jsonl = tmp_path / "rows.jsonl"
     jsonl.write_text('{"path": 123, "caption": "x"}\n')

@@ -12,6 +12,8 @@ from fvlm_data.store.creation import CLAIM_KEY, inputs_fingerprint
 from fvlm_data.store.objects import RemoteObjects
 from fvlm_data.store.writer import StoreWriter
 
+pytestmark = pytest.mark.slow  # the S3 server
+
 SHAPES = FeatureShapes(num_frames=4, dino_tokens=5, dino_dim=8, latent_shape=(4, 2, 2))
 ATTRS = dict(dino="tiny", vae="tiny", num_frames=4, image_size=28, feature_dtype="float16")
 
