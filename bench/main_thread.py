@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fvlm_data import pipeline
+from fvlm_data.precompute import pipeline
 from fvlm_data.precompute.config import PrecomputeConfig
 from fvlm_data.precompute.encoders import EncodedFrames
 from fvlm_data.records import DecodedVideo, VideoInput
