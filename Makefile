@@ -2,7 +2,7 @@
 PY ?= python
 DEMO ?= demo
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test test-fast lint
 
 setup:
 	$(PY) -m pip install -q -e '.[test]'
@@ -18,5 +18,10 @@ lint:
 	$(PY) -m ruff check .
 
 # One process per core; a file's tests stay together (they share module fixtures: stores, servers, models).
+# Every test: the fast tier and the slow one (new processes, the S3 server, real precompute and training runs).
 test: setup lint
 	$(PY) -m pytest -q -n auto --dist loadfile
+
+# The fast tier, after every change: no new process, no server, no real training run (about a minute on 2 cores).
+test-fast: setup
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow"

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import pin_to_one_core, work_folder
-from bench.make_clips import write_clip
 from fvlm_data.records import Decoding, VideoInput
 from fvlm_data.sources import load_file_frames, load_frames
+from tests.helpers.clips import write_clip
 
 
 def segments_of(path: Path, seconds: float, count: int, seed: int = 0) -> list[VideoInput]:

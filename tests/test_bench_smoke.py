@@ -12,6 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the bench scripts in new processes
+
 REPO = Path(__file__).resolve().parents[1]
 
 LITDATA = importlib.util.find_spec("litdata") is not None  # optional: `pip install litdata` adds its row

@@ -10,25 +10,8 @@ from torch.utils.data import DataLoader
 
 from fvlm_data import CaptionCollator, FeatureDataset, FeatureStore
 from fvlm_data.dataset import frame_indices, split_datasets, to_device
-from fvlm_data.store import FeatureShapes
-from fvlm_data.store.writer import StoreWriter
 from fvlm_model import load_lm
-from tests.store_helpers import write_rows
-
-SHAPES = FeatureShapes(24, {"dino": (5, 8), "latents": (4, 2, 2)})
-
-
-def build_store(path, n=40, feature_dtype="float16"):
-    """Row i's features encode (i, frame) so a test can tell exactly what was read."""
-    attrs = dict(dino="tiny", vae="tiny", num_frames=24, image_size=28, feature_dtype=feature_dtype)
-    store = StoreWriter.create_or_open(path, attrs, SHAPES, capacity=n + 2, shard_videos=8)
-    frame = np.arange(24, dtype=np.float32)[:, None, None]
-    write_rows(store, ((i, dict(dino=np.broadcast_to(frame + 100 * (i % 5), (24, 5, 8)).copy(),
-                                latents=np.broadcast_to(frame[..., None] * 0 + i, (24, 4, 2, 2)).copy(),
-                                caption=f"video number {i}" + " again" * (i % 3), video_id=f"vid-{i:03d}",
-                                source=f"/v/{i}.mp4", timestamps=np.arange(24) + 0.5, duration=24.0))
-                       for i in range(n)))
-    return path
+from tests.helpers.numbered_store import build_store
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +83,7 @@ def test_split_is_deterministic_disjoint_and_complete(store_path):
     assert val.slots.tolist() == again.slots.tolist()
 
 
+@pytest.mark.slow  # spawned DataLoader workers: new interpreters
 def test_split_datasets_take_both_splits_in_one_pass(store_path):
     """From one open store: the same videos as FeatureDataset(split=...), the held-out ids in slot
     order, evenly spaced frames for validation, and datasets that read in spawn workers (pickled)."""
@@ -128,7 +112,7 @@ def test_refuses_more_frames_than_stored(store_path):
         FeatureDataset(store_path, num_frames=25)
 
 
-@pytest.mark.parametrize("context", ["fork", "spawn"])
+@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])  # spawn: new interpreters
 def test_multiworker_dataloader_reads_every_sample_once(store_path, context):
     _, tokenizer = load_lm("tiny")
     ds = FeatureDataset(store_path, num_frames=6, split="all")

@@ -11,8 +11,8 @@ import zarr
 from fvlm_data import FeatureStore
 from fvlm_data.precompute.encoders import TINY, TINY_VAE_SCALING_FACTOR, FrozenEncoders
 from fvlm_data.sources.synthetic import TASKS, render_synthetic
-from tests.in_process import invoke
-from tests.test_precompute import SMALL, precompute
+from tests.helpers.in_process import invoke
+from tests.helpers.precompute import SMALL, precompute
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +45,15 @@ def test_tiny_latents_have_unit_scale_on_synthetic_clips(tiny, task, image_size)
     assert float((per_video[:, 1:] - per_video[:, :-1]).std()) > 0.02
 
 
+@pytest.mark.slow  # precompute.py in a new process
 def test_rows_added_to_a_store_use_the_factor_the_store_recorded(tmp_path):
     old_factor = 0.18215  # what tiny-preset stores recorded before the calibrated factor
     grown, fresh = tmp_path / "grown.zarr", tmp_path / "fresh.zarr"
     precompute("--out", str(grown), "--synthetic", "6", "--limit", "3", "--workers", "0", *SMALL)
     group = zarr.open_group(str(grown), mode="r+")
     group.attrs["encoders"] = {**group.attrs["encoders"], "vae_scaling_factor": old_factor}
-    # The same command line in this process (tests/in_process.py): the rerun's factor comes from the store alone.
+    # The same command line in this process (tests/helpers/in_process.py): the rerun's factor comes from the
+    # store alone.
     for out in (grown, fresh):  # grown: rows 3..5 are new
         proc = invoke("precompute", ["--out", str(out), "--synthetic", "6", "--workers", "0", *SMALL])
         assert proc.returncode == 0, proc.stderr

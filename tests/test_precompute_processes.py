@@ -99,6 +99,7 @@ def test_summaries_of_ranks_merge_into_one():
     assert total.store_bytes == 700  # the last rank to finish measured the whole store
 
 
+@pytest.mark.slow  # precompute.py in new processes (torchrun, signals, a full disk)
 def test_torchrun_two_ranks_fill_one_store_like_one_process(videos, reference, out_url):
     # With one video per store shard, 'empty' (slot 2) is rank 0's and 'noise' (slot 3) rank 1's,
     # so the one summary must hold failures from both ranks.
@@ -126,6 +127,7 @@ def test_torchrun_two_ranks_fill_one_store_like_one_process(videos, reference, o
     assert summary_lines(printed[0], out_url)[0] == "written 0 videos, skipped 5 already in the store, 0 failed"
 
 
+@pytest.mark.slow  # precompute.py in new processes (torchrun, signals, a full disk)
 def test_torchrun_refuses_contradicting_shard_flags(tmp_path):
     # The variables torchrun sets; the flags are checked before any process group or model.
     env = {**ENV, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
@@ -185,6 +187,7 @@ def wait_all_gone(procs: list[psutil.Process], seconds: float) -> list[psutil.Pr
 STOPS = {"SIGTERM": signal.SIGTERM, "kill-9": signal.SIGKILL, "Ctrl-C": signal.SIGINT}
 
 
+@pytest.mark.slow  # precompute.py in new processes (torchrun, signals, a full disk)
 @pytest.mark.parametrize("how", list(STOPS))
 def test_decode_workers_end_with_the_run(tmp_path, how):
     err = tmp_path / "stderr.txt"
@@ -194,12 +197,12 @@ def test_decode_workers_end_with_the_run(tmp_path, how):
     else:
         os.kill(proc.pid, STOPS[how])
     try:
-        code = proc.wait(timeout=10)
+        code = proc.wait(timeout=60)
     finally:
-        left = wait_all_gone(descendants, 10)
+        left = wait_all_gone(descendants, 60)
         for p in left:  # do not leave them to the next test
             p.kill()
-    assert not left, f"left running 10 s after {how}: {[p.cmdline() for p in left]}"
+    assert not left, f"left running 60 s after {how}: {[p.cmdline() for p in left]}"
     if how != "kill-9":  # a clean stop: one line, no traceback (none from the workers either)
         text = err.read_text()
         assert code == 128 + STOPS[how], text
@@ -246,6 +249,7 @@ def small_disk(tmp_path):
         disk.close()
 
 
+@pytest.mark.slow  # precompute.py in new processes (torchrun, signals, a full disk)
 def test_full_disk_ends_with_one_line_and_a_rerun_with_space_completes(videos, small_disk, tmp_path):
     # One video per store shard, so that some shards are published before the disk is full.
     args = ["--videos", str(videos), "--workers", "0", "--batch-videos", "1", "--shard-videos", "1", *SMALL]

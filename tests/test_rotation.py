@@ -81,6 +81,7 @@ def test_rotated_clips_decode_upright(tmp_path, shape, rotation):
     assert off(wrong, reference) > 0.9
 
 
+@pytest.mark.slow  # the ffmpeg command line
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg command line")
 @pytest.mark.parametrize("rotation", [90, 270])
 def test_upright_as_ffmpeg_plays_it(tmp_path, rotation):

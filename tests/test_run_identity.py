@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,8 @@ from fvlm_train.config import (
     store_provenance,
 )
 from fvlm_train.data import open_store
-from tests.in_process import invoke
-from tests.store_helpers import write_failure
+from tests.helpers.in_process import invoke
+from tests.helpers.store_helpers import write_failure
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -63,7 +62,7 @@ def train(cwd: Path, store: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def train_here(cwd: Path, store: Path, *extra: str) -> subprocess.CompletedProcess:
-    """`train(...)` in this process (tests/in_process.py), for a command that stops before it trains: refused,
+    """`train(...)` in this process (tests/helpers/in_process.py), for a command that stops before it trains: refused,
     or with nothing left to do."""
     return invoke("train", train_args(store, *extra), cwd=cwd)
 
@@ -87,6 +86,7 @@ def stores(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow  # train.py / precompute.py in new processes
 def test_two_stores_of_one_file_name_never_share_a_run_folder(stores):
     first = train(stores, Path("exact/clips.zarr"))
     assert first.returncode == 0, first.stderr[-2000:]
@@ -115,6 +115,7 @@ def run_of(stores: Path, store: str) -> Path:
     raise AssertionError(f"no run of {store}")
 
 
+@pytest.mark.slow  # train.py / precompute.py in new processes
 def test_resuming_or_evaluating_on_another_store_is_refused(stores, tmp_path):
     if not (stores / "runs").exists():
         test_two_stores_of_one_file_name_never_share_a_run_folder(stores)
@@ -137,6 +138,7 @@ def test_resuming_or_evaluating_on_another_store_is_refused(stores, tmp_path):
     assert saved["store_path"] == str(other.resolve())  # the run now records the store it continued on
 
 
+@pytest.mark.slow  # train.py / precompute.py in new processes
 def test_eval_json_into_a_missing_folder_and_an_unknown_device(stores, tmp_path):
     if not (stores / "runs").exists():
         test_two_stores_of_one_file_name_never_share_a_run_folder(stores)
@@ -219,6 +221,7 @@ def precompute(tmp_path: Path, *args: str, env: dict | None = None) -> subproces
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env or ENV, timeout=300)
 
 
+@pytest.mark.slow  # train.py / precompute.py in new processes
 def test_precompute_bad_options_are_one_line(tmp_path):
     one_line_error(precompute(tmp_path, "--preset", "tiny", "--device", "tpu"), "--device tpu: not a device type")
     args = ["--out", str(tmp_path / "p.zarr"), "--synthetic", "2", "--workers", "0", "--quiet", "--preset", "tiny"]
@@ -227,17 +230,37 @@ def test_precompute_bad_options_are_one_line(tmp_path):
     assert not (tmp_path / "p.zarr").exists()  # refused before anything was written
 
 
+@pytest.mark.slow  # train.py / precompute.py in new processes
 @pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "no network"])
 def test_precompute_default_preset_offline_says_what_to_do_fast(tmp_path, offline):
     env = {**ENV, "HF_HOME": str(tmp_path / "hf")}  # an empty cache, whatever this machine has cached
     if offline == "no network":
         env.pop("HF_HUB_OFFLINE")
         env["HF_ENDPOINT"] = "https://127.0.0.1:1"  # nothing listens: like a machine without network
-    start = time.time()
     line = one_line_error(precompute(tmp_path, env=env), "cannot load encoder 'facebook/dinov2-small'")
     assert "--preset tiny" in line and "--dino PATH" in line
     assert (offline == "HF_HUB_OFFLINE") == ("HF_HUB_OFFLINE is set" in line)
-    assert time.time() - start < 30  # the hub client alone retried for ~35 s
+
+
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "no network"])
+def test_precompute_default_preset_offline_probes_the_hub_at_most_once_and_loads_nothing(tmp_path, monkeypatch,
+                                                                                       offline):
+    """Why the line above comes at once (the hub client alone retries for ~35 s): with HF_HUB_OFFLINE set the hub
+    is not probed, without it one probe (one TCP connection) that fails decides; no encoder is ever loaded."""
+    from huggingface_hub import constants
+
+    import precompute as cli
+
+    probes = []
+    monkeypatch.setattr(cli, "hub_reachable", lambda *a, **k: probes.append(1) or False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline == "HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setattr(cli, "FrozenEncoders", lambda *a, **k: pytest.fail("an encoder was loaded"))
+    args = ["--out", str(tmp_path / "p.zarr"), "--synthetic", "2", "--workers", "0", "--quiet"]
+    line = one_line_error(invoke("precompute", args), "cannot load encoder 'facebook/dinov2-small'")
+    assert (offline == "HF_HUB_OFFLINE") == ("HF_HUB_OFFLINE is set" in line)
+    assert len(probes) == (0 if offline == "HF_HUB_OFFLINE" else 1)
+    assert not (tmp_path / "p.zarr").exists()
 
 
 def test_an_error_raised_in_a_dataloader_worker_is_printed_as_its_own_line():

@@ -20,8 +20,8 @@ from fvlm_data.inspect import inspect_store
 from fvlm_data.precompute.workers import InlineExecutor, decoded_in_order, file_groups
 from fvlm_data.records import Decoding, VideoInput
 from fvlm_data.sources import list_inputs, load_file_frames, load_frames
-from tests.conftest import write_video
-from tests.small_stores import small_store
+from tests.helpers.small_stores import small_store
+from tests.helpers.videos import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -166,6 +166,7 @@ def segment_store(manifest, tmp_path_factory) -> tuple[Path, subprocess.Complete
     return out, proc
 
 
+@pytest.mark.slow  # precompute.py in new processes
 def test_a_rerun_after_a_stop_gives_the_arrays_of_an_uninterrupted_run(segment_store, tmp_path):
     """A run stopped before its second shard was published (its `committed` object, written last, absent;
     one video per encoder batch as in the reference, so the bytes can agree), then run again."""
@@ -181,6 +182,7 @@ def test_a_rerun_after_a_stop_gives_the_arrays_of_an_uninterrupted_run(segment_s
     assert objects == {str(f.relative_to(out)): f.read_bytes() for f in out.glob("*/c/**/*") if f.is_file()}
 
 
+@pytest.mark.slow  # precompute.py in new processes
 def test_kill_9_then_rerun_equals_an_uninterrupted_run(clips, tmp_path):
     """A real SIGKILL mid-run on segment rows with caption lists (27 rows, 9 shards), then the same command."""
     rows = [{**row, "video_id": f"r{k}-{i}"} for k in range(3) for i, row in enumerate(ROWS)]
@@ -211,6 +213,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(clips, tmp_path):
     assert FeatureStore.open(out).read(1)["captions"] == ["five to twenty", "a second caption"]
 
 
+@pytest.mark.slow  # precompute.py in new processes
 def test_precompute_of_segments_writes_the_good_ones_and_records_the_bad(segment_store):
     out, proc = segment_store
     assert "written 6 videos, skipped 0 already in the store, 3 failed" in proc.stdout
@@ -231,6 +234,7 @@ def test_precompute_of_segments_writes_the_good_ones_and_records_the_bad(segment
         "too short": 1, "segment outside the file": 1, "bad segment": 1}
 
 
+@pytest.mark.slow  # precompute.py in new processes
 def test_the_split_never_separates_two_segments_of_one_file(segment_store):
     path = segment_store[0]
     store = FeatureStore.open(path)
@@ -264,10 +268,14 @@ def test_the_split_of_whole_videos_is_the_split_by_video_id(tmp_path):
     assert val_ids == [v for v, m in zip(ids, mask, strict=True) if m] and 0 < len(val) < 39
 
 
-def test_the_segment_benchmark_measures_both_ways_on_the_same_frames(clips):
-    from bench.segments import measure, segments_of
-
-    items = segments_of(clips / "long.mp4", SECONDS, 4)
-    assert all(0 <= it.start < it.end <= SECONDS for it in items) and items == sorted(items, key=lambda it: it.start)
-    result = measure(clips / "long.mp4", items, decoding(min_duration=0.0), repeats=1)
-    assert result["per_segment_s"] > 0 and result["one_pass_s"] > 0
+@pytest.mark.slow  # a new interpreter (the benchmark pins itself to one core)
+def test_the_segment_benchmark_measures_both_ways_on_the_same_frames(tmp_path):
+    """`python -m bench.segments` at its smallest: segments spread over a generated file, decoded both ways (one
+    open per segment, one pass for all), with the same frames and timestamps (the script checks every repeat)."""
+    proc = subprocess.run([sys.executable, "-m", "bench.segments", "--minutes", "0.2", "--size", "64x36",
+                           "--segments", "3", "--num-frames", "4", "--image-size", "32", "--repeats", "1",
+                           "--workdir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**OFFLINE, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for text in ("### 3 segments", "| exact |", "| keyframe |", "same frames and timestamps both ways: yes"):
+        assert text in proc.stdout, proc.stdout

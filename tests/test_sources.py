@@ -22,7 +22,7 @@ from fvlm_data.sources import list_inputs, load_frames
 from fvlm_data.sources.synthetic import COLOURS, synthetic_vocabulary
 from fvlm_data.sources.webdataset import expand_braces
 from fvlm_data.video.decode import resize_center_crop, sample_timestamps
-from tests.conftest import COUNTER_FPS, counter_index, draw_counter
+from tests.helpers.videos import COUNTER_FPS, counter_index, draw_counter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -337,6 +337,7 @@ def test_a_wrong_type_in_a_jsonl_manifest_is_one_line_naming_the_row(video_folde
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow  # precompute.py in a new process
 def test_precompute_names_the_bad_manifest_row_in_one_line(video_folder, tmp_path):
     jsonl = tmp_path / "rows.jsonl"
     jsonl.write_text('{"path": 123, "caption": "x"}\n')

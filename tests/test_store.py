@@ -10,7 +10,7 @@ import zarr
 from fvlm_data import FeatureStore, StoreError
 from fvlm_data.store import FORMAT_VERSION, FeatureShapes, quantize_int8
 from fvlm_data.store.writer import StoreWriter
-from tests.store_helpers import duration, shard_problem, slot_state, write_failure, write_row
+from tests.helpers.store_helpers import duration, shard_problem, slot_state, write_failure, write_row
 
 SHAPES = FeatureShapes(6, {"dino": (5, 8), "latents": (4, 2, 2)})
 

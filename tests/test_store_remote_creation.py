@@ -11,7 +11,8 @@ from fvlm_data.store import FeatureShapes, creation, writer
 from fvlm_data.store.creation import CLAIM_KEY, inputs_fingerprint
 from fvlm_data.store.objects import RemoteObjects
 from fvlm_data.store.writer import StoreWriter
-from tests.test_remote_store import s3  # noqa: F401 (the fixture that starts the server)
+
+pytestmark = pytest.mark.slow  # the S3 server
 
 SHAPES = FeatureShapes(4, {"dino": (5, 8), "latents": (4, 2, 2)})
 ATTRS = dict(dino="tiny", vae="tiny", num_frames=4, image_size=28, feature_dtype="float16")
@@ -27,14 +28,14 @@ def listing(url: str) -> list[str]:
     return sorted(s3fs.S3FileSystem(skip_instance_cache=True).find(url.removeprefix("s3://")))
 
 
-def test_conditional_put_creates_an_object_once(s3):  # noqa: F811
+def test_conditional_put_creates_an_object_once(s3):
     objects = RemoteObjects("s3://fvlm/cond/x", read_only=False)
     assert objects.put_if_absent("a.json", b"first") is True
     assert objects.put_if_absent("a.json", b"second") is False
     assert objects.get_many(["a.json"]) == [b"first"]
 
 
-def test_a_store_is_created_once_and_other_inputs_are_refused(s3):  # noqa: F811
+def test_a_store_is_created_once_and_other_inputs_are_refused(s3):
     url = "s3://fvlm/identity/s.zarr"
     store = StoreWriter.create_or_open(url, ATTRS, SHAPES, capacity=4, shard_videos=2, inputs=keys(0))
     claim = json.loads(store.objects.get_many([CLAIM_KEY])[0])["attributes"]
@@ -47,7 +48,7 @@ def test_a_store_is_created_once_and_other_inputs_are_refused(s3):  # noqa: F811
     assert again.attrs["store_id"] == store.attrs["store_id"]
 
 
-def test_losing_the_creation_race_to_other_inputs_is_refused_before_writing(s3, monkeypatch):  # noqa: F811
+def test_losing_the_creation_race_to_other_inputs_is_refused_before_writing(s3, monkeypatch):
     url = "s3://fvlm/race/s.zarr"
     winner = RemoteObjects(url, read_only=False)  # another writer has claimed the store, not yet written it
     claim = {"store_id": "x", "inputs": inputs_fingerprint(keys(1)), "created": "now"}
@@ -61,7 +62,7 @@ def test_losing_the_creation_race_to_other_inputs_is_refused_before_writing(s3, 
         StoreWriter.create_or_open(url, ATTRS, SHAPES, capacity=4, inputs=keys(1))
 
 
-def test_a_claim_of_our_own_counts_as_won(s3, monkeypatch):  # noqa: F811
+def test_a_claim_of_our_own_counts_as_won(s3, monkeypatch):
     """A conditional PUT retried after its first try landed (the answer was lost) finds our own claim."""
     url = "s3://fvlm/retried/s.zarr"
     monkeypatch.setattr(writer, "new_store_id", lambda: "ours")

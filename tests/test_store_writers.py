@@ -12,6 +12,8 @@ import pytest
 
 from fvlm_data import FeatureStore, StoreError
 
+pytestmark = pytest.mark.slow  # precompute.py writers in new processes
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 SMALL = ["--preset", "tiny", "--image-size", "28", "--num-frames", "4", "--shard-videos", "4", "--workers", "0",

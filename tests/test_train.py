@@ -23,8 +23,9 @@ from fvlm_data.store.writer import StoreWriter
 from fvlm_model.evaluation import pass_metrics
 from fvlm_model.model import ModelConfig
 from fvlm_train.step import lr_at
-from tests.in_process import invoke
-from tests.store_helpers import write_row
+from tests.helpers.in_process import invoke
+from tests.helpers.store_helpers import write_row
+from tests.helpers.tensorboard import scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -51,12 +52,6 @@ def in_process(cmd: list[str]) -> subprocess.CompletedProcess:
     return invoke("train", cmd[2:])  # train_cmd's arguments, without the interpreter and script
 
 
-def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
-    acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("store") / "s.zarr"
@@ -73,6 +68,7 @@ def full_run(store, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # train.py (and the store fixture's precompute.py) in new processes
 def test_run_writes_every_tag_checkpoints_and_visuals(full_run):
     tags = scalars(full_run)
     assert set(tags) >= TRAIN_TAGS, TRAIN_TAGS - set(tags)
@@ -96,6 +92,7 @@ def test_run_writes_every_tag_checkpoints_and_visuals(full_run):
     assert all(np.isfinite(v) for v in losses.values())
 
 
+@pytest.mark.slow  # train.py (and the store fixture's precompute.py) in new processes
 def test_loss_decreases_on_the_tiny_preset(store, tmp_path):
     out = tmp_path / "learn"
     run(train_cmd(store, out, "--max-steps", "40", "--log-every", "10", "--val-every", "1000", "--lr", "3e-3",
@@ -104,6 +101,7 @@ def test_loss_decreases_on_the_tiny_preset(store, tmp_path):
     assert cap[40] < 0.7 * cap[10], cap
 
 
+@pytest.mark.slow  # train.py (and the store fixture's precompute.py) in new processes
 def test_kill_9_and_rerun_continues_with_the_same_losses(store, full_run, tmp_path):
     out = tmp_path / "killed"
     cmd = train_cmd(store, out, "--max-steps", "16", "--save-every", "4", "--log-every", "2", "--val-every", "8",
@@ -125,6 +123,7 @@ def test_kill_9_and_rerun_continues_with_the_same_losses(store, full_run, tmp_pa
                 assert got[tag][step] == pytest.approx(value, rel=1e-4, abs=1e-6), (tag, step)
 
 
+@pytest.mark.slow  # train.py (and the store fixture's precompute.py) in new processes
 def test_eval_only_prints_table_and_writes_json(store, full_run, tmp_path):
     # Only the store and the checkpoint: the preset, frames, fine iterations and split come from
     # the checkpoint (the run used --preset tiny --num-frames 4 --val-fraction 0.25).
@@ -153,6 +152,7 @@ def test_eval_only_prints_table_and_writes_json(store, full_run, tmp_path):
     assert "truth:" in proc.stdout and "autoregressive:" in proc.stdout
 
 
+@pytest.mark.slow  # train.py (and the store fixture's precompute.py) in new processes
 def test_refuses_a_checkpoint_of_another_model(store, full_run, tmp_path):
     proc = in_process(train_cmd(store, tmp_path / "x", "--resume", str(full_run / "checkpoint_latest.pt"),
                                 "--fine-iterations", "1", "--max-steps", "20", "--recon-head", "delta"))
@@ -160,6 +160,7 @@ def test_refuses_a_checkpoint_of_another_model(store, full_run, tmp_path):
                          "'film', now 'delta')")
 
 
+@pytest.mark.slow  # train.py (and the store fixture's precompute.py) in new processes
 def test_reconstruction_only_with_a_head_that_is_not_given_the_last_frame(store, tmp_path):
     """--lambda-caption 0 --recon-head delta: the next-frame error falls, the captions are still scored, and
     the run's configuration and --eval-only's JSON (rec_ratio with its interval) say what was trained."""
@@ -181,6 +182,7 @@ def test_reconstruction_only_with_a_head_that_is_not_given_the_last_frame(store,
     assert lo <= result["rec_ratio"] <= hi and np.isfinite(result["cap_ratio"])
 
 
+@pytest.mark.slow  # train.py (and the store fixture's precompute.py) in new processes
 def test_resume_with_another_split_is_refused(store, full_run, tmp_path):
     """Resuming with another --val-fraction would train on held-out videos: refused, both values named."""
     run_dir = tmp_path / "resplit"
@@ -190,6 +192,7 @@ def test_resume_with_another_split_is_refused(store, full_run, tmp_path):
     assert "now 0.1" in proc.stderr
 
 
+@pytest.mark.slow  # train.py (and the store fixture's precompute.py) in new processes
 def test_eval_on_another_split_only_when_asked_and_labelled(store, full_run, tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), "--store", str(store), "--resume",
            str(full_run / "checkpoint_latest.pt"), "--eval-only", "--workers", "0", "--val-fraction", "1.0"]
@@ -203,6 +206,7 @@ def test_eval_on_another_split_only_when_asked_and_labelled(store, full_run, tmp
     assert f"seen in training: {40 - held_out}" in proc.stdout
 
 
+@pytest.mark.slow  # train.py (and the store fixture's precompute.py) in new processes
 def test_eval_on_a_store_of_other_encoders_is_refused(store, full_run, tmp_path):
     other = tmp_path / "other.zarr"
     shutil.copytree(store, other)
@@ -226,6 +230,7 @@ def one_line_error(proc: subprocess.CompletedProcess, text: str) -> None:
     assert lines[-1].startswith(("error: ", "Error: ")) and text in lines[-1], proc.stderr
 
 
+@pytest.mark.slow  # train.py (and the store fixture's precompute.py) in new processes
 def test_bad_input_is_a_one_line_error(store, tmp_path):
     one_line_error(run(train_cmd(tmp_path / "missing.zarr", tmp_path / "o"), check=False), "no store at")
     foreign = tmp_path / "foreign"
@@ -247,6 +252,7 @@ def test_bad_input_is_a_one_line_error(store, tmp_path):
                    "the loss would be 0")
 
 
+@pytest.mark.slow  # train.py (and the store fixture's precompute.py) in new processes
 def test_first_contact_errors(store, tmp_path):
     """What a new user meets first, through the real command line: one line, no traceback, saying
     what to do. (Text and random-byte checkpoints, --val-fraction 1.5 and a split with no training
@@ -254,16 +260,16 @@ def test_first_contact_errors(store, tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     one_line_error(in_process([*train_cmd(store, tmp_path / "o"), "--resume", str(tmp_path / "empty.pt")]),
                    "is empty (0 bytes)")
-    # The default (hub) LM on a store made with the tiny preset, with no hub: fails fast with advice.
-    start = time.time()
+    # The default (hub) LM on a store made with the tiny preset, with no hub: fails with advice, without asking
+    # the hub (why it is fast: tests/test_train_parts.py::test_hub_less_default_lm_asks_the_hub_at_most_once).
     cmd = [sys.executable, str(ROOT / "train.py"), "--store", str(store), "--out", str(tmp_path / "o"), "--workers",
            "0", "--num-frames", "4"]
     proc = run(cmd, check=False)
     one_line_error(proc, "cannot load language model 'HuggingFaceTB/SmolLM2-135M-Instruct'")
     assert "HF_HUB_OFFLINE" in proc.stderr and "--lm PATH" in proc.stderr and "add --preset tiny" in proc.stderr
-    assert time.time() - start < 30
 
 
+@pytest.mark.slow  # train.py (and the store fixture's precompute.py) in new processes
 def test_every_option_has_help_and_workers_fit_the_machine():
     help_text = run([sys.executable, str(ROOT / "train.py"), "--help"]).stdout
     entries = re.split(r"\n  (?=-)", help_text.split("Options:")[1])[1:]
@@ -276,6 +282,7 @@ def test_every_option_has_help_and_workers_fit_the_machine():
     assert f"[default: {max(0, min(16, cores - 1))};" in help_text.split("--workers")[1].split("--")[0]
 
 
+@pytest.mark.slow  # train.py (and the store fixture's precompute.py) in new processes
 def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
     """NaN features make every loss NaN: steps are skipped and counted, then the run stops cleanly."""
     path = tmp_path / "nan.zarr"
@@ -295,6 +302,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path):
     assert not (tmp_path / "run" / "checkpoint_latest.pt").exists()  # no NaN weights were ever saved
 
 
+@pytest.mark.slow  # train.py (and the store fixture's precompute.py) in new processes
 def test_torchrun_two_cpu_processes_default_grad_accum(store, tmp_path):
     """Two gloo processes with the default --grad-accum 2 (DDP's no_sync on the first micro-batch), caption loss
     only (--lambda-recon 0: the next-frame head gets no gradient, which DDP must be told or its second step fails)."""

@@ -18,7 +18,7 @@ from fvlm_train.config import RunConfig, check_split, check_store, click_options
 from fvlm_train.data import TrainBatches
 from fvlm_train.distributed import init_distributed
 from fvlm_train.step import decays, make_optimizer
-from tests.test_dataset import build_store
+from tests.helpers.numbered_store import build_store
 
 
 def test_weight_decay_rule():
@@ -90,19 +90,64 @@ def test_store_and_split_checks_name_both_values():
         check_split(saved, held_out_fingerprint(["a", "b", "c"], 0.25), "")
 
 
-def test_unreachable_hub_fails_fast(monkeypatch):
-    """A hub model that is not cached, with the hub unreachable: one line with what to do, at once
-    (the hub client alone retries for ~45 s). The endpoint is a closed local port."""
-    import time
+@pytest.fixture
+def hub_calls(monkeypatch) -> dict[str, list]:
+    """Records what loading a language model asks of the hub: each probe (`hub_reachable`, as fvlm_model.lm calls
+    it, answering as it really does) and each `from_pretrained` call with whether it was local only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import fvlm_model.lm as lm
+
+    calls: dict[str, list] = {"probes": [], "loads": []}
+    probe = lm.hub_reachable
+
+    def counted_probe(*args, **kwargs) -> bool:
+        calls["probes"].append(probe(*args, **kwargs))
+        return calls["probes"][-1]
+
+    monkeypatch.setattr(lm, "hub_reachable", counted_probe)
+    for cls in (AutoTokenizer, AutoModelForCausalLM):
+        def recorded(*args, _load=cls.from_pretrained, _name=cls.__name__, **kwargs):
+            calls["loads"].append((_name, kwargs.get("local_files_only", False)))
+            return _load(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", recorded)
+    return calls
+
+
+def test_unreachable_hub_fails_fast(monkeypatch, hub_calls):
+    """A hub model that is not cached, with the hub unreachable: one line with what to do, at once: one probe of
+    the hub, which fails, and no download attempt (the hub client alone retries for ~45 s). The endpoint is a
+    closed local port."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    start = time.time()
     with pytest.raises(ValueError, match="not in the local Hugging Face cache and the hub cannot be reached") as e:
         load_lm("fvlm-tests/no-such-model")
-    assert time.time() - start < 10 and "--lm PATH" in str(e.value) and "\n" not in str(e.value)
+    assert "--lm PATH" in str(e.value) and "\n" not in str(e.value)
+    assert hub_calls["probes"] == [False]
+    assert hub_calls["loads"] and all(local for _, local in hub_calls["loads"]), hub_calls["loads"]
     with pytest.raises(ValueError, match="no such folder"):
         load_lm("./no/such/folder")
+
+
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "no network"])
+def test_hub_less_default_lm_asks_the_hub_at_most_once(monkeypatch, hub_calls, offline):
+    """The default (hub) LM where it is not cached and there is no hub (train.py's first contact without network,
+    tests/test_train.py::test_first_contact_errors): HF_HUB_OFFLINE set, the hub is not probed; unset, one probe
+    that fails decides. Either way only the local cache is asked, never the hub (whose client retries)."""
+    import fvlm_model.lm as lm
+
+    if offline == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(lm, "hub_reachable", lambda *a, **k: hub_calls["probes"].append(False) or False)
+    with pytest.raises(ValueError, match=f"cannot load language model '{lm.DEFAULT_LM}'") as e:
+        load_lm(lm.DEFAULT_LM)
+    where = "HF_HUB_OFFLINE is set" if offline == "HF_HUB_OFFLINE" else "the hub cannot be reached from here"
+    assert where in str(e.value) and "--lm PATH" in str(e.value)
+    assert hub_calls["probes"] == ([] if offline == "HF_HUB_OFFLINE" else [False])
+    assert hub_calls["loads"] and all(local for _, local in hub_calls["loads"]), hub_calls["loads"]
 
 
 def test_bad_checkpoint_files_say_what_they_are(tmp_path):

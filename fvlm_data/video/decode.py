@@ -73,13 +73,12 @@ class VideoFile:
     """An opened video: validates the input on construction; use as a context manager.
 
     ``src`` is a file path or the bytes of a video (e.g. a tar member); ``name`` is used in messages.
+    ``plan_gops``: exact decoding planned GOP by GOP (gops.py) where it can vouch for the same frames;
+    False: always the full path of `frames_at` (the reference that planned decoding is tested against).
     """
 
-    # Exact decoding planned GOP by GOP (gops.py) where it can vouch for the same frames; False:
-    # always the full path below (the reference that planned decoding is tested against).
-    plan_gops = True
-
-    def __init__(self, src: str | bytes, threads: bool = False) -> None:
+    def __init__(self, src: str | bytes, threads: bool = False, plan_gops: bool = True) -> None:
+        self.plan_gops = plan_gops
         self._container = None
         if isinstance(src, bytes):
             size, f = len(src), io.BytesIO(src)
