@@ -1,6 +1,7 @@
 """Store format 3 (and 2): what a store holds, how it is laid out, and which of its attributes must agree.
 
-This module is the one place for these facts: the array specs and their Zarr schema, the layout
+This module is the one place for these facts: the per-frame arrays (`FRAME_TABLE`, declared once
+and read by everything that writes, reads, checks or batches them), the array specs and their Zarr schema, the layout
 check that the byte-range reader relies on, the format/version check, and `check_compatible`,
 which precompute (before loading any model) and the writer (on opening) both use.
 
