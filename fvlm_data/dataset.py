@@ -17,8 +17,10 @@ from fvlm_data.store.reader import FeatureStore
 
 SPLITS = ("train", "val", "all")
 
+# What the trainer takes from here; `synthetic_vocabulary` (the words of the synthetic captions) is the
+# tiny tokenizer's vocabulary, and `synthetic_frames` renders a synthetic row's pixels for the attention figures.
 __all__ = ["FeatureDataset", "CaptionCollator", "split_datasets", "to_device", "synthetic_frames",
-           "synthetic_vocabulary"]  # the vocabulary of the synthetic captions: the tiny tokenizer's words
+           "synthetic_vocabulary"]
 
 
 def validation_mask(video_ids: list[str], val_fraction: float) -> np.ndarray:
