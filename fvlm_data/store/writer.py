@@ -138,8 +138,8 @@ def shard_states(store: FeatureStore, shards: list[int], verify_data: bool = Fal
     errors: dict[int, str] = {}
     committed = store.shard_values(("committed",), shards, errors=errors)["committed"]
     ok = [shard for shard in committed if shard not in errors]
-    small = [n for n in store.arrays if not is_frame_array(n) and n != "committed"]
     frames = store.frame_arrays()
+    small = [n for n in store.arrays if n not in frames and n != "committed"]
     for names, chunks in ((small, 1), (frames, s)):
         wanted = [(n, shard) for shard in ok for n in names]
         tails = store.objects.tails([store.shard_key(n, shard) for n, shard in wanted], ShardIndex.nbytes(chunks))
@@ -154,7 +154,7 @@ def shard_states(store: FeatureStore, shards: list[int], verify_data: bool = Fal
             except StoreError as e:
                 errors[shard] = str(e)
                 continue
-            if is_frame_array(name):
+            if name in frames:
                 n_slots = min(s, store.capacity - shard * s)
                 bad = (committed[shard][:n_slots] == 1) & (index.sizes()[:n_slots] != chunk_nbytes(store.arrays[name]))
                 if bad.any():
