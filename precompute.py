@@ -131,7 +131,7 @@ def main(**args) -> None:
 
     group = RankGroup(launch) if launch else None
     try:
-        recorded_scaling = None
+        recorded_scaling, existing = None, {}
         if FeatureStore.exists(config.out):  # refuse a mismatched store before loading any model
             existing = FeatureStore.open(config.out).attrs
             check_compatible(config.out, existing, config.recipe, config.shard_videos)
@@ -147,7 +147,12 @@ def main(**args) -> None:
         click.echo(f"{rank}{len(inputs)} inputs; encoders dino={config.dino_id} vae={config.vae_id} on {device}",
                    err=True)
         encoders = FrozenEncoders(dino=config.dino_id, vae=config.vae_id, device=device,
-                                  compile=config.compile_on(device), vae_scaling_factor=recorded_scaling)
+                                  compile=config.compile_on(device), vae_scaling_factor=recorded_scaling,
+                                  dino_layers=config.dino_layers)
+        if existing.get("dino_fingerprint", encoders.dino_fingerprint) != encoders.dino_fingerprint:
+            raise StoreError(f"{config.out} holds DINO block states made by other {config.dino_id} weights "
+                             f"({existing['dino_fingerprint'][:19]}..., these are "
+                             f"{encoders.dino_fingerprint[:19]}...): use a new --out")
         try:
             summary = run_precompute(config, inputs, encoders, progress=progress,
                                      barrier=group.barrier if group else None)

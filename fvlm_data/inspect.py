@@ -21,7 +21,7 @@ import numpy as np
 
 from fvlm_data.errors import StoreError
 from fvlm_data.store import FeatureStore, shard_states
-from fvlm_data.store.format import features
+from fvlm_data.store.format import SCALE_SUFFIX, table_entry
 from fvlm_data.store.objects import LocalObjects
 
 __all__ = ["inspect_store", "render", "main"]
@@ -96,7 +96,8 @@ def _how_made(store: FeatureStore) -> dict[str, Any]:
     keys = ("format", "format_version", "store_id", "dino", "vae", "preset", "num_frames", "image_size",
             "feature_dtype", "latent_dtype", "frame_sampling")
     # Per video, from the arrays themselves: each encoded feature of the table, e.g. dino [T, N, D].
-    arrays = {f.name: store.arrays[f.name] for f in features() if f.name in store.arrays}
+    arrays = {n: store.arrays[n] for n in store.frame_arrays()
+              if table_entry(n).encoded and not n.endswith(SCALE_SUFFIX)}
     made_features = {name: {"dtype": str(np.dtype(arr.dtype)), "shape": list(arr.shape[1:])}
                      for name, arr in arrays.items()}
     return {**{k: attrs.get(k) for k in keys}, "shard_videos": store.shard_videos, "features": made_features,

@@ -55,6 +55,12 @@ class PrecomputeConfig:
                        "for a 2 s GOP, off target; the store keeps the actual times).", click.Choice(SEEK_MODES))
     feature_dtype: str = option("float16", "DINO token storage: float16, or int8 with a float16 scale per token "
                                 "(half the bytes).", click.Choice(FEATURE_DTYPES))
+    # Not in precompute_args: the store records it as `dino_layers` (with `dino_blocks`, `dino_fingerprint`)
+    # only when above 0, so that a store made without it is the same store as before the option.
+    dino_layers: int = option(0, "Also store the hidden states entering each of DINO's last N blocks (one array per "
+                              "block, stored like the final tokens: --feature-dtype applies), for train.py "
+                              "--query-depth; each block adds the final tokens' bytes again.", click.IntRange(min=0),
+                              recorded=False)
     # Where and how fast it runs.
     device: str | None = option(None, "Encoder device [default: cuda if available, else cpu].", recorded=False)
     num_shards: int = option(1, "Split the work among K processes (by whole store shards).", click.IntRange(min=1))
@@ -85,7 +91,7 @@ class PrecomputeConfig:
     def recipe(self) -> FeatureRecipe:
         """What a store this run adds rows to must have been made with."""
         return FeatureRecipe(self.dino_id, self.vae_id, self.num_frames, self.image_size, self.feature_dtype,
-                             FRAME_SAMPLING[self.seek])
+                             FRAME_SAMPLING[self.seek], self.dino_layers)
 
     @property
     def decoding(self) -> Decoding:

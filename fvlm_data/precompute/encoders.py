@@ -8,12 +8,14 @@ with no network access; a store made with it says so in its attributes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Any
 
 import torch
 from torch import nn
 
 from fvlm_data.errors import EncoderLoadError
+from fvlm_data.store.format import block_array
 
 DEFAULT_DINO = "facebook/dinov2-small"
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
@@ -37,13 +39,18 @@ def _seeded(seed: int):
         yield
 
 
-def _load_dino(name: str) -> tuple[nn.Module, str]:
-    """Returns the model and how to call it: 'transformers' or 'timm'."""
-    if name == TINY:
+def load_dino(name: str) -> tuple[nn.Module, str]:
+    """DINO by its id (a store's `dino` attribute): the model and how to call it, 'transformers' or 'timm'.
+    `tiny` is DINOv2-small's widths with 2 random blocks; `tiny:K` the same with K blocks (deeper query
+    experiments); both are the same weights on every call."""
+    if name == TINY or name.startswith(TINY + ":"):
         from transformers import Dinov2Config, Dinov2Model
 
-        # DINOv2-small's widths (384, patch 14) with 2 layers: same [1 + 18*18, 384] output.
-        cfg = Dinov2Config(hidden_size=384, num_hidden_layers=2, num_attention_heads=6,
+        blocks = name.removeprefix(TINY).removeprefix(":") or "2"
+        if not blocks.isdigit() or int(blocks) < 1:
+            raise EncoderLoadError(f"DINO {name!r}: the tiny DINO is 'tiny' or 'tiny:K' with K blocks, K >= 1")
+        # DINOv2-small's widths (384, patch 14): same [1 + 18*18, 384] output.
+        cfg = Dinov2Config(hidden_size=384, num_hidden_layers=int(blocks), num_attention_heads=6,
                            intermediate_size=768, patch_size=14, image_size=256)
         with _seeded(TINY_SEED):
             return Dinov2Model(cfg), "transformers"
@@ -60,6 +67,27 @@ def _load_dino(name: str) -> tuple[nn.Module, str]:
         return AutoModel.from_pretrained(name), "transformers"
     except Exception as e:
         raise EncoderLoadError(f"cannot load DINO model {name!r}: {_one_line(e)}") from None
+
+
+def dino_blocks(model: nn.Module, kind: str) -> nn.ModuleList:
+    """DINO's transformer blocks, in order (transformers' `encoder.layer`, timm's `blocks`)."""
+    return model.blocks if kind == "timm" else model.encoder.layer
+
+
+def dino_final_norm(model: nn.Module, kind: str) -> nn.Module:
+    """The layer norm after DINO's last block (its final tokens are this norm's output)."""
+    return model.norm if kind == "timm" else model.layernorm
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 of a model's weights (every tensor of its state_dict: name, dtype, shape, bytes). A store with
+    DINO's block states records it, and the deep query refuses other weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
 
 
 def _load_vae(name: str) -> nn.Module:
@@ -99,26 +127,35 @@ class FrozenEncoders:
     """
 
     def __init__(self, dino: str = DEFAULT_DINO, vae: str = DEFAULT_VAE, device: str = "cpu",
-                 compile: bool = False, vae_scaling_factor: float | None = None) -> None:
+                 compile: bool = False, vae_scaling_factor: float | None = None, dino_layers: int = 0) -> None:
         """`vae_scaling_factor` overrides the VAE's own: a run adding rows to an existing store passes the
-        factor that store recorded, so that every row of one store has the same scale."""
-        dino_model, dino_kind = _load_dino(dino)
-        self._setup(dino_model, dino_kind, _load_vae(vae), dino, vae, device, compile)
+        factor that store recorded, so that every row of one store has the same scale. `dino_layers` N > 0
+        also returns the hidden states entering each of DINO's last N blocks (`dino_block<k>`)."""
+        dino_model, dino_kind = load_dino(dino)
+        self._setup(dino_model, dino_kind, _load_vae(vae), dino, vae, device, compile, dino_layers)
         if vae_scaling_factor is not None:
             self.vae_scaling_factor = float(vae_scaling_factor)
 
     @classmethod
     def from_modules(cls, dino: nn.Module, vae: nn.Module, device: str = "cpu", *, dino_id: str = "custom",
-                     vae_id: str = "custom", dino_kind: str = "transformers", compile: bool = False) -> FrozenEncoders:
+                     vae_id: str = "custom", dino_kind: str = "transformers", compile: bool = False,
+                     dino_layers: int = 0) -> FrozenEncoders:
         """Wrap already-built models (e.g. random-initialised real-size ones for benchmarks). ``vae``
         needs diffusers' interface: ``encode(x).latent_dist.mean`` and ``config.scaling_factor``."""
         self = cls.__new__(cls)
-        self._setup(dino, dino_kind, vae, dino_id, vae_id, device, compile)
+        self._setup(dino, dino_kind, vae, dino_id, vae_id, device, compile, dino_layers)
         return self
 
     def _setup(self, dino_model: nn.Module, dino_kind: str, vae_model: nn.Module, dino_id: str, vae_id: str,
-               device: str, compile: bool) -> None:
+               device: str, compile: bool, dino_layers: int = 0) -> None:
         self.dino_id, self.vae_id, self.dino_kind = dino_id, vae_id, dino_kind
+        depth = len(dino_blocks(dino_model, dino_kind))
+        if not 0 <= dino_layers <= depth:
+            raise EncoderLoadError(f"--dino-layers {dino_layers}: DINO {dino_id!r} has {depth} blocks "
+                                   f"(give 0 to {depth})")
+        # The blocks whose input states are stored, and the weights that made them (before any dtype change).
+        self.dino_blocks = tuple(range(depth - dino_layers, depth))
+        self.dino_fingerprint = weights_fingerprint(dino_model) if dino_layers else None
         self.device = torch.device(device)
         # bf16 where supported: the models were trained in mixed precision and it halves memory.
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -140,10 +177,24 @@ class FrozenEncoders:
             self._dino_fn = torch.compile(self._dino_tokens, dynamic=False)
             self._vae_fn = torch.compile(self._vae_mean, dynamic=False)
 
-    def _dino_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dino_kind == "timm":
-            return self.dino.forward_features(x)
-        return self.dino(pixel_values=x).last_hidden_state
+    def _dino_tokens(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`dino`: the final tokens [B, N, D]; with --dino-layers, `dino_block<k>`: the states entering block k."""
+        if not self.dino_blocks:
+            if self.dino_kind == "timm":
+                return {"dino": self.dino.forward_features(x)}
+            return {"dino": self.dino(pixel_values=x).last_hidden_state}
+        if self.dino_kind == "timm":  # the input of each block, caught on its way in
+            states: dict[str, torch.Tensor] = {}
+            blocks = dino_blocks(self.dino, "timm")
+            hooks = [blocks[k].register_forward_pre_hook(
+                lambda _m, args, k=k: states.__setitem__(block_array(k), args[0])) for k in self.dino_blocks]
+            try:
+                return {"dino": self.dino.forward_features(x), **states}
+            finally:
+                for h in hooks:
+                    h.remove()
+        out = self.dino(pixel_values=x, output_hidden_states=True)  # hidden_states[k] enters block k
+        return {"dino": out.last_hidden_state, **{block_array(k): out.hidden_states[k] for k in self.dino_blocks}}
 
     def _vae_mean(self, x: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(x).latent_dist.mean
@@ -163,9 +214,10 @@ class FrozenEncoders:
     @torch.inference_mode()
     def encode(self, frames: torch.Tensor, *, float32: bool = True, _eager: bool = False) -> dict[str, torch.Tensor]:
         """frames: uint8 [B, H, W, 3] (any device). Returns one tensor per feature of the store's table
-        (`fvlm_data.store.format.FRAME_TABLE`), by name: `dino` [B, N, D] DINO tokens and `latents`
-        [B, C, h, w] scaled VAE latents, on the device: fp32, or with `float32=False` in the compute
-        dtype (bf16 on CUDA: no fp32 copy is made for features that are stored as fp16 or int8 anyway)."""
+        (`fvlm_data.store.format.FRAME_TABLE`), by name: `dino` [B, N, D] DINO tokens, `latents`
+        [B, C, h, w] scaled VAE latents and, with `dino_layers`, `dino_block<k>` [B, N, D], on the device:
+        fp32, or with `float32=False` in the compute dtype (bf16 on CUDA: no fp32 copy is made for features
+        that are stored as fp16 or int8 anyway)."""
         x = frames.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         dino_in = ((x - self._mean) / self._std).to(self.dtype)
         tokens = (self._dino_tokens if _eager else self._dino_fn)(dino_in)
@@ -173,7 +225,7 @@ class FrozenEncoders:
         if self.channels_last:
             vae_in = vae_in.contiguous(memory_format=torch.channels_last)
         latents = (self._vae_mean if _eager else self._vae_fn)(vae_in) * self.vae_scaling_factor
-        out = {"dino": tokens, "latents": latents}
+        out = {"dino": tokens["dino"], "latents": latents, **{k: t for k, t in tokens.items() if k != "dino"}}
         return {name: t.float() for name, t in out.items()} if float32 else out
 
     @torch.inference_mode()

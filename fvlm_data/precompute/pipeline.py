@@ -108,6 +108,10 @@ def store_attributes(encoders: FrozenEncoders, shapes: FeatureShapes, config: Pr
         "latent_dtype": "float16",
         "frame_sampling": FRAME_SAMPLING[config.seek],
         "precompute_args": config.recorded(),
+        # --dino-layers: which blocks' input states are stored, and the weights that made them (the deep query
+        # refuses others). Absent without the option: such a store is byte for byte the one made before it.
+        **({"dino_layers": len(encoders.dino_blocks), "dino_blocks": list(encoders.dino_blocks),
+            "dino_fingerprint": encoders.dino_fingerprint} if encoders.dino_blocks else {}),
     }
 
 

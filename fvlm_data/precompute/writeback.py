@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fvlm_data.store.format import SCALE_SUFFIX, features
+from fvlm_data.store.format import SCALE_SUFFIX, table_entry
 
 WRITE_QUEUE = 2  # jobs waiting for the writer thread (the memory bound above)
 _POLL_S = 0.1  # how often a blocked hand-over checks whether the writer failed
@@ -49,12 +49,14 @@ def stored_features(encoded: dict[str, torch.Tensor], feature_dtype: str) -> dic
     (`fvlm_data.store.format.FRAME_TABLE`): e.g. `dino` float16 (or int8 and `dino_scale` float16 with
     `feature_dtype="int8"`), `latents` float16."""
     out = {}
-    for feature in features():
-        x = encoded[feature.name]
+    for name, x in encoded.items():
+        feature = table_entry(name)
+        if feature is None:
+            raise ValueError(f"the encoders returned {name!r}, which the store's table does not declare")
         if feature.quantizable and feature_dtype == "int8":
-            out[feature.name], out[feature.name + SCALE_SUFFIX] = quantize_int8(x)
+            out[name], out[name + SCALE_SUFFIX] = quantize_int8(x)
         else:
-            out[feature.name] = x.to(getattr(torch, feature.dtype))
+            out[name] = x.to(getattr(torch, feature.dtype))
     return out
 
 

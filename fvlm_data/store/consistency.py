@@ -16,7 +16,7 @@ import numpy as np
 import zarr
 
 from fvlm_data.errors import StoreError
-from fvlm_data.store.format import FeatureShapes, array_specs
+from fvlm_data.store.format import BLOCK_STATES, FeatureShapes, array_specs
 
 REQUIRED = ("shard_videos", "num_frames", "dino_tokens", "dino_dim", "latent_shape", "feature_dtype")
 _FIX = "the store's zarr.json was edited or damaged"
@@ -75,6 +75,10 @@ def check_attrs_match_arrays(path: str | os.PathLike, attrs: Mapping[str, Any], 
         specs = array_specs(shapes, attrs["feature_dtype"], version)
     except StoreError as e:
         refuse(str(e))
+    blocks = sorted(int(n.removeprefix(BLOCK_STATES)) for n in shapes.per_frame if n.startswith(BLOCK_STATES))
+    if blocks != list(attrs.get("dino_blocks", [])) or attrs.get("dino_layers", 0) != len(blocks):
+        refuse(f"attributes dino_layers={attrs.get('dino_layers', 0)!r}, dino_blocks={attrs.get('dino_blocks', [])!r} "
+               f"but feature_shapes has the states of blocks {blocks}")
     for name, (shape, dtype) in specs.items():
         if name not in arrays:
             refuse(f"array {name!r} is missing")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,11 @@ class FrameArray:
     quantizable: bool = False  # --feature-dtype int8: int8 and a float16 scale per token (`<name>_scale`)
     encoded: bool = True  # an encoder output (its per-frame shape recorded in `feature_shapes`); else the decoder's
     read: bool = True  # the dataset reads it into every sample
+    per_block: bool = False  # one array per DINO block the store records: `<name><block>` (e.g. dino_block10)
+
+    def names(self, blocks: tuple[int, ...] = ()) -> tuple[str, ...]:
+        """The store arrays of this entry (a per-block entry has one per block in `blocks`)."""
+        return tuple(f"{self.name}{k}" for k in blocks) if self.per_block else (self.name,)
 
 
 # The store's per-frame arrays: the one place they are declared. The writer, reader, consistency checks,
@@ -55,7 +60,27 @@ FRAME_TABLE: tuple[FrameArray, ...] = (
     FrameArray("dino", "float16", quantizable=True),  # DINOv2's final tokens [N, D]
     FrameArray("latents", "float16"),  # SD-VAE latents [C, h, w], scaled by the VAE's factor
     FrameArray("timestamps", "float32", encoded=False),  # seconds of each sampled frame in its file
+    # precompute --dino-layers N: the hidden states entering each of DINO's last N blocks [N, D], what the
+    # deep query attends to (fvlm_model/deep_query.py); read only by a model that asks for them.
+    FrameArray("dino_block", "float16", quantizable=True, read=False, per_block=True),
 )
+BLOCK_STATES = "dino_block"  # the per-block entry's name: block k's states are `dino_block{k}`
+
+
+def block_array(block: int) -> str:
+    """The array of the hidden states entering DINO block `block` (0-based)."""
+    return f"{BLOCK_STATES}{block}"
+
+
+def table_entry(name: str) -> FrameArray | None:
+    """The table entry a store array belongs to (`dino` and `dino_scale`: dino; `dino_block10`: dino_block),
+    or None for the small arrays."""
+    base = name.removesuffix(SCALE_SUFFIX)
+    for f in FRAME_TABLE:
+        ours = base.startswith(f.name) and base[len(f.name):].isdigit() if f.per_block else base == f.name
+        if ours and (base == name or f.quantizable):
+            return f
+    return None
 
 
 def features() -> tuple[FrameArray, ...]:
@@ -63,15 +88,16 @@ def features() -> tuple[FrameArray, ...]:
     return tuple(f for f in FRAME_TABLE if f.encoded)
 
 
-def frame_array_names(read_by_dataset: bool = False) -> tuple[str, ...]:
-    """Every per-frame array a store may hold, in table order: the table's arrays and the int8 scales of
-    quantizable ones (`read_by_dataset`: only those the dataset reads into every sample)."""
-    return tuple(n for f in FRAME_TABLE if f.read or not read_by_dataset
-                 for n in ((f.name, f.name + SCALE_SUFFIX) if f.quantizable else (f.name,)))
+def frame_array_names(read_by_dataset: bool = False, blocks: tuple[int, ...] = ()) -> tuple[str, ...]:
+    """Every per-frame array a store with DINO states of `blocks` may hold, in table order: the table's
+    arrays and the int8 scales of quantizable ones (`read_by_dataset`: only those the dataset reads into
+    every sample)."""
+    return tuple(n for f in FRAME_TABLE if f.read or not read_by_dataset for name in f.names(blocks)
+                 for n in ((name, name + SCALE_SUFFIX) if f.quantizable else (name,)))
 
 
 def is_frame_array(name: str) -> bool:
-    return name in frame_array_names()
+    return table_entry(name) is not None
 
 
 def checksum_array(name: str) -> str:
@@ -89,10 +115,12 @@ class FeatureRecipe:
     image_size: int
     feature_dtype: str
     frame_sampling: str  # how frames were taken (precompute's --seek): rows sampled otherwise never mix
+    dino_layers: int = 0  # DINO blocks whose input states are stored (--dino-layers); a store without the key has 0
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> FeatureRecipe:
-        return cls(**{key: attrs.get(key) for key in COMPATIBILITY_KEYS})
+        return cls(**{f.name: attrs.get(f.name, f.default if f.default is not MISSING else None)
+                      for f in fields(cls)})
 
 
 # Attributes that must match for a run to add rows to an existing store.
@@ -134,7 +162,8 @@ def check_compatible(path: str | os.PathLike, existing: Mapping[str, Any], wante
                      shard_videos: int | None = None) -> None:
     """Refuse to add rows made with other encoders, frame count, image size or feature dtype (or,
     if `shard_videos` is asked for, another shard size)."""
-    pairs = [(key, existing.get(key), value) for key, value in asdict(wanted).items()]
+    have_recipe = asdict(FeatureRecipe.from_attrs(existing))
+    pairs = [(key, have_recipe[key], value) for key, value in asdict(wanted).items()]
     if shard_videos is not None:  # not asked for: the store's own value is used
         pairs.append(("shard_videos", existing.get("shard_videos"), shard_videos))
     for key, have, want in pairs:
@@ -165,14 +194,16 @@ def array_specs(shapes: FeatureShapes, feature_dtype: str,
         if not f.encoded:
             specs[f.name] = ((t,), f.dtype)
             continue
-        if f.name not in shapes.per_frame:
+        if not f.per_block and f.name not in shapes.per_frame:
             raise StoreError(f"no per-frame shape for the feature {f.name!r} (the encoders made "
                              f"{', '.join(shapes.per_frame) or 'none'})")
-        shape = (t, *shapes.per_frame[f.name])
-        if f.quantizable and feature_dtype == "int8":
-            specs[f.name], specs[f.name + SCALE_SUFFIX] = (shape, "int8"), (shape[:-1], "float16")
-        else:
-            specs[f.name] = (shape, f.dtype)
+        # A per-block entry has an array per block the encoders returned (none without --dino-layers).
+        for name in [n for n in shapes.per_frame if table_entry(n) is f] if f.per_block else [f.name]:
+            shape = (t, *shapes.per_frame[name])
+            if f.quantizable and feature_dtype == "int8":
+                specs[name], specs[name + SCALE_SUFFIX] = (shape, "int8"), (shape[:-1], "float16")
+            else:
+                specs[name] = (shape, f.dtype)
     specs.update({"duration": ((), "float32"), "committed": ((), "uint8")})
     for name in STRING_ARRAYS:
         if version >= 3 or name not in FORMAT_3_ARRAYS:

@@ -122,8 +122,14 @@ class FeatureStore(ShardObjects):
                 for offset, first, end in index.frame_ranges(j, idx, frame_bytes)]
 
     def frame_arrays(self, read_by_dataset: bool = False) -> list[str]:
-        """The store's per-frame arrays (`format.FRAME_TABLE`), in table order."""
-        return [n for n in frame_array_names(read_by_dataset) if n in self.arrays]
+        """The store's per-frame arrays (`format.FRAME_TABLE`), in table order (DINO's block states, if any,
+        are not read by the dataset unless a model asks for them)."""
+        return [n for n in frame_array_names(read_by_dataset, self.dino_blocks) if n in self.arrays]
+
+    @property
+    def dino_blocks(self) -> tuple[int, ...]:
+        """DINO blocks whose input states the store holds (`dino_block<k>`; precompute --dino-layers)."""
+        return tuple(int(k) for k in self.attrs.get("dino_blocks", ()))
 
     def read_slots(self, slots: list[int], frames: list[np.ndarray | None],
                    out: dict[str, np.ndarray] | None = None, names: list[str] | None = None) -> list[dict[str, Any]]:

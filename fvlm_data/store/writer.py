@@ -32,11 +32,11 @@ from fvlm_data.store.format import (
     check_compatible,
     checksum_array,
     chunk_nbytes,
-    features,
     is_frame_array,
     memory_objects,
     quantize_int8,
     schema,
+    table_entry,
 )
 from fvlm_data.store.objects import objects_at
 from fvlm_data.store.reader import FeatureStore, open_group
@@ -228,6 +228,9 @@ class ShardBuffer:
                 self.data[name] = np.full(n, "", dtype=object)
             else:
                 self.data[name] = np.zeros((n, *arr.shape[1:]), dtype=np.dtype(arr.dtype))
+        # The encoders' arrays of this store (the table's encoded features, one per block for per-block ones).
+        self.feature_names = {n for n in self.data if (f := table_entry(n)) is not None and f.encoded
+                              and not n.endswith(SCALE_SUFFIX)}
         self.filled = np.zeros(n, dtype=bool)
         if keep_existing and shard in store.shard_values(("committed",), [shard])["committed"]:
             self._load_existing()
@@ -268,7 +271,7 @@ class ShardBuffer:
         it was cut from (default: `video_id`, a whole file)."""
         if captions and captions[0] != caption:
             raise ValueError(f"captions[0] must be the caption: {captions[0]!r} != {caption!r}")
-        names = {f.name for f in features()}
+        names = self.feature_names
         if unknown := sorted(set(arrays) - names - {n + SCALE_SUFFIX for n in names}):
             raise TypeError(f"add_row: {', '.join(unknown)} is not a feature of the store's table")
         if missing := sorted(n for n in names if n not in arrays):
