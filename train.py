@@ -203,7 +203,9 @@ def train(store_path: str, run_dir: Path, resume: Path | None, given: dict[str, 
     # `model` itself (so state_dict keys carry no prefix).
     # Parameters without a gradient must be declared to DDP, or its second step waits for them and fails.
     unused = not model.every_parameter_gets_a_gradient()
-    fn = DistributedDataParallel(model, find_unused_parameters=unused) if world_size > 1 else model
+    # Buffers are constants (the deep query's frozen DINO weights among them): not re-sent every step.
+    fn = (DistributedDataParallel(model, find_unused_parameters=unused, broadcast_buffers=False) if world_size > 1
+          else model)
     use_compile = compile_model if compile_model is not None else device.type == "cuda"
     compiled = CompiledStep(fn, device, config.grad_accum) if use_compile else None
     if not len(splits.val) and main_rank:

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fvlm_data.sources.synthetic import get_task, parse_source_tag, synthetic_vocabulary
-from fvlm_data.store.format import SCALE_SUFFIX
+from fvlm_data.store.format import SCALE_SUFFIX, block_array
 from fvlm_data.store.reader import FeatureStore
 
 SPLITS = ("train", "val", "all")
@@ -126,11 +126,28 @@ class FeatureDataset(Dataset):
         self.epoch = 0
         self.slots = slots
         self.pairs: np.ndarray | None = None  # with_captions: (video position, caption number) per sample
+        self.block_states: tuple[int, ...] = ()  # DINO blocks whose stored input states samples also read
         self._store: FeatureStore | None = store
         self._store_pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self.slots) if self.pairs is None else len(self.pairs)
+
+    def read_block_states(self, blocks: tuple[int, ...]) -> FeatureDataset:
+        """Samples also read the states entering these DINO blocks (`dino_block<k>`, for the deep query);
+        a block the store lacks is a ValueError. Returns the dataset itself."""
+        if missing := [k for k in blocks if block_array(k) not in self._store_for_this_process().arrays]:
+            raise ValueError(f"{self.path} holds no states of DINO block(s) {missing} (it has "
+                             f"{list(self.attrs.get('dino_blocks', [])) or 'none'}: precompute --dino-layers)")
+        self.block_states = tuple(blocks)
+        return self
+
+    def _read_names(self, store: FeatureStore) -> list[str]:
+        """The per-frame arrays each sample reads: those of the table the dataset reads, and the block states
+        asked for (with their int8 scales)."""
+        blocks = [n for k in self.block_states for n in (block_array(k), block_array(k) + SCALE_SUFFIX)
+                  if n in store.arrays]
+        return [*store.frame_arrays(read_by_dataset=True), *blocks]
 
     def with_captions(self, first: int | None = None) -> FeatureDataset:
         """The same videos, one sample per (video, caption) for the first `first` captions of each
@@ -179,7 +196,7 @@ class FeatureDataset(Dataset):
         videos = [int(i) if self.pairs is None else int(self.pairs[i, 0]) for i in indices]
         store = self._store_for_this_process()
         return store.read_slots([int(self.slots[v]) for v in videos], [self.frames_for(v, epoch) for v in videos],
-                                out, names=store.frame_arrays(read_by_dataset=True))
+                                out, names=self._read_names(store))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])[0]
@@ -196,7 +213,7 @@ class FeatureDataset(Dataset):
         them to the main process without copying) or pinned memory (`"pinned"`: ready for an
         asynchronous copy to the GPU). `epoch` overrides `set_epoch` (workers that outlive an epoch)."""
         store = self._store_for_this_process()
-        arrays, names = store.arrays, store.frame_arrays(read_by_dataset=True)
+        arrays, names = store.arrays, self._read_names(store)
         tensors = {}
         for n in names:
             shape, dtype = (len(indices), self.num_frames, *arrays[n].shape[2:]), _TORCH[np.dtype(arrays[n].dtype)]

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 from transformers import DynamicCache
 
-from .model import COARSE, FINE, FoveatedVLM
+from .model import COARSE, FINE, FoveatedVLM, FrameFeatures
 
 MODES = ("coarse", "fine", "autoregressive")
 
@@ -84,19 +85,19 @@ def _mode_token(model: FoveatedVLM, mode: int, batch: int) -> Tensor:
     return model.mode_embed[mode].to(_embed_dtype(model)).expand(batch, 1, -1)
 
 
-def _prefix_parallel(model: FoveatedVLM, dino: Tensor, fine: bool) -> VisualPrefix:
+def _prefix_parallel(model: FoveatedVLM, inputs: FrameFeatures, fine: bool) -> VisualPrefix:
     """Modes "coarse" and "fine": every frame of a pass at once; only the caption pass fills a cache."""
-    batch, frames = dino.shape[:2]
+    batch, frames = inputs.dino.shape[:2]
     queries = model.static_queries(batch, frames)
     attention = []
     if fine:
-        empty = dino.new_zeros(batch, 0, model.mode_embed.shape[1], dtype=_embed_dtype(model))
+        empty = inputs.dino.new_zeros(batch, 0, model.mode_embed.shape[1], dtype=_embed_dtype(model))
         # The coarse pass and all fine passes but the last only supply the next queries.
         for p in range(model.config.fine_iterations):
-            hidden, attn = model.run_pass(dino, queries, COARSE if p == 0 else FINE, empty)
+            hidden, attn = model.run_pass(inputs, queries, COARSE if p == 0 else FINE, empty)
             attention.append(attn)
             queries = model.fine_queries(hidden, frames)
-    z, attn = model.encode_frames(dino, queries)
+    z, attn = model.encode_frames(inputs, queries)
     attention.append(attn)
     visual = model.project_visual(z).to(_embed_dtype(model))
     # The same sequence as `FoveatedVLM.run_pass` builds, but through a cache.
@@ -106,9 +107,9 @@ def _prefix_parallel(model: FoveatedVLM, dino: Tensor, fine: bool) -> VisualPref
     return VisualPrefix(cache, hidden[:, -1], queries, visual, torch.stack(attention))
 
 
-def _prefix_autoregressive(model: FoveatedVLM, dino: Tensor) -> VisualPrefix:
+def _prefix_autoregressive(model: FoveatedVLM, inputs: FrameFeatures) -> VisualPrefix:
     """Mode "autoregressive": frame t's query from this pass's hidden state at frame t-1."""
-    batch, frames = dino.shape[:2]
+    batch, frames = inputs.dino.shape[:2]
     cache = _new_cache(model)
     hidden = [_lm_step(model, _mode_token(model, FINE, batch), cache)]  # position 0: mode token
     queries, visual, attention = [], [], []
@@ -116,7 +117,7 @@ def _prefix_autoregressive(model: FoveatedVLM, dino: Tensor) -> VisualPrefix:
         # `fine_queries` is the model's one definition of "query from the previous position";
         # on the t+1 positions seen so far its last row is frame t's query (q_init for t = 0).
         q = model.fine_queries(torch.cat(hidden, dim=1), t + 1)[:, t : t + 1]
-        z, attn = model.encode_frames(dino[:, t : t + 1], q)
+        z, attn = model.encode_frames(inputs.frames(t, t + 1), q)
         v = model.project_visual(z).to(_embed_dtype(model))
         hidden.append(_lm_step(model, v, cache))
         queries.append(q)
@@ -131,16 +132,19 @@ def _prefix_autoregressive(model: FoveatedVLM, dino: Tensor) -> VisualPrefix:
     )
 
 
-def build_prefix(model: FoveatedVLM, dino: Tensor, mode: str = "fine") -> VisualPrefix:
-    """Run the visual prefix of `mode` over dino [B, T, N, D] (eval mode, no autograd)."""
+def build_prefix(model: FoveatedVLM, dino: Tensor | Mapping[str, Any], mode: str = "fine") -> VisualPrefix:
+    """Run the visual prefix of `mode` over dino [B, T, N, D], or a batch on the device (the deep query
+    also reads its block states; eval mode, no autograd)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if dino.ndim != 4:
-        raise ValueError(f"dino must be [B, T, N, D], got shape {tuple(dino.shape)}")
+    tokens = dino if isinstance(dino, Tensor) else dino["dino"]
+    if tokens.ndim != 4:
+        raise ValueError(f"dino must be [B, T, N, D], got shape {tuple(tokens.shape)}")
     with _eval_mode(model), torch.inference_mode():
+        inputs = model.frame_features(dino)
         if mode == "autoregressive":
-            return _prefix_autoregressive(model, dino)
-        return _prefix_parallel(model, dino, fine=mode == "fine")
+            return _prefix_autoregressive(model, inputs)
+        return _prefix_parallel(model, inputs, fine=mode == "fine")
 
 
 def _pick(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
@@ -186,7 +190,7 @@ def _decode(
 
 def generate_captions(
     model: FoveatedVLM,
-    dino: Tensor,
+    dino: Tensor | Mapping[str, Any],
     eos_id: int,
     max_tokens: int = 64,
     mode: str = "fine",
@@ -194,7 +198,8 @@ def generate_captions(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
 ) -> list[list[int]]:
-    """Caption token ids per sample of dino [B, T, N, D], without the EOS that ends them.
+    """Caption token ids per sample of dino [B, T, N, D] (or a batch: `build_prefix`), without the EOS
+    that ends them.
 
     A sample stops at its first EOS while the others continue; `max_tokens` caps every caption.
     temperature 0 decodes greedily; above 0 it samples from softmax(logits / temperature),

@@ -17,6 +17,8 @@ Shapes: B batch, T frames, N DINO tokens per frame, D DINO width, H LM width, L 
 P = 1 + fine_iterations passes, latents [C, S, S].
 """
 
+from __future__ import annotations
+
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from .deep_query import DeepQuery
 from .heads import RECON_HEADS, prediction_head
 
 COARSE, FINE = 0, 1  # rows of the mode embedding
@@ -50,6 +53,7 @@ class ModelConfig:
     lambda_coarse: float = 1.0
     lambda_caption: float = 1.0  # 0: reconstruction only (the caption losses are still reported)
     recon_head: str = "film"  # one of fvlm_model.heads.RECON_HEADS
+    query_depth: int = 0  # 0: one attention over the final tokens; L: through DINO's last L blocks (deep_query.py)
     lm_name: str = ""  # informational: FoveatedVLM sets it to the name of the LM it wraps
 
     def __post_init__(self) -> None:
@@ -57,6 +61,24 @@ class ModelConfig:
             raise ValueError(f"fine_iterations must be >= 1, got {self.fine_iterations}")
         if self.recon_head not in RECON_HEADS:
             raise ValueError(f"recon_head must be one of {', '.join(RECON_HEADS)}, got {self.recon_head!r}")
+        if self.query_depth < 0:
+            raise ValueError(f"query_depth must be >= 0, got {self.query_depth}")
+
+
+@dataclass
+class FrameFeatures:
+    """What the queries attend to, prepared once per batch (`FoveatedVLM.frame_features`) and shared by every
+    pass: the final DINO tokens [B, T, N, D], them in the compute dtype, and for the deep query each block's
+    keys and values of the stored patch states ([B, T, heads, N, D / heads] each)."""
+
+    dino: Tensor
+    features: Tensor
+    keys_values: list[tuple[Tensor, Tensor]] | None = None
+
+    def frames(self, start: int, stop: int) -> FrameFeatures:
+        """Frames start..stop-1 (generation runs frame by frame)."""
+        kv = None if self.keys_values is None else [(k[:, start:stop], v[:, start:stop]) for k, v in self.keys_values]
+        return FrameFeatures(self.dino[:, start:stop], self.features[:, start:stop], kv)
 
 
 def joint_loss(config: ModelConfig, cap_coarse: Any, cap_fine: Any, rec_coarse: Any, rec_fine: Any) -> Any:
@@ -66,8 +88,14 @@ def joint_loss(config: ModelConfig, cap_coarse: Any, cap_fine: Any, rec_coarse: 
 
 
 class FoveatedVLM(nn.Module):
-    def __init__(self, lm: PreTrainedModel, config: ModelConfig) -> None:
+    def __init__(self, lm: PreTrainedModel, config: ModelConfig, deep_query: DeepQuery | None = None) -> None:
+        """`deep_query`: DINO's last `config.query_depth` blocks (`DeepQuery.from_dino`), needed exactly when
+        the depth is above 0."""
         super().__init__()
+        if (deep_query is None) != (config.query_depth == 0) or (
+                deep_query is not None and len(deep_query.blocks) != config.query_depth):
+            raise ValueError(f"query_depth {config.query_depth} needs DINO's last {config.query_depth} blocks, given "
+                             f"{0 if deep_query is None else len(deep_query.blocks)}")
         # A copy: changing one model's config changes no other model built from the same one.
         self.config = replace(config, lm_name=lm.config.name_or_path or "unknown")
         dino_dim, latent_channels, latent_size = config.dino_dim, config.latent_channels, config.latent_size
@@ -90,6 +118,8 @@ class FoveatedVLM(nn.Module):
 
         self.latent_init = nn.Parameter(torch.zeros(latent_channels, latent_size, latent_size))
         self.head = prediction_head(config.recon_head, hidden, latent_channels, latent_size)
+        # Built outside and passed in: at depth 0 the model's parameters and random draws are those of before.
+        self.deep_query = deep_query
 
     # ---- building blocks (public: generation reuses them) -------------------------------------
 
@@ -110,22 +140,47 @@ class FoveatedVLM(nn.Module):
         first = self.q_init.to(rest.dtype).expand(hidden.shape[0], 1, -1)
         return torch.cat([first, rest], dim=1)
 
-    def encode_frames(self, dino: Tensor, queries: Tensor, features: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """One token per frame: z_t = softmax(W_q q_t . P_t^T / sqrt(D)) P_t, all frames at once.
+    def frame_features(self, batch: Mapping[str, Any] | Tensor) -> FrameFeatures:
+        """The batch's features as every pass reads them (converted once): `dino` (a batch or the tensor
+        itself) and, for the deep query, the keys and values of its blocks' stored states (`dino_block<k>`)."""
+        dino = batch if isinstance(batch, Tensor) else batch["dino"]
+        features = dino.to(self.compute_dtype(dino.device))
+        if self.deep_query is None:
+            return FrameFeatures(dino, features)
+        names = self.deep_query.array_names
+        if isinstance(batch, Tensor) or any(n not in batch for n in names):
+            raise ValueError(f"query_depth {self.config.query_depth} needs the batch's {', '.join(names)} "
+                             "(a store made with precompute --dino-layers)")
+        dtype = features.dtype
+        return FrameFeatures(dino, features, self.deep_query.keys_values([batch[n].to(dtype) for n in names]))
 
-        dino [B, T, N, D], queries [B, T, D] -> (z [B, T, D], attention [B, T, N]). The scores and
-        the softmax are computed in fp32 (bf16 scores would shift a sharp attention by percents);
-        the weighted sum runs in the compute dtype on `features` (dino converted to it; pass it
-        when calling once per pass, so the conversion happens once).
+    def encode_frames(self, dino: Tensor | FrameFeatures, queries: Tensor, features: Tensor | None = None,
+                      per_block: bool = False) -> tuple[Tensor, Tensor]:
+        """One token per frame, all frames at once: dino [B, T, N, D] (or `frame_features`), queries
+        [B, T, D] -> (z [B, T, D], attention [B, T, N]).
+
+        Depth 0: z_t = softmax(W_q q_t . P_t^T / sqrt(D)) P_t. The scores and the softmax are computed in
+        fp32 (bf16 scores would shift a sharp attention by percents); the weighted sum runs in the compute
+        dtype on `features` (dino converted to it; pass it when calling once per pass, so the conversion
+        happens once). Deep query: W_q q_t passes DINO's last blocks (`deep_query.py`); the attention is its
+        last block's, averaged over heads, or with `per_block` every block's [B, T, L, N] (depth 0: L = 1).
         """
+        if isinstance(dino, FrameFeatures):
+            dino, features, keys_values = dino.dino, dino.features, dino.keys_values
+        elif self.deep_query is not None:
+            frames = self.frame_features(dino)  # raises: a tensor alone has no block states
+            dino, features, keys_values = frames.dino, frames.features, frames.keys_values
         if features is None:
             features = dino.to(self.compute_dtype(dino.device))
+        if self.deep_query is not None:
+            z, maps = self.deep_query(self.w_q(queries.to(features.dtype)), keys_values)
+            return z, maps if per_block else maps[..., -1, :]
         with torch.autocast(dino.device.type, enabled=False):
             q = F.linear(queries.float(), self.w_q.weight.float())
             scores = (dino.float() @ q.unsqueeze(-1)).squeeze(-1) * dino.shape[-1] ** -0.5
             attn = scores.softmax(dim=-1)
         z = (attn.to(features.dtype).unsqueeze(-2) @ features).squeeze(-2)
-        return z, attn
+        return z, attn.unsqueeze(-2) if per_block else attn
 
     def project_visual(self, z: Tensor) -> Tensor:
         """[B, T, D] -> [B, T, H]: linear map, then RMS-normalise each token to the LM's embedding
@@ -134,7 +189,8 @@ class FoveatedVLM(nn.Module):
         return F.rms_norm(v, (v.shape[-1],), eps=1e-6) * self.visual_scale.to(v.dtype)
 
     def run_pass(
-        self, dino: Tensor, queries: Tensor, mode: int, caption_embeds: Tensor, features: Tensor | None = None
+        self, dino: Tensor | FrameFeatures, queries: Tensor, mode: int, caption_embeds: Tensor,
+        features: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """One pass of the LM over `[mode_token, v_1..v_T, caption_embeds]`.
 
@@ -143,7 +199,7 @@ class FoveatedVLM(nn.Module):
         """
         z, attn = self.encode_frames(dino, queries, features)
         dtype = caption_embeds.dtype
-        mode_token = self.mode_embed[mode].to(dtype).expand(dino.shape[0], 1, -1)
+        mode_token = self.mode_embed[mode].to(dtype).expand(queries.shape[0], 1, -1)
         seq = torch.cat([mode_token, self.project_visual(z).to(dtype), caption_embeds], dim=1)
         # Right padding + causal attention: no mask needed, padding never affects real positions.
         out = self.lm.get_decoder()(inputs_embeds=seq, use_cache=False)
@@ -193,7 +249,8 @@ class FoveatedVLM(nn.Module):
         cap_sum [P, B] (caption loss summed over each video's tokens), cap_tokens [B],
         cap_per_sample = cap_sum / cap_tokens and rec_per_sample [P, B], attention [P, B, T, N],
         pred_latents [P, B, T, C, S, S], last_queries [B, T, D] (the last pass's queries, for
-        `shuffled_query_loss`). The intermediate fine passes only make the next queries, so they
+        `shuffled_query_loss`), queries [P, B, T, D] (every pass's: `encode_frames` remakes its tokens and,
+        for the deep query, its per-block attention). The intermediate fine passes only make the next queries, so they
         run without the caption (their visual hidden states do not depend on it: causal) and
         their caption losses are NaN unless `score_all_passes` (evaluation) asks for them.
         """
@@ -201,18 +258,19 @@ class FoveatedVLM(nn.Module):
         latents = batch["latents"].to(self.latent_init.dtype)
         videos, frames = dino.shape[:2]
         num_passes = 1 + self.config.fine_iterations
-        # Convert the features once, not once per pass.
-        features = dino.to(self.compute_dtype(dino.device))
+        # Convert the features (and make the deep query's keys and values) once, not once per pass.
+        inputs = self.frame_features(batch)
         # The last caption token predicts nothing, so it is never fed.
         caption_embeds = self.lm.get_input_embeddings()(input_ids[:, :-1])
         no_caption = caption_embeds[:, :0]
 
-        token_ce, rec_hidden, attention = [], [], []
+        token_ce, rec_hidden, attention, pass_queries = [], [], [], []
         queries = self.static_queries(videos, frames)
         for p in range(num_passes):
             scored = p in (0, num_passes - 1) or score_all_passes
-            hidden, attn = self.run_pass(dino, queries, COARSE if p == 0 else FINE,
-                                         caption_embeds if scored else no_caption, features)
+            pass_queries.append(queries)
+            hidden, attn = self.run_pass(inputs, queries, COARSE if p == 0 else FINE,
+                                         caption_embeds if scored else no_caption)
             if p in (0, num_passes - 1):
                 token_ce.append(self.caption_token_loss(hidden[:, frames:], labels))
             elif scored:  # reported only: no graph
@@ -257,6 +315,7 @@ class FoveatedVLM(nn.Module):
             "attention": torch.stack(attention).detach(),
             "pred_latents": pred.detach(),
             "last_queries": queries.detach(),
+            "queries": torch.stack([q.expand(videos, frames, -1) for q in pass_queries]).detach(),
         }
 
     # ---- evaluation control -------------------------------------------------------------------
@@ -272,9 +331,9 @@ class FoveatedVLM(nn.Module):
         this, the gain comes from where the queries look, not from the fine pass having its own
         parameters (q_init, the mode token). Needs B >= 2 (with B = 1 the roll is the identity).
         """
-        dino, input_ids, labels = batch["dino"], batch["input_ids"], batch["labels"]
-        frames = dino.shape[1]
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        frames = batch["dino"].shape[1]
         caption_embeds = self.lm.get_input_embeddings()(input_ids[:, :-1])
         queries = torch.cat([last_queries[:, :1], last_queries[:, 1:].roll(1, dims=0)], dim=1)
-        hidden, _ = self.run_pass(dino, queries, FINE, caption_embeds)
+        hidden, _ = self.run_pass(self.frame_features(batch), queries, FINE, caption_embeds)
         return self.caption_token_loss(hidden[:, frames:], labels).float().sum(dim=1)

@@ -185,7 +185,8 @@ def pass_names(num_passes: int) -> list[str]:
 def inspect_batch(model: FoveatedVLM, batch: Mapping[str, Any]) -> dict[str, dict[str, Tensor | float]]:
     """One forward of `batch` (eval mode, no grad) and what it says about the passes.
 
-    Returns {"attention": {pass: [B, T, N] float32 on the CPU}, "entropy": {pass: nats over the N
+    Returns {"attention": {pass: [B, T, N] float32 on the CPU}, "block_attention": {pass: [B, T, L, N]: each
+    of the deep query's L blocks (L = 1 at query depth 0)}, "entropy": {pass: nats over the N
     tokens}, "token_cosine": {"fine_k": cosine between coarse and fine_k visual tokens},
     "caption_loss": {pass: loss}}. Passes are named by `pass_names`.
     """
@@ -194,12 +195,11 @@ def inspect_batch(model: FoveatedVLM, batch: Mapping[str, Any]) -> dict[str, dic
     try:
         with torch.no_grad():
             out = model(batch, score_all_passes=True)
-            dino = batch["dino"]
             attention = out["attention"]  # [P, B, T, N]
-            # The visual token is project_visual(attention @ P_t) (see `encode_frames`): no need
-            # to rebuild the queries of every pass to get it.
-            z = (attention.float().unsqueeze(-2) @ dino.float().unsqueeze(0)).squeeze(-2)
-            visual = model.project_visual(z.to(model.proj.weight.dtype))  # [P, B, T, H]
+            # Each pass's frame tokens again from its queries, and every block's attention (one at depth 0).
+            inputs = model.frame_features(batch)
+            tokens, blocks = zip(*(model.encode_frames(inputs, q, per_block=True) for q in out["queries"]), strict=True)
+            visual = model.project_visual(torch.stack(tokens).to(model.proj.weight.dtype))  # [P, B, T, H]
     finally:
         for m, training in modes:
             m.training = training
@@ -207,6 +207,7 @@ def inspect_batch(model: FoveatedVLM, batch: Mapping[str, Any]) -> dict[str, dic
     names = pass_names(attention.shape[0])
     return {
         "attention": {n: attention[p].float().cpu() for p, n in enumerate(names)},
+        "block_attention": {n: blocks[p].float().cpu() for p, n in enumerate(names)},
         "entropy": {n: attention_entropy(attention[p]).item() for p, n in enumerate(names)},
         "token_cosine": {n: token_cosine(visual[0], visual[p]) for p, n in enumerate(names) if p > 0},
         "caption_loss": {n: float(out["cap_passes"][p]) for p, n in enumerate(names)},

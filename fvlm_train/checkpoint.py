@@ -14,11 +14,14 @@ from typing import Any
 import torch
 
 from fvlm_data.dataset import synthetic_vocabulary
+from fvlm_data.errors import EncoderLoadError
+from fvlm_data.precompute.encoders import load_dino, weights_fingerprint
 from fvlm_data.store.reader import FeatureStore
 from fvlm_model import FoveatedVLM, ModelConfig, load_lm
+from fvlm_model.deep_query import DeepQuery
 
 from . import TrainError
-from .config import RunConfig, check_store, check_store_identity
+from .config import RunConfig, check_store, check_store_identity, query_blocks
 
 FORMAT = "fvlm-checkpoint"
 VERSION = 2  # 2: the run configuration (`config`) replaces `args` + `model_config`
@@ -128,7 +131,24 @@ def model_config(config: RunConfig, attrs: dict[str, Any]) -> ModelConfig:
     return ModelConfig(dino_dim=int(attrs["dino_dim"]), num_tokens=int(attrs["dino_tokens"]), latent_channels=c,
                        latent_size=h, fine_iterations=config.fine_iterations, lambda_recon=config.lambda_recon,
                        lambda_coarse=config.lambda_coarse, lambda_caption=config.lambda_caption,
-                       recon_head=config.recon_head)
+                       recon_head=config.recon_head, query_depth=config.query_depth)
+
+
+def frozen_dino_blocks(config: RunConfig, attrs: dict[str, Any]) -> DeepQuery | None:
+    """The deep query's frozen blocks: the store's own DINO (its `dino` id; the tiny one is rebuilt), refused
+    unless its weights are the ones that made the store's block states (`dino_fingerprint`). None at depth 0."""
+    if config.query_depth == 0:
+        return None
+    query_blocks(config.query_depth, attrs)
+    try:
+        with torch.random.fork_rng(devices=[]):  # loading draws nothing: the model starts as it would at depth 0
+            dino, kind = load_dino(attrs["dino"])
+    except EncoderLoadError as e:
+        raise TrainError(f"--query-depth {config.query_depth} needs the store's DINO weights: {e}") from None
+    if (have := weights_fingerprint(dino)) != attrs.get("dino_fingerprint"):
+        raise TrainError(f"--query-depth {config.query_depth}: the DINO weights of {attrs['dino']!r} ({have[:19]}...) "
+                         f"are not the ones that made the store ({str(attrs.get('dino_fingerprint'))[:19]}...)")
+    return DeepQuery.from_dino(dino, kind, config.query_depth)
 
 
 def build_model(config: RunConfig, attrs: dict[str, Any]) -> tuple[FoveatedVLM, Any]:
@@ -141,7 +161,8 @@ def build_model(config: RunConfig, attrs: dict[str, Any]) -> tuple[FoveatedVLM, 
         if attrs.get("preset") == "tiny" and lm_id != "tiny":
             hint = "; this store was made with the tiny preset: add --preset tiny to train on it offline"
         raise TrainError(f"{e}{hint}") from None
-    return FoveatedVLM(lm, model_config(config, attrs)), tokenizer
+    deep_query = frozen_dino_blocks(config, attrs)
+    return FoveatedVLM(lm, model_config(config, attrs), deep_query), tokenizer
 
 
 def load_trained(store_path: str, checkpoint: str | Path) -> tuple[FoveatedVLM, Any, RunConfig, FeatureStore, int]:

@@ -57,6 +57,10 @@ class RunConfig:
     recon_head: str = option(MODEL_DEFAULTS.recon_head, "Next-frame head: film (the seed's: FiLM on the previous "
                              "latent x_{t-1}), delta (x_{t-1} plus a change predicted from the hidden state alone), "
                              "hidden (the latent from the hidden state alone).", click.Choice(RECON_HEADS))
+    query_depth: int = option(MODEL_DEFAULTS.query_depth, "0: each frame's query is one attention over DINO's final "
+                              "tokens. N: the query passes DINO's last N frozen blocks over the patch states the "
+                              "store holds (a store made with precompute --dino-layers >= N), then its final norm.",
+                              click.IntRange(min=0))
     max_caption_tokens: int = option(64, "Caption tokens kept (EOS included).", click.IntRange(min=2))
     val_fraction: float = option(0.05, "Share of videos held out (by a hash of the video id).",
                                  click.FloatRange(0.0, 1.0))
@@ -107,7 +111,7 @@ class RunConfig:
 
 # A checkpoint from before lambda_caption and recon_head has neither: it was trained with their defaults.
 MODEL_FIELDS = ("lm_id", "num_frames", "fine_iterations", "lambda_recon", "lambda_coarse", "lambda_caption",
-                "recon_head", "max_caption_tokens")
+                "recon_head", "query_depth", "max_caption_tokens")
 OPTION_FIELDS = tuple(f.name for f in fields(RunConfig) if "help" in f.metadata)
 
 
@@ -200,6 +204,16 @@ def check_store_identity(saved: RunConfig, attrs: dict[str, Any], path: str, all
                          f"{was}), not {store_location(path)} (store_id {now}); add --other-store to use this one "
                          "anyway")
     return [diff]
+
+
+def query_blocks(query_depth: int, attrs: dict[str, Any], path: str | os.PathLike = "the store") -> tuple[int, ...]:
+    """The DINO blocks a deep query of `query_depth` passes: the last ones of those whose input states the
+    store holds (none at depth 0). A store with fewer is a TrainError naming both numbers."""
+    blocks = tuple(int(k) for k in attrs.get("dino_blocks", ()))
+    if query_depth > len(blocks):
+        raise TrainError(f"--query-depth {query_depth} but {path} was made with --dino-layers {len(blocks)}: "
+                         f"precompute a store with --dino-layers {query_depth} or more, or lower --query-depth")
+    return blocks[len(blocks) - query_depth:]
 
 
 def held_out_fingerprint(video_ids: list[str], val_fraction: float) -> dict[str, Any]:

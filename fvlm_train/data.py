@@ -17,7 +17,7 @@ from fvlm_data.errors import StoreError
 from fvlm_data.store.reader import FeatureStore
 
 from . import TrainError
-from .config import RunConfig
+from .config import RunConfig, query_blocks
 
 
 class ResumableSampler(Sampler[int]):
@@ -113,7 +113,10 @@ def open_splits(store: FeatureStore, config: RunConfig) -> Splits:
     except ValueError:  # the same check, in the command line's words
         raise TrainError(f"--num-frames {config.num_frames} but {store.path} stores {store.attrs['num_frames']} "
                          "frames per video") from None
-    return split_datasets(store, config.num_frames, config.val_fraction, config.frame_sampling, config.seed)
+    splits = split_datasets(store, config.num_frames, config.val_fraction, config.frame_sampling, config.seed)
+    for ds in (splits.train, splits.val):  # the deep query also reads the states entering its blocks
+        ds.read_block_states(query_blocks(config.query_depth, store.attrs, store.path))
+    return splits
 
 
 def pad_captions(batch: dict[str, Any], multiple: int, pad_id: int) -> dict[str, Any]:

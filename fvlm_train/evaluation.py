@@ -145,7 +145,7 @@ def caption_table(model: FoveatedVLM, tokenizer: Any, batch: dict[str, Any], max
     rows = [{"video_id": v, "truth": c, "references": r}
             for v, c, r in zip(batch["video_ids"], batch["captions"], references, strict=True)]
     for mode in modes:
-        ids = generate_captions(model, batch["dino"], tokenizer.eos_token_id, max_tokens=max_tokens, mode=mode)
+        ids = generate_captions(model, batch, tokenizer.eos_token_id, max_tokens=max_tokens, mode=mode)
         for row, seq in zip(rows, ids, strict=True):
             row[mode] = tokenizer.decode(seq, skip_special_tokens=True)
     return rows
