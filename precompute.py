@@ -26,7 +26,7 @@ from click.core import ParameterSource
 from fvlm_data.environment import Launch, hub_reachable, torchrun_launch
 from fvlm_data.errors import EncoderLoadError, StoreError
 from fvlm_data.precompute.config import DEFAULT_SYNTHETIC_VIDEOS, PrecomputeConfig, click_options
-from fvlm_data.precompute.encoders import TINY, FrozenEncoders
+from fvlm_data.precompute.encoders import FrozenEncoders, is_tiny
 from fvlm_data.precompute.pipeline import PrecomputeSummary, run_precompute
 from fvlm_data.precompute.ranks import RankGroup
 from fvlm_data.precompute.workers import Stopped, stop_on_sigterm
@@ -75,7 +75,7 @@ def _hub_models_reachable(config: PrecomputeConfig) -> None:
     from huggingface_hub import constants, try_to_load_from_cache
 
     hub_ids = [m for m in (config.dino_id, config.vae_id)
-               if m != TINY and not m.startswith("timm:") and not os.path.isdir(os.path.expanduser(m))]
+               if not is_tiny(m) and not m.startswith("timm:") and not os.path.isdir(os.path.expanduser(m))]
     if not hub_ids or not (constants.HF_HUB_OFFLINE or not hub_reachable()):
         return
     missing = [m for m in hub_ids if not isinstance(try_to_load_from_cache(m, "config.json"), str)]

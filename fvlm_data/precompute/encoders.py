@@ -39,11 +39,16 @@ def _seeded(seed: int):
         yield
 
 
+def is_tiny(name: str) -> bool:
+    """The tiny random-initialised encoders: `tiny`, and `tiny:K` (a DINO of K blocks); no hub, no files."""
+    return name == TINY or name.startswith(TINY + ":")
+
+
 def load_dino(name: str) -> tuple[nn.Module, str]:
     """DINO by its id (a store's `dino` attribute): the model and how to call it, 'transformers' or 'timm'.
     `tiny` is DINOv2-small's widths with 2 random blocks; `tiny:K` the same with K blocks (deeper query
     experiments); both are the same weights on every call."""
-    if name == TINY or name.startswith(TINY + ":"):
+    if is_tiny(name):
         from transformers import Dinov2Config, Dinov2Model
 
         blocks = name.removeprefix(TINY).removeprefix(":") or "2"
@@ -203,7 +208,7 @@ class FrozenEncoders:
         """What the store's attributes record about the encoders."""
         return {
             "dino": self.dino_id,
-            "dino_loader": "tiny-random-init" if self.dino_id == TINY else self.dino_kind,
+            "dino_loader": "tiny-random-init" if is_tiny(self.dino_id) else self.dino_kind,
             "vae": self.vae_id,
             "vae_loader": "tiny-random-init" if self.vae_id == TINY else "diffusers",
             "vae_scaling_factor": self.vae_scaling_factor,
