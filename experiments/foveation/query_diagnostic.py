@@ -4,15 +4,15 @@ different frame tokens? For the shallow query (one attention over DINO's final t
 
     python -m experiments.foveation.query_diagnostic --store S [--videos 64] [--depth L] [--pairs 16]
 
-For `--videos` videos of a store made with `precompute --dino-layers`, every frame, and `--pairs` pairs of
-queries, it prints per mode: the Pearson correlation between the two queries' frame tokens (over the D
-channels, averaged over frames and pairs; the reference measured 0.98 shallow and 0.43 deep on DINOv2-small),
-the correlation between one query's tokens of two different videos (the control: near 1, the token says
-little about its video, whatever the first number), and the attention entropy in nats over the N tokens
-(log N is uniform; the deep query's is its last block's, averaged over heads). Two kinds of queries: N(0, 1)
-per channel (the model's q_static and q_init start so), and tokens of other videos' frames entering the first deep block (queries of DINO's own
-distribution). The shallow query uses no learned projection here (the model's W_q is learned), the deep one
-DINO's own projections: the numbers describe the mechanisms, not a trained model.
+For `--videos` videos of a store made with `precompute --dino-layers`, every frame, and `--pairs` pairs of queries,
+it prints per mode: the Pearson correlation between the two queries' frame tokens (over the D channels, averaged
+over frames and pairs; the reference measured 0.98 shallow and 0.43 deep on DINOv2-small), the correlation between
+one query's tokens of two different videos (the control: near 1, the token says little about its video, whatever
+the first number), and the attention entropy in nats over the N tokens (log N is uniform; the deep query's is its
+last block's, averaged over heads). Two kinds of queries: N(0, 1) per channel (the model's q_static and q_init
+start so), and tokens of other videos' frames entering the first deep block (queries of DINO's own distribution).
+The shallow query uses no learned projection here (the model's W_q is learned), the deep one DINO's own
+projections: the numbers describe the mechanisms, not a trained model.
 """
 
 from __future__ import annotations
