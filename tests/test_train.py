@@ -22,6 +22,8 @@ from fvlm_data.store import FeatureShapes
 from fvlm_data.store.writer import StoreWriter
 from fvlm_model.evaluation import pass_metrics
 from fvlm_model.model import ModelConfig
+from fvlm_train import TrainError
+from fvlm_train.checkpoint import load_trained
 from fvlm_train.step import lr_at
 from tests.helpers.in_process import invoke
 from tests.helpers.small_disk import SmallDisk
@@ -268,6 +270,32 @@ def test_first_contact_errors(store, tmp_path):
     proc = run(cmd, check=False)
     one_line_error(proc, "cannot load language model 'HuggingFaceTB/SmolLM2-135M-Instruct'")
     assert "HF_HUB_OFFLINE" in proc.stderr and "--lm PATH" in proc.stderr and "add --preset tiny" in proc.stderr
+
+
+@pytest.mark.slow  # the store fixture's precompute.py and the full run in new processes
+def test_damaged_or_edited_checkpoints_are_one_line_on_resume_eval_and_load_trained(store, full_run, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(full_run, run_dir)  # checkpoint_latest.pt now a copy of step 16's, no longer the same file
+    latest = run_dir / "checkpoint_latest.pt"
+    data = bytearray(latest.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 8] = bytes(b ^ 0xFF for b in data[len(data) // 2: len(data) // 2 + 8])
+    latest.write_bytes(data)
+    proc = in_process(train_cmd(store, run_dir, "--max-steps", "20"))  # the same command again: it would resume
+    one_line_error(proc, f"{latest} is damaged (bad CRC-32 of ")
+    assert (f"{run_dir} holds the checkpoints of steps 12 (intact) and 16 (intact): give --resume "
+            f"{run_dir / 'checkpoint_step00000016.pt'} to use the newest intact one") in proc.stderr
+    raw = torch.load(full_run / "checkpoint_latest.pt", weights_only=True)
+    name = next(iter(raw["model"]))
+    raw["model"][name] = torch.zeros(3)
+    torch.save(raw, tmp_path / "edited.pt")
+    text = f"{tmp_path / 'edited.pt'}: its model's {name!r} has shape [3], the model's ["
+    one_line_error(in_process(train_cmd(store, tmp_path / "o", "--resume", str(tmp_path / "edited.pt"), "--eval-only")),
+                   text)
+    with pytest.raises(TrainError, match=re.escape(text)):
+        load_trained(str(store), tmp_path / "edited.pt")
+    torch.save({**raw, "step": "16"}, tmp_path / "edited.pt")
+    one_line_error(in_process(train_cmd(store, tmp_path / "o", "--resume", str(tmp_path / "edited.pt"))),
+                   "its step is '16' (str), not a whole number >= 0")
 
 
 @pytest.mark.slow  # train.py in new processes on a full disk
