@@ -172,7 +172,7 @@ def _first_line(error: BaseException) -> str:
 
 _STEP_FILE = re.compile(r"checkpoint_step(\d+)\.pt")
 # Temp files of a save: ".<name>.pending<pid>", ".<name>.tmp<pid>", and an older fvlm's ".<name>.pending".
-_TEMP_FILE = re.compile(r"\..*\.(?:pending|tmp)(\d+)|\.checkpoint_step\d+\.pt\.pending")
+_TEMP_FILE = re.compile(r"\.\.?checkpoint_.*\.(?:pending|tmp)(\d+)|\.checkpoint_step\d+\.pt\.pending")
 
 
 def damage(path: Path) -> str | None:

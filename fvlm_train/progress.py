@@ -116,27 +116,34 @@ class Events:
 
     def close(self, quiet: bool = False) -> None:
         """Write what is queued and close; `quiet`: after another error, say nothing of this one."""
-        try:
-            self.flush()  # raises the thread's failure, which close() alone would not
-            self._writer.close()
-        except (TrainError, OSError):
-            if not quiet:
-                raise
+        failure = None
+        for name in ("flush", "close"):  # flush raises the thread's failure, which close alone would not
+            try:
+                self.__getattr__(name)()
+            except TrainError as e:
+                failure = failure or e
+        if failure is not None and not quiet:
+            raise failure
 
 
-def _quiet_event_thread(args: threading.ExceptHookArgs) -> None:
-    """The event thread's failure is raised again by the writer's next call (Events): not printed here too."""
-    if not (type(args.thread).__module__.startswith("tensorboard.") and issubclass(args.exc_type, OSError)):
-        _print_thread_error(args)
+def _quiet_event_thread_errors() -> None:
+    """The event thread's OSError is raised again by the writer's next call (Events): not printed by the thread
+    too. Other threads' errors go to the hook that was there."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_event_thread", False):
+        return
 
-
-_print_thread_error = threading.excepthook
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not (type(args.thread).__module__.startswith("tensorboard.") and issubclass(args.exc_type, OSError)):
+            previous(args)
+    hook.quiets_event_thread = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def open_writer(run_dir: Path, config: RunConfig, step: int) -> Events:
     """The run folder with its run_config.json, and its TensorBoard writer from `step` on; a new run
     records its configuration as text and hparams."""
-    threading.excepthook = _quiet_event_thread
+    _quiet_event_thread_errors()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2))
