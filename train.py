@@ -12,7 +12,6 @@ checkpoint when the same command is run again. The parts live in fvlm_train/; th
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from fvlm_data.errors import StoreError
 from fvlm_data.store.reader import FeatureStore
 from fvlm_model.generate import MODES
 from fvlm_train import TrainError
-from fvlm_train.checkpoint import Checkpoint, build_model, rng_state
+from fvlm_train.checkpoint import Checkpoint, build_model, remove_stale_temp_files, rng_state
 from fvlm_train.config import (
     RunConfig,
     check_json_path,
@@ -102,8 +101,7 @@ def main(store: str, out: str | None, resume: str | None, eval_only: bool, json_
                   other_store)
         shutdown(launch.world_size)
     except (TrainError, StoreError) as e:
-        click.echo(f"error: {one_line(e)}", err=True)
-        sys.exit(1)
+        raise click.ClickException(one_line(e)) from None  # "Error: <the line>", as precompute.py and click say
 
 
 def prepare(store_path: str, config: RunConfig, saved: RunConfig | None,
@@ -135,7 +133,7 @@ def evaluate_checkpoint(store_path: str, path: Path, given: dict[str, Any], devi
     if len(val_ds) == 0:
         raise TrainError(f"{store_path} has no held-out videos at --val-fraction {config.val_fraction}")
     model, tokenizer = build_model(config, val_ds.attrs)
-    model.load_state_dict(ckpt.model)
+    ckpt.load_weights(model)
     model.to(device)
     collate = CaptionCollator(tokenizer, config.max_caption_tokens)
     pairs = val_ds.with_captions(config.eval_captions)
@@ -171,6 +169,9 @@ def evaluate_checkpoint(store_path: str, path: Path, given: dict[str, Any], devi
 def train(store_path: str, run_dir: Path, resume: Path | None, given: dict[str, Any], launch: Launch,
           device: torch.device, workers: int, compile_model: bool | None, other_store: bool = False) -> None:
     latest = run_dir / "checkpoint_latest.pt"
+    if launch.rank == 0 and run_dir.is_dir():
+        for path in remove_stale_temp_files(run_dir):
+            click.echo(f"note: removed {path.name}, left by an interrupted checkpoint save", err=True)
     resume = resume or (latest if latest.exists() else None)
     ckpt = Checkpoint.load(resume) if resume else None
     saved = ckpt.config if ckpt else None
@@ -199,6 +200,8 @@ def train(store_path: str, run_dir: Path, resume: Path | None, given: dict[str, 
     batches = TrainBatches(splits.train, collate, config.batch_size, workers, config.seed, launch.rank, world_size,
                            pin, epoch, micro_in_epoch, device)
     writer = open_writer(run_dir, config, step) if main_rank else None
+    if main_rank:  # named now, so that TensorBoard can be pointed at it during the run
+        click.echo(f"run folder (TensorBoard events, checkpoints): {run_dir}", err=True)
     # Training runs through `fn` (DDP and/or compiled); evaluation, generation and checkpoints use
     # `model` itself (so state_dict keys carry no prefix).
     # Parameters without a gradient must be declared to DDP, or its second step waits for them and fails.
@@ -219,57 +222,63 @@ def train(store_path: str, run_dir: Path, resume: Path | None, given: dict[str, 
     log = IntervalLog(device, nonfinite_total)
     stop_reason, val_seconds = None, 0.0
     bar = tqdm(total=config.max_steps, initial=step, disable=not main_rank, dynamic_ncols=True, unit="step")
-    model.train()
-    while step < config.max_steps:
-        lr = lr_at(step, config.lr, config.warmup, config.max_steps)
-        set_lr(optimizer, lr)
-        micro = [next(batches) for _ in range(config.grad_accum)]  # on the device already
-        if compiled is not None:
-            micro = [pad_captions(b, caption_bucket(b, config.max_caption_tokens), collate.pad_id) for b in micro]
-            result = compiled.step(model, optimizer, micro, config.clip, world_size)
-        else:
-            result = train_step(model, fn, optimizer, micro, config.clip, world_size, read=False)
-        log.add(result, sum(b["labels"].shape[0] for b in micro) * world_size)
-        step += 1
-        bar.update(1)
-        # Nothing is read back from the device except on logging, validation and checkpoint steps; the
-        # time limit is checked (one collective with several ranks) on logging steps only.
-        logging = step % config.log_every == 0
-        last = step == config.max_steps
-        if logging and config.max_hours is not None:
-            out_of_time = time.time() - start_time > config.max_hours * 3600
-            last = last or (any_rank(out_of_time, world_size, device) if world_size > 1 else out_of_time)
-        saving = step % config.save_every == 0
-        validating = step % config.val_every == 0
-        if logging or saving or validating or last:
-            skipped = log.counts()  # every rank reads the same counts: the skip flag is all-reduced
-            if skipped and main_rank:
-                tqdm.write(f"step {step}: {skipped} non-finite step(s) skipped since the last report "
-                           f"({log.nonfinite_total} so far)")
-            if log.longest_run >= config.max_nonfinite:
-                stop_reason = (f"{log.longest_run} non-finite steps in a row at step {step}: stopping; the "
-                               f"last good weights are in {latest if latest.exists() else 'no checkpoint yet'}")
-                last = True
-        if logging or last:
-            m = log.metrics(lr, model.config, device, world_size)
-            if writer is not None:
-                write_log(writer, m, step)
-        if (validating or last) and writer is not None and len(val_ds):
-            # During training: the first --val-batches batches (the same videos every time); at the
-            # end: the whole held-out split.
-            val_start = time.time()
-            metrics = evaluate(model, val_loader, device, None if last else config.val_batches)
-            log_validation(writer, metrics, step)
-            if visual_items:
-                log_visuals(writer, model, tokenizer, to_device(collate(visual_items), device), visual_frames, step,
-                            config.max_caption_tokens)
-            val_seconds += time.time() - val_start
-            tqdm.write(f"step {step} val: {summary_line(metrics)}\n  {metrics['verdict']}")
-        if (saving or last) and main_rank and stop_reason is None:
-            Checkpoint(config, model.state_dict(), optimizer.state_dict(), step, batches.epoch, batches.micro_in_epoch,
-                       log.nonfinite_total, rng_state(device)).save(run_dir, config.keep)
-        if last:
-            break
+    try:
+        model.train()
+        while step < config.max_steps:
+            lr = lr_at(step, config.lr, config.warmup, config.max_steps)
+            set_lr(optimizer, lr)
+            micro = [next(batches) for _ in range(config.grad_accum)]  # on the device already
+            if compiled is not None:
+                micro = [pad_captions(b, caption_bucket(b, config.max_caption_tokens), collate.pad_id) for b in micro]
+                result = compiled.step(model, optimizer, micro, config.clip, world_size)
+            else:
+                result = train_step(model, fn, optimizer, micro, config.clip, world_size, read=False)
+            log.add(result, sum(b["labels"].shape[0] for b in micro) * world_size)
+            step += 1
+            bar.update(1)
+            # Nothing is read back from the device except on logging, validation and checkpoint steps; the
+            # time limit is checked (one collective with several ranks) on logging steps only.
+            logging = step % config.log_every == 0
+            last = step == config.max_steps
+            if logging and config.max_hours is not None:
+                out_of_time = time.time() - start_time > config.max_hours * 3600
+                last = last or (any_rank(out_of_time, world_size, device) if world_size > 1 else out_of_time)
+            saving = step % config.save_every == 0
+            validating = step % config.val_every == 0
+            if logging or saving or validating or last:
+                skipped = log.counts()  # every rank reads the same counts: the skip flag is all-reduced
+                if skipped and main_rank:
+                    tqdm.write(f"step {step}: {skipped} non-finite step(s) skipped since the last report "
+                               f"({log.nonfinite_total} so far)")
+                if log.longest_run >= config.max_nonfinite:
+                    stop_reason = (f"{log.longest_run} non-finite steps in a row at step {step}: stopping; the "
+                                   f"last good weights are in {latest if latest.exists() else 'no checkpoint yet'}")
+                    last = True
+            if logging or last:
+                m = log.metrics(lr, model.config, device, world_size)
+                if writer is not None:
+                    write_log(writer, m, step)
+            if (validating or last) and writer is not None and len(val_ds):
+                # During training: the first --val-batches batches (the same videos every time); at the
+                # end: the whole held-out split.
+                val_start = time.time()
+                metrics = evaluate(model, val_loader, device, None if last else config.val_batches)
+                log_validation(writer, metrics, step)
+                if visual_items:
+                    log_visuals(writer, model, tokenizer, to_device(collate(visual_items), device), visual_frames, step,
+                                config.max_caption_tokens)
+                val_seconds += time.time() - val_start
+                tqdm.write(f"step {step} val: {summary_line(metrics)}\n  {metrics['verdict']}")
+            if (saving or last) and main_rank and stop_reason is None:
+                Checkpoint(config, model.state_dict(), optimizer.state_dict(), step, batches.epoch,
+                           batches.micro_in_epoch, log.nonfinite_total, rng_state(device)).save(run_dir, config.keep)
+            if last:
+                break
+    except BaseException:  # the bar and the events end before the error's one line
+        bar.close()
+        if writer is not None:
+            writer.close(quiet=True)
+        raise
     if compiled is not None and main_rank:
         click.echo(compiled.summary(), err=True)
     if main_rank:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import types
+import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,50 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def saved_config_problem(d: dict[str, Any]) -> str | None:
+    """What is wrong with a saved run configuration (a checkpoint's), or None: every field it has must be of
+    the field's type and, for an option, a value the option accepts. Fields it lacks take their defaults
+    (a checkpoint older than a field was trained with its default); names it has that RunConfig lacks are
+    ignored."""
+    hints = typing.get_type_hints(RunConfig)
+    for f in fields(RunConfig):
+        if f.name not in d:
+            continue
+        value, hint = d[f.name], hints[f.name]
+        if not _is_a(value, hint):
+            return f"its config's {f.name} is {value!r:.40} ({type(value).__name__}), not {_type_name(hint)}"
+        kind = f.metadata.get("type")
+        if value is not None and isinstance(kind, click.ParamType):
+            try:
+                kind.convert(value, None, None)
+            except click.BadParameter as e:
+                return f"its config's {f.name} is {value!r:.40}: {e.message}"
+    held_out = d.get("held_out") or {}
+    missing = [k for k in ("val_fraction", "videos", "sha1") if held_out and k not in held_out]
+    if missing:
+        return f"its config's held_out lacks {', '.join(map(repr, missing))}"
+    return None
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_is_a(value, h) for h in typing.get_args(hint))
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    hint = typing.get_origin(hint) or hint  # dict[str, Any] -> dict
+    if isinstance(value, bool) and hint is not bool:
+        return False
+    return isinstance(value, (int, float) if hint is float else hint)
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    return "None" if hint is type(None) else getattr(typing.get_origin(hint) or hint, "__name__", str(hint))
 
 
 # A checkpoint from before lambda_caption and recon_head has neither: it was trained with their defaults.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import resource
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from tqdm import tqdm
 from fvlm_model import ModelConfig
 from fvlm_model.evaluation import pass_metrics
 
+from . import TrainError
+from .checkpoint import run_folder_report
 from .config import RunConfig
 from .distributed import all_sum
 from .step import SUMS
@@ -81,7 +84,7 @@ class IntervalLog:
         return m
 
 
-def write_log(writer: SummaryWriter, m: dict[str, float], step: int) -> None:
+def write_log(writer: Events, m: dict[str, float], step: int) -> None:
     for k, v in m.items():
         writer.add_scalar(k, v, step)
     if "loss" in m:
@@ -90,12 +93,64 @@ def write_log(writer: SummaryWriter, m: dict[str, float], step: int) -> None:
                    f"lr {m['lr']:.2e} {m['samples_per_s']:.1f} samples/s")
 
 
-def open_writer(run_dir: Path, config: RunConfig, step: int) -> SummaryWriter:
+class Events:
+    """The run's TensorBoard writer. Its events are written by a thread of TensorBoard's that keeps a failed
+    write (a full disk) for the next call: any call that fails is a TrainError saying what the run folder holds,
+    and the thread's own traceback is not printed."""
+
+    def __init__(self, writer: SummaryWriter, run_dir: Path) -> None:
+        self._writer, self.run_dir = writer, run_dir
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._writer, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except OSError as e:
+                raise TrainError(f"cannot write TensorBoard events in {self.run_dir}: {e.strerror or e}; "
+                                 f"{run_folder_report(self.run_dir)}") from None
+        return call
+
+    def close(self, quiet: bool = False) -> None:
+        """Write what is queued and close; `quiet`: after another error, say nothing of this one."""
+        failure = None
+        for name in ("flush", "close"):  # flush raises the thread's failure, which close alone would not
+            try:
+                self.__getattr__(name)()
+            except TrainError as e:
+                failure = failure or e
+        if failure is not None and not quiet:
+            raise failure
+
+
+def _quiet_event_thread_errors() -> None:
+    """The event thread's OSError is raised again by the writer's next call (Events): not printed by the thread
+    too. Other threads' errors go to the hook that was there."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_event_thread", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not (type(args.thread).__module__.startswith("tensorboard.") and issubclass(args.exc_type, OSError)):
+            previous(args)
+    hook.quiets_event_thread = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
+def open_writer(run_dir: Path, config: RunConfig, step: int) -> Events:
     """The run folder with its run_config.json, and its TensorBoard writer from `step` on; a new run
     records its configuration as text and hparams."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    writer = SummaryWriter(str(run_dir), purge_step=step + 1 if step else None)
+    _quiet_event_thread_errors()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        writer = Events(SummaryWriter(str(run_dir), purge_step=step + 1 if step else None), run_dir)
+    except OSError as e:
+        raise TrainError(f"cannot write to the run folder {run_dir}: {e.strerror or e}; "
+                         f"{run_folder_report(run_dir)}") from None
     if step == 0:
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
         writer.add_text("hparams", "\n".join(f"    {k}: {v}" for k, v in sorted(hparams.items())), 0)

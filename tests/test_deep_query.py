@@ -188,5 +188,5 @@ def test_query_depth_on_a_store_without_block_states_is_one_line(tmp_path):
                               "--query-depth", "1", "--max-steps", "1", "--out", str(tmp_path / "run")])
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        f"error: --query-depth 1 but {tmp_path / 's.zarr'} was made with --dino-layers 0: precompute a store with "
+        f"Error: --query-depth 1 but {tmp_path / 's.zarr'} was made with --dino-layers 0: precompute a store with "
         "--dino-layers 1 or more, or lower --query-depth"]

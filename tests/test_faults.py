@@ -118,5 +118,5 @@ def test_no_credentials_is_one_line_naming_the_variables(s3, clean_store, tmp_pa
     proc = run(env, str(ROOT / "train.py"), "--store", clean_store, "--preset", "tiny", "--out", str(tmp_path / "r"))
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "no credentials" in last and "AWS_ACCESS_KEY_ID" in last, proc.stderr
+    assert last.startswith("Error: ") and "no credentials" in last and "AWS_ACCESS_KEY_ID" in last, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -25,6 +25,7 @@ import pytest
 
 from fvlm_data import FeatureStore
 from fvlm_data.precompute.pipeline import PrecomputeSummary
+from tests.helpers.small_disk import SmallDisk
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -213,36 +214,9 @@ def test_decode_workers_end_with_the_run(tmp_path, how):
 # ---------------------------------------------------------------------------- full disk
 
 
-class SmallDisk:
-    """A folder with room for about two rows: a real 256 KiB tmpfs where it can be mounted (root),
-    else a folder whose writes fail with ENOSPC past 256 KiB (tests/full_disk/sitecustomize.py)."""
-
-    SIZE = 256 * 1024
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        folder.mkdir()
-        self.tmpfs = os.geteuid() == 0 and subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={self.SIZE}", "tmpfs", str(folder)], capture_output=True
-        ).returncode == 0
-        self.env = ENV if self.tmpfs else {
-            **ENV, "PYTHONPATH": f"{ROOT / 'tests' / 'full_disk'}{os.pathsep}{ROOT}",
-            "FVLM_TEST_DISK_DIR": str(folder), "FVLM_TEST_DISK_BYTES": str(self.SIZE)}
-
-    def make_room(self) -> None:
-        if self.tmpfs:
-            subprocess.run(["mount", "-o", "remount,size=8m", str(self.folder)], check=True)
-        else:
-            self.env = ENV
-
-    def close(self) -> None:
-        if self.tmpfs:
-            subprocess.run(["umount", "-l", str(self.folder)], check=False)
-
-
 @pytest.fixture
 def small_disk(tmp_path):
-    disk = SmallDisk(tmp_path / "small")
+    disk = SmallDisk(tmp_path / "small", 256 * 1024, ENV)  # room for about two rows
     try:
         yield disk
     finally:

@@ -71,7 +71,7 @@ def one_line_error(proc: subprocess.CompletedProcess, text: str) -> str:
     assert proc.returncode != 0, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith(("error: ", "Error: ")) and text in lines[-1], proc.stderr
+    assert lines and lines[-1].startswith("Error: ") and text in lines[-1], proc.stderr
     return lines[-1]
 
 
@@ -98,6 +98,10 @@ def test_two_stores_of_one_file_name_never_share_a_run_folder(stores):
             in second.stderr)
     folders = sorted((stores / "runs").iterdir())
     assert len(folders) == 2 and all(f.name.startswith("clips-") for f in folders)
+    # The default folder is named before the first step, so that TensorBoard can be pointed at it.
+    named = [f for f in folders if f"run folder (TensorBoard events, checkpoints): runs/{f.name}\n"
+             in first.stderr.split("%|")[0]]
+    assert len(named) == 1, first.stderr
     recorded = [json.loads((f / "run_config.json").read_text())["store"] for f in folders]
     assert {r["store_path"] for r in recorded} == {str((stores / d / "clips.zarr").resolve())
                                                    for d in ("exact", "keyframe")}

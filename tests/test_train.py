@@ -22,8 +22,11 @@ from fvlm_data.store import FeatureShapes
 from fvlm_data.store.writer import StoreWriter
 from fvlm_model.evaluation import pass_metrics
 from fvlm_model.model import ModelConfig
+from fvlm_train import TrainError
+from fvlm_train.checkpoint import load_trained
 from fvlm_train.step import lr_at
 from tests.helpers.in_process import invoke
+from tests.helpers.small_disk import SmallDisk
 from tests.helpers.store_helpers import write_row
 from tests.helpers.tensorboard import scalars
 
@@ -227,7 +230,7 @@ def one_line_error(proc: subprocess.CompletedProcess, text: str) -> None:
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     if "%|" not in proc.stderr:  # before any training: the error alone (click usage errors add a usage line)
         assert len(lines) == 1 or lines[-1].startswith("Error:"), proc.stderr
-    assert lines[-1].startswith(("error: ", "Error: ")) and text in lines[-1], proc.stderr
+    assert lines[-1].startswith("Error: ") and text in lines[-1], proc.stderr
 
 
 @pytest.mark.slow  # train.py (and the store fixture's precompute.py) in new processes
@@ -267,6 +270,67 @@ def test_first_contact_errors(store, tmp_path):
     proc = run(cmd, check=False)
     one_line_error(proc, "cannot load language model 'HuggingFaceTB/SmolLM2-135M-Instruct'")
     assert "HF_HUB_OFFLINE" in proc.stderr and "--lm PATH" in proc.stderr and "add --preset tiny" in proc.stderr
+
+
+@pytest.mark.slow  # the store fixture's precompute.py and the full run in new processes
+def test_damaged_or_edited_checkpoints_are_one_line_on_resume_eval_and_load_trained(store, full_run, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(full_run, run_dir)  # checkpoint_latest.pt now a copy of step 16's, no longer the same file
+    latest = run_dir / "checkpoint_latest.pt"
+    data = bytearray(latest.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 8] = bytes(b ^ 0xFF for b in data[len(data) // 2: len(data) // 2 + 8])
+    latest.write_bytes(data)
+    proc = in_process(train_cmd(store, run_dir, "--max-steps", "20"))  # the same command again: it would resume
+    one_line_error(proc, f"{latest} is damaged (bad CRC-32 of ")
+    assert (f"{run_dir} holds the checkpoints of steps 12 (intact) and 16 (intact): give --resume "
+            f"{run_dir / 'checkpoint_step00000016.pt'} to use the newest intact one") in proc.stderr
+    raw = torch.load(full_run / "checkpoint_latest.pt", weights_only=True)
+    name = next(iter(raw["model"]))
+    raw["model"][name] = torch.zeros(3)
+    torch.save(raw, tmp_path / "edited.pt")
+    text = f"{tmp_path / 'edited.pt'}: its model's {name!r} has shape [3], the model's ["
+    one_line_error(in_process(train_cmd(store, tmp_path / "o", "--resume", str(tmp_path / "edited.pt"), "--eval-only")),
+                   text)
+    with pytest.raises(TrainError, match=re.escape(text)):
+        load_trained(str(store), tmp_path / "edited.pt")
+    torch.save({**raw, "step": "16"}, tmp_path / "edited.pt")
+    one_line_error(in_process(train_cmd(store, tmp_path / "o", "--resume", str(tmp_path / "edited.pt"))),
+                   "its step is '16' (str), not a whole number >= 0")
+
+
+@pytest.mark.slow  # train.py in new processes on a full disk
+def test_a_full_disk_is_one_line_saying_what_the_run_folder_holds(store, tmp_path):
+    """A save that fails leaves no temp file and says which checkpoints are intact; temp files of dead processes
+    go on start; TensorBoard's writer on a full disk is one line too; with room again the run resumes."""
+    disk = SmallDisk(tmp_path / "small", 12 * 2**20, ENV)  # room for one checkpoint of this model (8 MB), not two
+    try:
+        out = disk.folder / "run"
+        cmd = train_cmd(store, out, "--max-steps", "4", "--save-every", "2", "--log-every", "2", "--val-every", "100",
+                        "--visual-videos", "0")
+        full = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=disk.env, timeout=600)
+        one_line_error(full, f"cannot save the checkpoint of step 4 in {out}: No space left on device; {out} holds "
+                             "the checkpoint of step 2 (intact). Free space and run the same command again: it "
+                             "resumes from checkpoint_latest.pt (step 2)")
+        assert sorted(p.name for p in out.glob(".*")) == [], "a temp file of the failed save is left"
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        stale = [out / f"..checkpoint_step00000004.pt.pending{dead.stdout.strip()}.tmp{dead.stdout.strip()}",
+                 out / f".checkpoint_latest.tmp{dead.stdout.strip()}"]
+        live = out / f".checkpoint_latest.tmp{os.getpid()}"  # a live process's (this one's): kept
+        for path in (*stale, live):
+            path.touch()
+        disk.fill(rewritten=[out / "run_config.json"])
+        events = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=disk.env, timeout=600)
+        assert "Exception in thread" not in events.stderr, events.stderr
+        one_line_error(events, f"{out}: No space left on device; {out} holds the checkpoint of step 2 (intact)")
+        assert sorted(p.name for p in out.glob(".*")) == [live.name], events.stderr
+        assert all(f"note: removed {p.name}, left by an interrupted checkpoint save" in events.stderr for p in stale)
+        disk.make_room()
+        live.unlink()
+        resumed = in_process(cmd)
+        assert resumed.returncode == 0 and f"resumed from {out / 'checkpoint_latest.pt'} at step 2" in resumed.stderr
+        assert torch.load(out / "checkpoint_latest.pt", weights_only=True)["step"] == 4
+    finally:
+        disk.close()
 
 
 @pytest.mark.slow  # train.py (and the store fixture's precompute.py) in new processes

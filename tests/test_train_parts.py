@@ -195,6 +195,68 @@ def test_checkpoint_saves_and_restores_every_field(tmp_path):
         Checkpoint.load(tmp_path / "partial.pt")
 
 
+def saved_run(tmp_path, steps=(2, 4)) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A run folder with a checkpoint of each step of `steps`, of a model whose weights are most of its bytes."""
+    model = torch.nn.Linear(256, 256)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 256)).sum().backward()
+    optimizer.step()
+    for step in steps:
+        Checkpoint(RunConfig(preset="tiny"), model.state_dict(), optimizer.state_dict(), step=step, epoch=0,
+                   micro_in_epoch=step, nonfinite_total=0, rng=rng_state(torch.device("cpu"))).save(tmp_path, keep=3)
+    return model, optimizer
+
+
+def test_flipped_bytes_in_a_checkpoint_are_found_and_named(tmp_path):
+    """torch.load does not check the zip's CRCs: 8 flipped bytes in the tensors load silently without this check."""
+    saved_run(tmp_path)
+    latest = tmp_path / "checkpoint_latest.pt"
+    data = bytearray(latest.read_bytes())
+    middle = len(data) // 2
+    data[middle: middle + 8] = bytes(b ^ 0xFF for b in data[middle: middle + 8])
+    latest.write_bytes(data)  # the same inode: checkpoint_step00000004.pt too
+    torch.load(latest, weights_only=True)  # what it used to do: loads, the flipped bytes in some tensor
+    with pytest.raises(TrainError) as e:
+        Checkpoint.load(latest)
+    message = str(e.value)
+    assert "\n" not in message and f"{latest} is damaged (bad CRC-32 of " in message, message
+    assert f"{tmp_path} holds the checkpoints of steps 2 (intact) and 4 (damaged)" in message, message
+    assert f"--resume {tmp_path / 'checkpoint_step00000002.pt'}" in message, message
+    assert Checkpoint.load(tmp_path / "checkpoint_step00000002.pt").step == 2
+
+
+@pytest.mark.parametrize("edit, text", [
+    (lambda c: c.update(config=None), "its config is None, not a run configuration"),
+    (lambda c: c.update(config="tiny"), "its config is 'tiny', not a run configuration"),
+    (lambda c: c["config"].update(num_frames="4"), "its config's num_frames is '4' (str), not int"),
+    (lambda c: c["config"].update(recon_head="nope"), "its config's recon_head is 'nope': 'nope' is not one of"),
+    (lambda c: c["config"].update(max_hours=None, store=[]), "its config's store is [] (list), not dict"),
+    (lambda c: c.update(step="6"), "its step is '6' (str), not a whole number >= 0"),
+    (lambda c: c.update(epoch=-1), "its epoch is -1 (int), not a whole number >= 0"),
+    (lambda c: c.update(model=[]), "its model is [] (list), not a mapping of names to tensors"),
+    (lambda c: c["model"].pop("bias"), "its model lacks 'bias' (the model has 2 tensors, it has 1)"),
+    (lambda c: c["model"].update(extra=torch.zeros(1)), "its model has 'extra', which the model lacks"),
+    (lambda c: c["model"].update(weight=torch.zeros(256, 255)),
+     "its model's 'weight' has shape [256, 255], the model's [256, 256]"),
+    (lambda c: c.update(optimizer={}), "its optimizer state lacks 'state', 'param_groups'"),
+    (lambda c: c["optimizer"]["state"][0].update(exp_avg=torch.zeros(3)),
+     "its optimizer state of parameter 0 has 'exp_avg' of shape [3], the parameter's [256, 256]"),
+    (lambda c: c["optimizer"].update(param_groups=[]), "its optimizer state does not fit the model's optimizer"),
+    (lambda c: c["rng"].update(torch=torch.zeros(7, dtype=torch.uint8)),
+     "its random state 'torch' has 7 bytes of uint8, this torch's has 5056"),
+    (lambda c: c.update(rng={}), "its random state lacks 'torch'"),
+])
+def test_hand_edited_checkpoints_say_what_is_wrong(tmp_path, edit, text):
+    model, optimizer = saved_run(tmp_path, steps=(2,))
+    raw = torch.load(tmp_path / "checkpoint_latest.pt", weights_only=True)
+    edit(raw)
+    path = tmp_path / "edited.pt"
+    torch.save(raw, path)
+    with pytest.raises(TrainError) as e:
+        Checkpoint.load(path).restore(model, optimizer, torch.device("cpu"))
+    assert str(e.value).startswith(f"{path}: {text}") and "\n" not in str(e.value), str(e.value)
+
+
 def test_one_process_unless_torchrun_started_several(monkeypatch):
     for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
