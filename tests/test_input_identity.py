@@ -176,3 +176,43 @@ def test_ids_and_bounds_a_store_cannot_hold_are_refused_with_their_line(tmp_path
     with pytest.raises(ValueError, match=None) as e:
         list_inputs(videos=str(manifest))
     assert str(e.value) == f"manifest {manifest} {message}" or str(e.value).startswith(f"manifest {manifest} {message}")
+
+
+@pytest.mark.slow  # real precompute runs (in this process)
+def test_precompute_refuses_changed_captions_accepts_another_spelling_and_notes_an_old_fingerprint(tmp_path):
+    from tests.helpers.in_process import invoke
+    from tests.helpers.videos import write_video
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    write_video(folder / "clip.mp4", lambda i: np.full((32, 32, 3), 20 * i, np.uint8), 10, fps=5)
+    rows = [{"path": "clip.mp4", "caption": "whole"}, {"path": "clip.mp4", "caption": "again", "video_id": "two"},
+            {"path": "clip.mp4", "start": 0.5, "end": 1.5, "caption": "a part"}]
+    manifest = folder / "m.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "s.zarr"
+
+    def precompute(listing: Path | str, cwd: Path | None = None):
+        return invoke("precompute", ["--out", str(out), "--videos", str(listing), "--preset", "tiny", "--image-size",
+                                     "28", "--num-frames", "2", "--workers", "0", "--quiet"], cwd=cwd)
+
+    first = precompute(manifest)
+    assert first.returncode == 0 and "written 3 videos" in first.stdout, first.stderr
+    assert FeatureStore.open(out).file_ids() == ["clip"] * 3
+    again = precompute("videos/../videos/m.jsonl", cwd=tmp_path)  # another spelling, from another folder
+    assert again.returncode == 0 and "written 0 videos, skipped 3 already in the store" in again.stdout, again.stderr
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    rewrite(manifest, 2, caption="another caption")
+    refused = precompute(manifest)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].endswith("the input list changed; use a new --out (compared: "
+                                                             "video ids, files, captions, segment bounds, "
+                                                             "--min/--max-duration)")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing written
+    items = list_inputs(videos=str(manifest))  # a store made before: the old fingerprint
+    zarr.open_group(str(out), mode="r+").attrs["inputs"] = inputs_fingerprint(
+        [(it.video_id, it.source) for it in items], version=1)
+    old = precompute(manifest)
+    assert old.returncode == 0 and "skipped 3 already in the store" in old.stdout
+    assert f"note: {out} has an old input fingerprint (video ids and paths only)" in old.stderr
+
