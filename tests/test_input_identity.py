@@ -167,15 +167,15 @@ def test_a_store_with_the_old_fingerprint_keeps_its_old_check_and_grows_in_it(tm
     ([{"path": "a.mp4", "caption": "x", "video_id": "same"}, {"path": "b.mp4", "caption": "y"},
       {"path": "b.mp4", "caption": "z", "video_id": "same"}], "line 3: video_id 'same' is also line 1's: give"),
     ([{"path": "a.mp4", "caption": "x"}, {"path": "a.mp4", "start": 0, "end": 1e308, "caption": "y"}],
-     "line 2: 'end' must be at most 1e+07 seconds, got 1e+308"),
-    ([{"path": "a.mp4", "start": -2e7, "caption": "y"}], "line 1: 'start' must be at most 1e+07 seconds"),
+     "line 2: 'end' must be between -1e+07 and 1e+07 seconds, got 1e+308"),
+    ([{"path": "a.mp4", "start": -2e7, "caption": "y"}], "line 1: 'start' must be between -1e+07 and 1e+07 seconds"),
 ])
 def test_ids_and_bounds_a_store_cannot_hold_are_refused_with_their_line(tmp_path, rows, message):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    with pytest.raises(ValueError, match=None) as e:
+    with pytest.raises(ValueError) as e:
         list_inputs(videos=str(manifest))
-    assert str(e.value) == f"manifest {manifest} {message}" or str(e.value).startswith(f"manifest {manifest} {message}")
+    assert str(e.value).startswith(f"manifest {manifest} {message}") and "\n" not in str(e.value)
 
 
 @pytest.mark.slow  # real precompute runs (in this process)

@@ -107,7 +107,8 @@ def _seconds(value: Any, name: str, where: str) -> float | None:
     if not math.isfinite(seconds):
         raise ValueError(f"{where}: '{name}' must be a finite number of seconds, got {_shown(value)}")
     if abs(seconds) > MAX_SECONDS:
-        raise ValueError(f"{where}: '{name}' must be at most {MAX_SECONDS:.0e} seconds, got {_shown(value)}")
+        raise ValueError(f"{where}: '{name}' must be between -{MAX_SECONDS:.0e} and {MAX_SECONDS:.0e} seconds, "
+                         f"got {_shown(value)}")
     return seconds
 
 
