@@ -62,7 +62,7 @@ def test_every_row_of_a_file_shares_one_file_id_so_the_split_never_puts_a_file_o
     store = small_store(tmp_path / "s.zarr", [it.video_id for it in items], file_ids=[it.file_id for it in items],
                         sources=[it.source for it in items], inputs=input_keys(items, PrecomputeConfig(out="s")))
     used = set()
-    for fraction in np.linspace(0.1, 0.9, 9):
+    for fraction in np.linspace(0.1, 0.9, 5):
         sides = sides_of(store, fraction)
         assert all(len(s) == 1 for s in sides.values()), (fraction, sides)
         used |= set().union(*sides.values())
@@ -75,7 +75,7 @@ def test_an_old_store_with_several_file_ids_per_file_is_split_by_file_and_says_s
     old_ids = [it.video_id if it.start is None else f"{Path(it.path).stem}-caption1" for it in items]
     store = small_store(tmp_path / "old.zarr", [it.video_id for it in items], file_ids=old_ids,
                         sources=[it.source for it in items])
-    for fraction in np.linspace(0.1, 0.9, 9):
+    for fraction in np.linspace(0.1, 0.9, 5):
         assert all(len(s) == 1 for s in sides_of(store, fraction).values()), fraction
     note = split_by_file(store, 0.5)[4]
     assert note.startswith(f"{store.path}: 6 file(s) have rows under several file ids") and "\n" not in note

@@ -358,7 +358,7 @@ def test_eval_counts_seen_in_training_by_file_not_by_row(tmp_path):
                   caption=it.caption, video_id=it.video_id, source=it.source, file_id=it.file_id,
                   timestamps=np.arange(4), duration=4)
     out = tmp_path / "run"
-    proc = in_process(train_cmd(path, out, "--max-steps", "2", "--visual-videos", "0"))
+    proc = in_process(train_cmd(path, out, "--max-steps", "1", "--visual-videos", "0"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = tmp_path / "eval.json"
     proc = in_process([*train_cmd(path, out, "--resume", str(out / "checkpoint_latest.pt"), "--eval-only",
