@@ -125,6 +125,8 @@ def evaluate_checkpoint(store_path: str, path: Path, given: dict[str, Any], devi
     saved = ckpt.config
     config = resolve(given, saved)
     _, splits, differences = prepare(store_path, config, saved, other_store)
+    if splits.note:
+        click.echo(f"note: {splits.note}", err=True)
     val_ds = splits.val
     held_out = held_out_fingerprint(splits.val_ids, config.val_fraction)
     same_split = held_out == saved.held_out
@@ -140,13 +142,15 @@ def evaluate_checkpoint(store_path: str, path: Path, given: dict[str, Any], devi
     loader = make_loader(pairs, collate, config.batch_size, workers, None, device.type == "cuda")
     # The whole held-out split, unless --val-batches is given here (a checkpoint's value bounds the
     # validations during its training, not this evaluation).
-    m = evaluate(model, loader, device, given.get("val_batches"))
+    m = evaluate(model, loader, device, given.get("val_batches"), files=splits.val_files)
     m["checkpoint_step"] = ckpt.step
     m["eval_captions"] = config.eval_captions
     m["split"] = {"name": "held_out" if same_split else "other", **held_out,
                   "checkpoint_val_fraction": saved.val_fraction}
-    evaluated = splits.val_ids[: m["num_videos"]]
-    m["seen_in_training"] = sum(not is_validation(v, saved.val_fraction) for v in evaluated)
+    # Seen in training: on the checkpoint's training side of the split, which is by file.
+    trained = [not is_validation(f, saved.val_fraction) for f in splits.val_files[: m["num_videos"]]]
+    m["seen_in_training"] = sum(trained)
+    m["files_seen_in_training"] = len({f for f, t in zip(splits.val_files, trained, strict=False) if t})
     m["store_differences"] = differences
     print_eval_table(m)
     if captions:
@@ -178,6 +182,8 @@ def train(store_path: str, run_dir: Path, resume: Path | None, given: dict[str, 
     config = resolve(given, saved)
     torch.manual_seed(config.seed)
     store, splits, _ = prepare(store_path, config, saved, other_identity=other_store)
+    if splits.note and launch.rank == 0:
+        click.echo(f"note: {splits.note}", err=True)
     config.held_out = held_out_fingerprint(splits.val_ids, config.val_fraction)
     if saved is not None:
         check_split(saved, config.held_out, "")
@@ -262,7 +268,8 @@ def train(store_path: str, run_dir: Path, resume: Path | None, given: dict[str, 
                 # During training: the first --val-batches batches (the same videos every time); at the
                 # end: the whole held-out split.
                 val_start = time.time()
-                metrics = evaluate(model, val_loader, device, None if last else config.val_batches)
+                metrics = evaluate(model, val_loader, device, None if last else config.val_batches,
+                                   files=splits.val_files)
                 log_validation(writer, metrics, step)
                 if visual_items:
                     log_visuals(writer, model, tokenizer, to_device(collate(visual_items), device), visual_frames, step,

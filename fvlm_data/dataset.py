@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fvlm_data.file_ids import file_ids
 from fvlm_data.sources.synthetic import get_task, parse_source_tag, synthetic_vocabulary
 from fvlm_data.store.format import SCALE_SUFFIX, block_array
 from fvlm_data.store.reader import FeatureStore
@@ -51,17 +53,27 @@ def check_num_frames(num_frames: int, store: FeatureStore) -> None:
 
 
 def split_slots(store: FeatureStore, val_fraction: float) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(training slots, held-out slots, the held-out videos' ids) of the committed videos, split by
-    `validation_mask` of the *file* each row was cut from, so that no segment of a held-out file is
-    trained on (a split by segment would leak); a whole video's file id is its video id, so the split
-    of whole videos is the split by video id. The store's committed, video_id (and file_id) arrays
-    are read once (shard by shard, V/S objects, no per-video files)."""
+    """(training slots, held-out slots, the held-out videos' ids) of the committed videos: see `split_by_file`."""
+    train, val, val_ids, _, note = split_by_file(store, val_fraction)
+    if note:
+        warnings.warn(note, stacklevel=2)
+    return train, val, val_ids
+
+
+def split_by_file(store: FeatureStore, val_fraction: float) -> tuple[np.ndarray, np.ndarray, list[str], list[str],
+                                                                      str | None]:
+    """(training slots, held-out slots, the held-out videos' ids, their files' ids, a note or None) of the
+    committed videos, split by `validation_mask` of the *file* each row was cut from, so that no row of a
+    held-out file is trained on (a split by segment would leak); a whole video's file id is its video
+    id, so the split of whole videos is the split by video id. The note says when the store's own file
+    ids could not be trusted (`fvlm_data.file_ids`). The store's committed, video_id (and file_id)
+    arrays are read once (shard by shard, V/S objects, no per-video files)."""
     slots = store.committed_slots()
     video_ids = store.read_strings("video_id", slots)
-    # A store without file ids (format 2: whole videos only) would read video_id a second time.
-    file_ids = store.file_ids(slots) if "file_id" in store.arrays else video_ids
-    is_val = validation_mask(file_ids, val_fraction)
-    return slots[~is_val], slots[is_val], [video_ids[i] for i in np.flatnonzero(is_val)]
+    files, note = file_ids(store, slots, video_ids)
+    is_val = validation_mask(files, val_fraction)
+    held_out = np.flatnonzero(is_val).tolist()
+    return slots[~is_val], slots[is_val], [video_ids[i] for i in held_out], [files[i] for i in held_out], note
 
 
 def synthetic_frames(attrs: dict[str, Any], source: str, timestamps: np.ndarray) -> np.ndarray | None:
@@ -249,6 +261,8 @@ class Splits(NamedTuple):
     train: FeatureDataset
     val: FeatureDataset
     val_ids: list[str]  # the held-out videos' ids, in the order of val.slots
+    val_files: list[str]  # their files' ids: what evaluation counts and resamples by
+    note: str | None  # why the store's own file ids were not used as they are (`fvlm_data.file_ids`), or None
 
 
 def split_datasets(store: FeatureStore, num_frames: int, val_fraction: float, frame_sampling: str = "uniform",
@@ -256,9 +270,9 @@ def split_datasets(store: FeatureStore, num_frames: int, val_fraction: float, fr
     """Both splits of an open store in one pass (the same videos as FeatureDataset(split=...) takes).
     Validation always takes evenly spaced frames; `frame_sampling` and `seed` are the training split's."""
     check_num_frames(num_frames, store)
-    train, val, val_ids = split_slots(store, val_fraction)
+    train, val, val_ids, val_files, note = split_by_file(store, val_fraction)
     return Splits(FeatureDataset.from_store(store, num_frames, train, frame_sampling, seed),
-                  FeatureDataset.from_store(store, num_frames, val), val_ids)
+                  FeatureDataset.from_store(store, num_frames, val), val_ids, val_files, note)
 
 
 class CaptionCollator:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from fvlm_data.errors import StoreError
+from fvlm_data.file_ids import file_ids
 from fvlm_data.store import FeatureStore, shard_states
 from fvlm_data.store.format import SCALE_SUFFIX, table_entry
 from fvlm_data.store.objects import LocalObjects
@@ -70,6 +71,9 @@ def inspect_store(path: str, num_shards: int | None = None, verify: bool = False
         "captions_per_video": _captions_per_video(store, slots),
         "bytes_on_disk": _bytes_on_disk(store),
     }
+    note = file_ids(store, slots)[1]  # reads file ids and sources of stores made before they were per file
+    if note:
+        report["file_ids"] = note
     if num_shards is not None:
         report["owed_by_shard_index"] = {str(i): [s for s in incomplete if s % num_shards == i]
                                          for i in range(num_shards)}
@@ -166,6 +170,8 @@ def render(report: dict[str, Any]) -> str:
     per_video = ", ".join(f"{n}: {videos}" for n, videos in report["captions_per_video"].items())
     lines.append(f"captions    per video (captions: videos) {per_video or '-'}")
     lines.append(f"on disk     {report['bytes_on_disk'] / 1e6:.1f} MB")
+    if "file_ids" in report:
+        lines.append(f"note        {report['file_ids']}")
     return "\n".join(lines)
 
 

@@ -23,9 +23,13 @@ class VideoInput:
     path: str | None = None  # the file to open (a webdataset input: its tar)
     locator: tuple = ()  # what its source needs besides the path: a tar member, a synthetic (task, seed, index)
     captions: tuple[str, ...] = ()  # every caption in order; filled from `caption` if not given
-    file_id: str | None = None  # id of the file a segment is cut from (None: a whole file, its video_id)
+    file_id: str | None = None  # id of the file the row is cut from, shared by all its rows (None: its video_id)
     start: float | None = None  # a segment [start, end] of the file, seconds (None: from its start / to its end)
     end: float | None = None
+    # The file as its input list names it: relative to the manifest (or absolute, as written) or to the video
+    # folder; a tar's file name. The input fingerprint records this, not `source`, so a list read by another
+    # path, or a moved video folder, is the same list.
+    relpath: str | None = None
 
     def __post_init__(self) -> None:
         # One fact, two views: `caption` is the first of `captions`.

@@ -9,7 +9,8 @@ its JSON) is a ratio of sums of these over a set of videos:
     rec_<pass> = sum(rec_per_sample) / videos
     cap_ratio  = cap_coarse / cap_fine                 (> 1: the fine pass captions better)
 
-and an interval resamples videos (a video's passes together).
+and an interval resamples videos (a video's passes together); the trainer's evaluation resamples
+files (the sums of a file's rows together: `fvlm_train.evaluation.per_file`).
 """
 
 from __future__ import annotations

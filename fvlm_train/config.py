@@ -64,7 +64,8 @@ class RunConfig:
                               "store holds (a store made with precompute --dino-layers >= N), then its final norm.",
                               click.IntRange(min=0))
     max_caption_tokens: int = option(64, "Caption tokens kept (EOS included).", click.IntRange(min=2))
-    val_fraction: float = option(0.05, "Share of videos held out (by a hash of the video id).",
+    val_fraction: float = option(0.05, "Share of files held out (by a hash of the file id, so every segment of a "
+                                 "file is on one side; a whole video's file id is its video id).",
                                  click.FloatRange(0.0, 1.0))
     # How it is trained: may change on resume.
     frame_sampling: str = option("uniform", "Which frames a training sample takes: evenly spaced, or with a "

@@ -5,7 +5,7 @@ greedy captions of a few fixed held-out videos."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import click
@@ -27,8 +27,13 @@ VAL_TAGS = ("loss", "cap_fine", "cap_coarse", "cap_ratio", "cap_improvement_pct"
 
 @torch.no_grad()
 def evaluate(model: FoveatedVLM, loader: Iterable[dict[str, Any]], device: torch.device,
-             max_batches: int | None = None, shuffled_control: bool = True) -> dict[str, Any]:
+             max_batches: int | None = None, shuffled_control: bool = True,
+             files: Sequence[str] | None = None) -> dict[str, Any]:
     """The metrics of `fvlm_model.evaluation` over the videos of `loader`, with intervals.
+
+    `files`: the file of each video of the loader's dataset (by its `index`; default: every video its
+    own file). Rows of one file (overlapping segments, say) are not independent, so every interval
+    resamples files, all of a file's rows together; with one row per file that is resampling videos.
 
     With `shuffled_control`, also the last pass's loss with its queries (frames 2..T) taken from
     another video of the batch (`FoveatedVLM.shuffled_query_loss`), as `cap_fine_shuffled` and
@@ -55,21 +60,27 @@ def evaluate(model: FoveatedVLM, loader: Iterable[dict[str, Any]], device: torch
     if not cap:
         return {}
     # Per video: sums over the captions scored (a video with K captions is K samples of one video).
-    video, per = per_video(torch.cat(videos).numpy())
+    index = torch.cat(videos).numpy()
+    video, per = per_video(index)
     cap_sum, tok = per(torch.cat(cap, 1).numpy()), per(torch.cat(tokens).numpy())
     rec_err = per(torch.cat(rec, 1).numpy()) / per(np.ones(len(video)))  # the same frames: the mean
     m = pass_metrics(cap_sum.sum(1), tok.sum(), rec_err.sum(1), len(tok), model.config)
     m["num_videos"] = len(tok)
     m["num_captions"] = len(video)
-    m["cap_ratio_ci"] = list(bootstrap_ratio_ci(cap_sum[0], cap_sum[-1]))
-    m["rec_ratio_ci"] = list(bootstrap_ratio_ci(rec_err[0], rec_err[-1]))  # every video counts once: sums cancel
+    # Each evaluated video's file (videos in order of first appearance, as `per` gives them).
+    first = index[np.sort(np.unique(index, return_index=True)[1])]
+    file_of = np.asarray([files[i] for i in first] if files is not None else first)
+    m["num_files"] = len(np.unique(file_of))
+    m["cap_ratio_ci"] = list(bootstrap_ratio_ci(*per_file(file_of, cap_sum[0], cap_sum[-1])))
+    m["rec_ratio_ci"] = list(bootstrap_ratio_ci(*per_file(file_of, rec_err[0], rec_err[-1])))  # sums cancel
     if shuffled:
         loss = per(torch.cat(shuffled).numpy())
         keep = ~np.isnan(loss)
         if keep.any():
             m["cap_fine_shuffled"] = float(loss[keep].sum() / tok[keep].sum())
             m["shuffled_ratio"] = float(loss[keep].sum() / cap_sum[-1][keep].sum())
-            m["shuffled_ratio_ci"] = list(bootstrap_ratio_ci(loss[keep], cap_sum[-1][keep]))
+            m["shuffled_ratio_ci"] = list(bootstrap_ratio_ci(*per_file(file_of[keep], loss[keep],
+                                                                       cap_sum[-1][keep])))
     m["verdict"] = verdict(m)
     return m
 
@@ -91,6 +102,22 @@ def per_video(video: np.ndarray) -> tuple[np.ndarray, Any]:
     return slot, per
 
 
+def per_file(file_of: np.ndarray, *values: np.ndarray) -> list[np.ndarray]:
+    """Each of `values` (one per video) summed per file, files in order of first appearance: what a
+    bootstrap that resamples files resamples (with one video per file: the values themselves)."""
+    _, first, inverse = np.unique(file_of, return_index=True, return_inverse=True)
+    if len(first) == len(file_of):
+        return [np.asarray(v, np.float64) for v in values]
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    out = []
+    for v in values:
+        sums = np.zeros(len(first), np.float64)
+        np.add.at(sums, rank[inverse.reshape(-1)], v)
+        out.append(sums)
+    return out
+
+
 def log_validation(writer: SummaryWriter, m: dict[str, Any], step: int) -> None:
     for k in VAL_TAGS:
         if k in m:  # the shuffled control needs a batch of 2 or more videos
@@ -109,7 +136,8 @@ def print_eval_table(m: dict[str, Any]) -> None:
     lo, hi = m["cap_ratio_ci"]
     split = m["split"]
     rows = [("split", f"{split['name']} (val_fraction {split['val_fraction']})"),
-            ("videos", f"{m['num_videos']}, of which seen in training: {m['seen_in_training']}"),
+            ("videos", f"{m['num_videos']} from {m['num_files']} files, of which seen in training: "
+                       f"{m['seen_in_training']} videos ({m['files_seen_in_training']} files)"),
             ("checkpoint step", f"{m.get('checkpoint_step')}"), ("cap_coarse", f"{m['cap_coarse']:.4f}")]
     rows += [(f"cap_fine_{k}", f"{c:.4f}") for k, c in enumerate(m["cap_passes"][1:], start=1)]
     rows += [("cap_fine", f"{m['cap_fine']:.4f}"), ("cap_ratio", f"{m['cap_ratio']:.4f}  95% CI [{lo:.4f}, {hi:.4f}]"),

@@ -128,3 +128,29 @@ def test_verdict_never_calls_a_gain_foveation_unless_both_intervals_are_above_on
     assert line == ("foveation not shown: the fine pass gains 3.30% [1.40, 5.40]; another video's queries make "
                     "its loss 0.50% [-0.05, 1.25] higher (interval includes 0)")
     assert verdict(interval_metrics(1.2, (1.1, 1.3))).startswith("foveation not tested")
+
+
+def test_intervals_resample_files_with_all_their_rows_and_one_row_per_file_changes_nothing():
+    """Three of four evaluated rows are segments of one file: every interval resamples the two files
+    (each file's sums together), not the four rows as if independent; with one row per file the
+    numbers are exactly those of resampling videos."""
+    tokenizer = load_lm("tiny")[1]
+    model = make_model(fine_iterations=1)
+    big, small = make_batch(tokenizer, seed=0), make_batch(tokenizer, captions=CAPTIONS[:1], seed=1)
+    batches = as_batches(big, small)
+    by_video = evaluate(model, batches, torch.device("cpu"))
+    assert evaluate(model, batches, torch.device("cpu"), files=["a", "b", "c", "d"]) == {**by_video, "num_files": 4}
+    assert by_video["num_files"] == 4
+    m = evaluate(model, batches, torch.device("cpu"), files=["long", "long", "short", "long"])
+    with torch.no_grad():
+        outs = [model(b) for b in batches]
+        sums = torch.cat([o["cap_sum"] for o in outs], dim=1).double().numpy()  # [2, 4]
+        shuffled = model.shuffled_query_loss(batches[0], outs[0]["last_queries"]).double().numpy()  # rows 0-2
+    per_file = np.stack([sums[:, [0, 1, 3]].sum(1), sums[:, 2]], axis=1)  # files in order of first appearance
+    assert m["num_videos"] == 4 and m["num_files"] == 2
+    assert m["cap_ratio"] == by_video["cap_ratio"]  # the point estimates are sums either way
+    assert m["cap_ratio_ci"] == pytest.approx(list(bootstrap_ratio_ci(per_file[0], per_file[1])), rel=1e-5)
+    assert m["cap_ratio_ci"] != pytest.approx(by_video["cap_ratio_ci"], rel=1e-6)
+    own = np.array([sums[1, [0, 1]].sum(), sums[1, 2]])
+    assert m["shuffled_ratio_ci"] == pytest.approx(
+        list(bootstrap_ratio_ci(np.array([shuffled[[0, 1]].sum(), shuffled[2]]), own)), rel=1e-5)

@@ -45,7 +45,8 @@ def make_store(path: Path, frame_sampling: str = EXACT, n: int = 12) -> Path:
     buf = store.shard_buffer(0)
     for i in range(n):
         buf.add_row(i, dino=rng.standard_normal((4, 17, 384)), latents=rng.standard_normal((4, 4, 7, 7)),
-                    caption="a red circle moves left", video_id=f"clip{i:02d}", source="s", timestamps=np.arange(4),
+                    caption="a red circle moves left", video_id=f"clip{i:02d}", source=f"/v/clip{i:02d}.mp4",
+                    timestamps=np.arange(4),
                     duration=4.0)
     buf.publish()
     return path

@@ -79,8 +79,8 @@ def test_segment_rows_are_listed_in_order_with_ids_file_ids_and_captions(manifes
     items = list_inputs(videos=str(manifest))
     assert [it.video_id for it in items] == ["long", "long#5-20", "long#10-30.5", "long#12.5-13.5", "long#50-70",
                                              "long#30-30", "short#0-4", "mine", "long#40-59.9"]
-    assert items[0].file_id is None and items[0].start is None  # a whole file, as today
-    assert [it.file_id for it in items[1:6] + items[8:]] == ["long"] * 6
+    assert items[0].start is None  # a whole file, as today
+    assert [it.file_id for it in items[:6] + items[8:]] == ["long"] * 7
     assert items[6].file_id == items[7].file_id == "short"
     assert (items[1].start, items[1].end) == (5.0, 20.0)
     assert items[1].caption == "five to twenty" and items[1].captions == ("five to twenty", "a second caption")

@@ -310,7 +310,7 @@ def test_a_csv_saved_by_excel_with_a_byte_order_mark_reads_like_one_without(vide
     assert excel.read_bytes()[:3] == b"\xef\xbb\xbf"
     items = list_inputs(videos=str(excel))
     assert items == list_inputs(videos=str(plain))
-    assert [(it.video_id, it.file_id, it.start, it.end) for it in items] == [("a", None, None, None),
+    assert [(it.video_id, it.file_id, it.start, it.end) for it in items] == [("a", "a", None, None),
                                                                             ("a#1.5-4", "a", 1.5, 4.0)]
     assert items[1].captions == ("a segment", "another", "a third")
 

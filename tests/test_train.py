@@ -18,6 +18,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fvlm_data.dataset import FeatureDataset
+from fvlm_data.precompute.config import PrecomputeConfig
 from fvlm_data.store import FeatureShapes
 from fvlm_data.store.writer import StoreWriter
 from fvlm_model.evaluation import pass_metrics
@@ -395,3 +396,39 @@ def test_schedule_and_ratio_arithmetic():
     assert m["cap_ratio"] == pytest.approx(1.1) and m["cap_improvement_pct"] == pytest.approx(10.0)
     assert m["rec_ratio"] == pytest.approx(0.8) and m["cap_fine"] == pytest.approx(1.0)
     assert m["loss"] == pytest.approx((1.0 + 0.1 * 0.25) + (1.1 + 0.1 * 0.2))
+
+
+@pytest.mark.slow  # a real training run (in this process) and --eval-only
+def test_eval_counts_seen_in_training_by_file_not_by_row(tmp_path):
+    """Ten files of three rows each (one per caption, each with its own video id): the split by file
+    keeps every held-out file out of training, and --eval-only says so (0 seen), counting files."""
+    from fvlm_data.dataset import validation_mask
+    from fvlm_data.precompute.pipeline import input_keys
+    from fvlm_data.records import VideoInput
+
+    items = [VideoInput(video_id=f"clip{k}-{j}", source=f"/v/clip{k}.mp4", caption=f"caption {j} of clip {k}",
+                        file_id=f"clip{k}") for k in range(10) for j in range(3)]
+    held_out = validation_mask([it.file_id for it in items], 0.25)
+    assert held_out.any() and not validation_mask([it.video_id for it in items], 0.25)[held_out].all()
+    path = tmp_path / "rows.zarr"
+    shapes = FeatureShapes(4, {"dino": (17, 384), "latents": (4, 7, 7)})
+    store = StoreWriter.create_or_open(path, dict(dino="tiny", vae="tiny", num_frames=4, image_size=56,
+                                                   feature_dtype="float16", dino_tokens=17, dino_dim=384,
+                                                   latent_shape=[4, 7, 7]), shapes, capacity=len(items),
+                                       inputs=input_keys(items, PrecomputeConfig(out=str(path))))
+    rng = np.random.default_rng(0)
+    for i, it in enumerate(items):
+        write_row(store, i, dino=rng.standard_normal((4, 17, 384)), latents=rng.standard_normal((4, 4, 7, 7)),
+                  caption=it.caption, video_id=it.video_id, source=it.source, file_id=it.file_id,
+                  timestamps=np.arange(4), duration=4)
+    out = tmp_path / "run"
+    proc = in_process(train_cmd(path, out, "--max-steps", "1", "--visual-videos", "0"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = tmp_path / "eval.json"
+    proc = in_process([*train_cmd(path, out, "--resume", str(out / "checkpoint_latest.pt"), "--eval-only",
+                                  "--json", str(report))])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(report.read_text())
+    assert result["num_videos"] == held_out.sum() and result["num_files"] == held_out.sum() // 3
+    assert result["seen_in_training"] == 0 and result["files_seen_in_training"] == 0
+    assert f"{held_out.sum()} from {held_out.sum() // 3} files, of which seen in training: 0 videos" in proc.stdout

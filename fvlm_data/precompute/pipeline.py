@@ -27,6 +27,7 @@ from fvlm_data.precompute.workers import decode_executor, decoded_in_order, stop
 from fvlm_data.precompute.writeback import BackgroundWriter, DeviceTransfers, HostCopy, stored_features
 from fvlm_data.records import DecodedVideo, VideoInput
 from fvlm_data.store import FeatureShapes, FeatureStore, ShardBuffer, shard_states
+from fvlm_data.store.creation import FINGERPRINT_VERSION, fingerprint_version
 from fvlm_data.store.writer import StoreWriter
 from fvlm_data.video.decode import FRAME_SAMPLING
 
@@ -120,7 +121,7 @@ def _open_store(config: PrecomputeConfig, inputs: list[VideoInput], encoders: Fr
     """The store, created or grown to one slot per input (by process 0 first, if there is a barrier)."""
     shapes = FeatureShapes(config.num_frames, encoders.output_shapes(config.image_size))
     attrs = store_attributes(encoders, shapes, config)
-    keys = [(item.video_id, item.source) for item in inputs]  # the store's input fingerprint is made of these
+    keys = input_keys(inputs, config)  # the store's input fingerprint is made of these
     if config.num_shards > 1 and barrier is None and FeatureStore.exists(config.out):
         # Growing a store while other processes write it would race on the array metadata.
         capacity = FeatureStore.open(config.out).capacity
@@ -131,7 +132,23 @@ def _open_store(config: PrecomputeConfig, inputs: list[VideoInput], encoders: Fr
         if config.shard_index == 0:
             StoreWriter.create_or_open(config.out, attrs, shapes, len(inputs), config.shard_videos, keys)
         barrier()
-    return StoreWriter.create_or_open(config.out, attrs, shapes, len(inputs), config.shard_videos, keys)
+    store = StoreWriter.create_or_open(config.out, attrs, shapes, len(inputs), config.shard_videos, keys)
+    recorded = store.attrs.get("inputs")
+    if recorded is not None and fingerprint_version(recorded) < FINGERPRINT_VERSION and config.shard_index == 0:
+        tqdm.write(f"note: {config.out} has an old input fingerprint (video ids and paths only): changed captions, "
+                   "segment bounds or --min/--max-duration are not detected, and paths must be spelled as when "
+                   "it was made; a new --out records the full one", file=sys.stderr)
+    return store
+
+
+def input_keys(inputs: list[VideoInput], config: PrecomputeConfig) -> list[tuple[Any, ...]]:
+    """Each input's key in the store's input fingerprint (`store.creation`): (video_id, source, and
+    everything else that decides its row: its file as the list names it, where in the file (a tar
+    member, a synthetic seed), captions, segment bounds, file id and the duration filters, which apply to
+    real videos only)."""
+    filters = [config.min_duration, config.max_duration]
+    return [(it.video_id, it.source, it.kind, it.relpath, list(it.locator), list(it.captions), it.start, it.end,
+             it.file_id, None if it.kind == "synthetic" else filters) for it in inputs]
 
 
 @dataclass

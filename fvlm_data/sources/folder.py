@@ -37,8 +37,9 @@ def _list_folder(root: Path) -> list[VideoInput]:
             if name.startswith(".") or path.suffix.lower() in CAPTION_EXTS or not path.is_file():
                 continue  # hidden files, caption sidecars (and other .txt/.json metadata)
             caption, captions = _sidecar_captions(path)
-            items.append(VideoInput(video_id=path.relative_to(root).with_suffix("").as_posix(), source=str(path),
-                                    caption=caption, captions=captions, path=str(path)))
+            relpath = path.relative_to(root).as_posix()
+            items.append(VideoInput(video_id=Path(relpath).with_suffix("").as_posix(), source=str(path),
+                                    caption=caption, captions=captions, path=str(path), relpath=relpath))
     return sorted(items, key=lambda it: it.path)
 
 

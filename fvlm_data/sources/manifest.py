@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,11 @@ from fvlm_data.video.segments import segment_id
 __all__ = ["ManifestRow", "read_manifest", "list_manifest"]
 
 
+# Segment bounds above this are refused with their row (a default id spells them out: `end: 1e308` would
+# make a 309-digit id); 10^7 s is 115 days, far beyond any video.
+MAX_SECONDS = 1e7
+
+
 @dataclass(frozen=True)
 class ManifestRow:
     path: str  # as written in the manifest
@@ -31,6 +37,7 @@ class ManifestRow:
     captions: tuple[str, ...]  # stripped, empty ones dropped
     start: float | None
     end: float | None
+    line: int = 0  # its line in the manifest, for errors that name the row
 
 
 def read_manifest(manifest: Path) -> list[ManifestRow]:
@@ -42,9 +49,8 @@ def read_manifest(manifest: Path) -> list[ManifestRow]:
             if "path" not in (reader.fieldnames or []):
                 raise ValueError(f"manifest {manifest} has no 'path' column")
             for row in reader:
-                where = f"manifest {manifest} line {reader.line_num}"
-                rows.append(_row({k: (v if v != "" else None) for k, v in row.items() if k is not None}, where,
-                                 from_csv=True))
+                rows.append(_row({k: (v if v != "" else None) for k, v in row.items() if k is not None},
+                                 manifest, reader.line_num, from_csv=True))
     else:
         with open(manifest, encoding="utf-8-sig") as f:
             for n, line in enumerate(f, 1):
@@ -57,11 +63,12 @@ def read_manifest(manifest: Path) -> list[ManifestRow]:
                     raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
                 if not isinstance(row, dict):
                     raise ValueError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-                rows.append(_row(row, where, from_csv=False))
+                rows.append(_row(row, manifest, n, from_csv=False))
     return rows
 
 
-def _row(row: dict[str, Any], where: str, from_csv: bool) -> ManifestRow:
+def _row(row: dict[str, Any], manifest: Path, line: int, from_csv: bool) -> ManifestRow:
+    where = f"manifest {manifest} line {line}"
     path = row.get("path")
     if path is None or path == "":
         raise ValueError(f"{where}: no 'path'")
@@ -84,7 +91,8 @@ def _row(row: dict[str, Any], where: str, from_csv: bool) -> ManifestRow:
     return ManifestRow(path=path, video_id=None if video_id in (None, "") else str(video_id),
                        caption=clean(caption) if caption is not None else None,
                        captions=tuple(c for c in map(clean, captions or []) if c is not None),
-                       start=_seconds(row.get("start"), "start", where), end=_seconds(row.get("end"), "end", where))
+                       start=_seconds(row.get("start"), "start", where), end=_seconds(row.get("end"), "end", where),
+                       line=line)
 
 
 def _seconds(value: Any, name: str, where: str) -> float | None:
@@ -98,6 +106,9 @@ def _seconds(value: Any, name: str, where: str) -> float | None:
         raise ValueError(f"{where}: '{name}' must be a number of seconds, got {_shown(value)}") from None
     if not math.isfinite(seconds):
         raise ValueError(f"{where}: '{name}' must be a finite number of seconds, got {_shown(value)}")
+    if abs(seconds) > MAX_SECONDS:
+        raise ValueError(f"{where}: '{name}' must be between -{MAX_SECONDS:.0e} and {MAX_SECONDS:.0e} seconds, "
+                         f"got {_shown(value)}")
     return seconds
 
 
@@ -107,24 +118,38 @@ def _shown(value: Any) -> str:
 
 
 def list_manifest(manifest: Path) -> list[VideoInput]:
-    """A manifest's rows in the user's order. A segment row's video_id defaults to `<file id>#<start>-<end>`;
-    its file_id is the video_id of its file's whole-file row if the manifest has one, else the file id
-    (the path relative to the manifest, without suffix), so the split keeps every row of a file together."""
+    """A manifest's rows in the user's order. Every row of one file has that file's id (its path
+    relative to the manifest, without suffix) as its file_id, whatever the rows' video ids, so the
+    split keeps every row of a file on one side. A segment row's video_id defaults to
+    `<name>#<start>-<end>`, `<name>` being the video_id of the file's last whole-file row if the
+    manifest has one, else the file id. A video_id given twice (or two segments whose default ids,
+    rounded to the millisecond, agree) is refused naming both lines."""
     base = manifest.parent
     rows = read_manifest(manifest)
     paths = [Path(row.path) if Path(row.path).is_absolute() else base / row.path for row in rows]
-    default_ids = [Path(os.path.relpath(path, base)).with_suffix("").as_posix() for path in paths]
+    file_ids = [Path(os.path.relpath(path, base)).with_suffix("").as_posix() for path in paths]
     whole_file_ids = {str(path): row.video_id or default
-                      for row, path, default in zip(rows, paths, default_ids, strict=True)
+                      for row, path, default in zip(rows, paths, file_ids, strict=True)
                       if row.start is None and row.end is None}
-    items = []
-    for row, path, default in zip(rows, paths, default_ids, strict=True):
+    items: list[VideoInput] = []
+    first_row: dict[str, ManifestRow] = {}  # video_id -> the row that gave it first
+    for row, path, file_id in zip(rows, paths, file_ids, strict=True):
         caption, captions = all_captions(row.caption, row.captions)
-        common = dict(source=str(path), caption=caption, captions=captions, path=str(path))
+        # The file as the list names it (relative to the manifest, or absolute as written): what the input
+        # fingerprint records, so the same list read from another folder or by another path is the same list.
+        common = dict(source=str(path), caption=caption, captions=captions, path=str(path), file_id=file_id,
+                      relpath=posixpath.normpath(Path(row.path).as_posix()))
         if row.start is None and row.end is None:
-            items.append(VideoInput(video_id=row.video_id or default, **common))
+            item = VideoInput(video_id=row.video_id or file_id, **common)
         else:
-            file_id = whole_file_ids.get(str(path), default)
-            items.append(VideoInput(video_id=row.video_id or segment_id(file_id, row.start, row.end),
-                                    file_id=file_id, start=row.start, end=row.end, **common))
+            name = whole_file_ids.get(str(path), file_id)
+            item = VideoInput(video_id=row.video_id or segment_id(name, row.start, row.end), start=row.start,
+                              end=row.end, **common)
+        if item.video_id in first_row:
+            other = first_row[item.video_id]
+            rounded = " (default segment ids are rounded to the millisecond)" if row.video_id is None else ""
+            raise ValueError(f"manifest {manifest} line {row.line}: video_id {item.video_id!r} is also line "
+                             f"{other.line}'s{rounded}: give each row its own video_id")
+        first_row[item.video_id] = row
+        items.append(item)
     return items

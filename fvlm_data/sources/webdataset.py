@@ -77,7 +77,7 @@ def list_inputs(pattern: str, options: dict[str, Any]) -> list[VideoInput]:
             caption, captions = all_captions(s["caption"], ()) if s["caption"] is not None else s["json"]
             items.append(VideoInput(video_id=f"{stem}/{key}", source=f"{shard}:{key}", caption=caption,
                                     captions=captions, kind="webdataset", path=shard,
-                                    locator=(s["video"],)))
+                                    locator=(s["video"],), relpath=Path(shard).name))
     return items
 
 

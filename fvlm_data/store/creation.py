@@ -1,9 +1,13 @@
 """Creating a store exactly once: its identity, the fingerprint of its input list, exclusive creation.
 
 A format-3 store records `store_id` (a uuid4, written once at creation) and `inputs`, the
-fingerprint of the input list it is filled from: {"count": n, "sha256": ...} over (video_id,
-source) of each input in slot order. A writer whose inputs differ is refused before it writes
-anything; a longer list whose first `count` inputs agree grows the store (and the fingerprint).
+fingerprint of the input list it is filled from: {"version": 2, "count": n, "sha256": ...} over
+the key of each input in slot order: its video_id and everything else that decides its row (its
+file as the list names it, captions, segment bounds, the duration filters; `source`, the path as
+spelled on the command line, does not count). Stores made before record version 1 (no "version"):
+(video_id, source) only, and keep being checked that way. A writer whose inputs differ is refused
+before it writes anything; a longer list whose first `count` inputs agree grows the store (and the
+fingerprint, in the store's own version).
 
 Creation is exclusive, so two writers started at once cannot both create (and then mix) a store:
 locally the store is built in a hidden folder beside the target and renamed into place, and
@@ -33,34 +37,51 @@ from fvlm_data.store.objects import LocalObjects, RemoteObjects
 # listing the store's members, sees a node it knows).
 CLAIM_KEY = "creation/zarr.json"
 CLAIM_WAIT_S = 120.0  # how long a writer of the same inputs waits for the creator's metadata
+FINGERPRINT_VERSION = 2  # what new stores record (see above)
 
 
 def new_store_id() -> str:
     return uuid.uuid4().hex
 
 
-def inputs_fingerprint(inputs: Sequence[tuple[str, str]]) -> dict[str, Any]:
-    """{"count": n, "sha256": hex} over the (video_id, source) of each input, in slot order."""
+def inputs_fingerprint(inputs: Sequence[Sequence[Any]], version: int = FINGERPRINT_VERSION) -> dict[str, Any]:
+    """{"version": 2, "count": n, "sha256": hex} over the key of each input, in slot order: a tuple
+    (video_id, source, *what else decides its row), JSON values. Version 1 hashes (video_id, source)
+    (and records no "version"); version 2 the video_id and the rest, not `source`."""
     digest = hashlib.sha256()
-    for video_id, source in inputs:
-        digest.update(json.dumps([video_id, source], ensure_ascii=False).encode() + b"\n")
-    return {"count": len(inputs), "sha256": digest.hexdigest()}
+    for key in inputs:
+        if version == 1:
+            digest.update(json.dumps([key[0], key[1]], ensure_ascii=False).encode() + b"\n")
+        else:  # ASCII: a lone surrogate in a caption is escaped, not an encoding error
+            digest.update(json.dumps([key[0], *key[2:]]).encode() + b"\n")
+    counted = {"count": len(inputs), "sha256": digest.hexdigest()}
+    return counted if version == 1 else {"version": version, **counted}
+
+
+def fingerprint_version(recorded: Mapping[str, Any] | None) -> int:
+    """The version of a store's recorded fingerprint (1: made before versions were recorded)."""
+    return int((recorded or {}).get("version", 1))
 
 
 def check_inputs(path: str | os.PathLike, recorded: Mapping[str, Any] | None,
-                 inputs: Sequence[tuple[str, str]] | None) -> None:
+                 inputs: Sequence[Sequence[Any]] | None) -> None:
     """Refuse inputs that are not the store's (a format-2 store has no fingerprint: nothing to check)."""
     if recorded is None or inputs is None:
         return
-    count = int(recorded["count"])
+    count, version = int(recorded["count"]), fingerprint_version(recorded)
+    if version > FINGERPRINT_VERSION:
+        raise StoreError(f"{path} has an input fingerprint of version {version}, newer than this fvlm's "
+                         f"{FINGERPRINT_VERSION}: update fvlm to add to it")
     if len(inputs) < count:
         raise StoreError(f"{path} was made from {count} inputs and this run lists {len(inputs)}: a shorter list "
                          "cannot be checked against the store's fingerprint; give all of them, or use a new --out")
-    mine = inputs_fingerprint(inputs[:count])["sha256"]
+    mine = inputs_fingerprint(inputs[:count], version)["sha256"]
     if mine != recorded["sha256"]:
+        what = ("video ids and paths" if version == 1 else
+                "video ids, files, captions, segment bounds, --min/--max-duration")
         raise StoreError(f"{path} was made from another input list (its {count} inputs have fingerprint "
-                         f"{recorded['sha256'][:12]}, this run's first {count} {mine[:12]}): the input list "
-                         "changed; use a new --out")
+                         f"{recorded['sha256'][:12]}, this run's first {count} {mine[:12]}): the input list changed; "
+                         f"use a new --out (compared: {what})")
 
 
 def create_exclusive(path: str | os.PathLike, objects: LocalObjects | RemoteObjects, objs: dict[str, bytes],

@@ -22,7 +22,13 @@ from zarr.core.sync import sync
 
 from fvlm_data.errors import StoreError
 from fvlm_data.store.checksums import check_frames, frame_checksums
-from fvlm_data.store.creation import check_inputs, create_exclusive, inputs_fingerprint, new_store_id
+from fvlm_data.store.creation import (
+    check_inputs,
+    create_exclusive,
+    fingerprint_version,
+    inputs_fingerprint,
+    new_store_id,
+)
 from fvlm_data.store.format import (
     DEFAULT_SHARD_VIDEOS,
     SCALE_SUFFIX,
@@ -51,7 +57,7 @@ class StoreWriter(FeatureStore):
     @classmethod
     def create_or_open(cls, path: str | os.PathLike, attrs: dict[str, Any], shapes: FeatureShapes, capacity: int,
                        shard_videos: int | None = None,
-                       inputs: Sequence[tuple[str, str]] | None = None) -> StoreWriter:
+                       inputs: Sequence[Sequence[Any]] | None = None) -> StoreWriter:
         """See `create_or_open`."""
         return create_or_open(path, attrs, shapes, capacity, shard_videos, inputs)
 
@@ -61,12 +67,13 @@ class StoreWriter(FeatureStore):
 
 
 def create_or_open(path: str | os.PathLike, attrs: dict[str, Any], shapes: FeatureShapes, capacity: int,
-                   shard_videos: int | None = None, inputs: Sequence[tuple[str, str]] | None = None) -> StoreWriter:
+                   shard_videos: int | None = None, inputs: Sequence[Sequence[Any]] | None = None) -> StoreWriter:
     """Open `path` for writing, creating it with `capacity` slots if it does not exist.
 
     An existing store must have been made with the same encoders, frame count, image size,
-    feature dtype (and shard size, if one is asked for), and from the same `inputs` ((video_id,
-    source) per slot; a longer list grows the store): all checked before anything is written.
+    feature dtype (and shard size, if one is asked for), and from the same `inputs` (each slot's key,
+    (video_id, source, *the rest): see `creation`; a longer list grows the store): all checked before
+    anything is written.
     Creation is exclusive (`creation.create_exclusive`): of several writers started at once exactly
     one creates the store, the others check it like any existing store.
     """
@@ -86,8 +93,8 @@ def create_or_open(path: str | os.PathLike, attrs: dict[str, Any], shapes: Featu
         return store
     if store.capacity < capacity:
         _grow(store, capacity)
-    if longer:  # after the arrays: a run killed in between redoes it
-        group.attrs["inputs"] = inputs_fingerprint(inputs)
+    if longer:  # after the arrays: a run killed in between redoes it. In the store's own version (an old store's
+        group.attrs["inputs"] = inputs_fingerprint(inputs, fingerprint_version(recorded))  # rows stay old ones)
     return StoreWriter(path, objects, open_group(path, objects, mode="r+"))
 
 
