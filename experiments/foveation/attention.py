@@ -10,7 +10,8 @@ patches are of the frame (what a uniform attention would give), over the frames 
 Then the share on the cued object per frame, and the motion control: the last fine pass's share
 minus the coarse pass's at frame 2 after the cue (its query has seen the shapes once, not their
 motion) and how much more that difference is on frames 3+ (motion seen), with bootstrap 95%
-intervals over videos. A fine pass that follows the mover has the second above 0.
+intervals over videos. A fine pass that follows the mover has the second above 0. With a deep query
+(--query-depth) the maps are its last block's, and one more table gives each block's share on the cued object.
 With --figure it writes the attention maps of the first held-out videos laid over their frames
 (the frames, then one row per pass, brighter = more attention; not selected: the first ones in
 the split) as a PNG. The model, frames and split come from the checkpoint, as for `train.py --eval-only`.
@@ -72,6 +73,7 @@ def main() -> None:
     if not all((parse_source_tag(s) or ("",))[0].startswith("foveation") for s in sources):
         sys.exit("error: needs held-out videos of --synthetic-task foveation (or foveation_nocue)")
     names, per_video = None, []  # per video: [passes + uniform, 3 masks, frames after the cue]
+    per_block = []  # per video: [passes, deep-query blocks]: the share on the cued object after the cue
     for start, chunk, batch in held.batches():
         chunk_sources = sources[start : start + len(chunk)]
         info = inspect_batch(held.model, batch)
@@ -89,6 +91,8 @@ def main() -> None:
             maps = [attention_grid(a[k])[after_cue] for a in info["attention"].values()]
             per_video.append([[(m * mask).sum(axis=(1, 2)) for mask in masks] for m in maps]
                              + [[mask.mean(axis=(1, 2)) for mask in masks]])
+            per_block.append([[(attention_grid(b[k][:, block])[after_cue] * cued).sum(axis=(1, 2)).mean()
+                               for block in range(b.shape[2])] for b in info["block_attention"].values()])
     shares = np.asarray(per_video)  # [V, P + 1, 3, T']
     mean = shares.mean(axis=(0, 3))
     print(f"attention share over frames after the cue, {len(shares)} held-out videos, checkpoint step {held.step}")
@@ -103,6 +107,13 @@ def main() -> None:
     print(f"{'pass':<16}" + "".join(f"{f'frame {t + 1}':>9}" for t in range(per_frame.shape[1])))
     for name, row in zip([*names, "uniform"], per_frame, strict=True):
         print(f"{name:<16}" + "".join(f"{x:>9.3f}" for x in row))
+    blocks = np.asarray(per_block).mean(axis=0)  # [P, L]
+    if blocks.shape[1] > 1:  # the deep query: where each of its blocks looks (the table above is its last block's)
+        ids = held.model.deep_query.block_ids
+        print("deep query: attention share on the cued object per DINO block, frames after the cue")
+        print(f"{'pass':<16}" + "".join(f"{f'block {b}':>9}" for b in ids))
+        for name, row in zip(names, blocks, strict=True):
+            print(f"{name:<16}" + "".join(f"{x:>9.3f}" for x in row))
     if len(names) > 1 and shares.shape[3] > 2:
         # The control: frame 2's query has seen the shapes once, not their motion. A fine pass that
         # follows the mover gains more on frames 3+ than on frame 2.

@@ -15,7 +15,7 @@ from fvlm_data import CaptionCollator, FeatureDataset, FeatureStore
 from fvlm_data.dataset import split_slots, to_device
 from fvlm_train import TrainError
 from fvlm_train.checkpoint import load_trained
-from fvlm_train.config import RunConfig
+from fvlm_train.config import RunConfig, query_blocks
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -54,6 +54,7 @@ def load_held_out(opts: argparse.Namespace) -> HeldOut:
         sys.exit(f"error: {e}")
     _, held_out, _ = split_slots(store, config.val_fraction)  # the store load_trained opened, not a second one
     ds = FeatureDataset.from_store(store, config.num_frames, held_out)
+    ds.read_block_states(query_blocks(config.query_depth, store.attrs))  # the deep query's stored states
     items = [ds[i] for i in range(min(opts.videos, len(ds)))]
     if not items:
         sys.exit("error: the store has no held-out videos")
