@@ -26,6 +26,7 @@ class VideoInput:
     file_id: str | None = None  # id of the file a segment is cut from (None: a whole file, its video_id)
     start: float | None = None  # a segment [start, end] of the file, seconds (None: from its start / to its end)
     end: float | None = None
+    problem: str | None = None  # why it fails before any decoding (a row whose text cannot be stored)
 
     def __post_init__(self) -> None:
         # One fact, two views: `caption` is the first of `captions`.
