@@ -17,7 +17,8 @@ TRANSIENT = (
     ("Input/output error", "I/O error"),
     ("Stale file handle", "I/O error"),
     ("timed out", "I/O error"),
-    ("decoder process", "killed decoder"),  # workers.py: "decoder process was killed (out of memory?)"
+    ("decoder process was killed", "killed decoder"),  # workers.py: KILLED, a SIGKILL (the OOM killer's)
+    ("decoder processes keep dying", "killed decoder"),
     ("MemoryError", "out of memory"),
     ("Cannot allocate memory", "out of memory"),
 )
