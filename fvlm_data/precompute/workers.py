@@ -137,8 +137,9 @@ def decoded_in_order(executor: Executor, items: list[tuple[int, VideoInput]], wi
                 break
             except BrokenProcessPool:  # a worker died: its inputs fail, a new pool decodes the rest again
                 lost = executor.restart(list(in_flight))  # type: ignore[attr-defined]  # only DecodeWorkers breaks
+                again = []
                 for broken, group in list(in_flight.items()):
-                    if broken.cancelled() or broken.exception() is not None:
+                    if broken.cancelled() or broken.exception() is not None:  # none of its inputs was yielded
                         del in_flight[broken]
                         if broken in lost:
                             failed: Future = Future()
@@ -146,7 +147,8 @@ def decoded_in_order(executor: Executor, items: list[tuple[int, VideoInput]], wi
                             in_flight[failed] = group
                             result_of.update((p, (failed, k)) for k, p in enumerate(group))
                         else:
-                            submit(group)
+                            again.append(group)
+                groups.extendleft(reversed(again))  # submitted first, to the new pool
         del result_of[pos]
         if in_flight[fut][-1] == pos:
             del in_flight[fut]
@@ -252,7 +254,7 @@ class DecodeWorkers(Executor):
     def _start(self) -> None:
         # spawn, not fork: the parent holds torch's thread pools, which fork does not copy safely.
         ctx = multiprocessing.get_context("spawn")
-        self._held = ctx.RawArray("q", 2 * self.workers)  # per worker: its pid, the task it runs (-1: none)
+        self._held = ctx.RawArray("q", [-1] * (2 * self.workers))  # per worker: its pid, the task it runs (-1: none)
         self.pool = _DecodePool(self.workers, mp_context=ctx, initializer=_start_worker,
                                 initargs=(os.getpid(), self._held, ctx.Value("i", 0)))
 
