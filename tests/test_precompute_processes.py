@@ -225,6 +225,7 @@ def blocked_on_a_fifo(parent: psutil.Process) -> psutil.Process | None:
 
 
 @pytest.mark.slow  # precompute.py in new processes (torchrun, signals, a full disk)
+@pytest.mark.skipif(not Path("/proc/self/wchan").exists(), reason="finds the held worker by Linux's /proc/PID/wchan")
 def test_a_decode_worker_killed_mid_run_fails_only_the_videos_it_held(tmp_path):
     """The OOM killer's SIGKILL, for real, on the worker held by a named pipe (nothing ever writes it) while its
     sibling decodes: the run goes on with a new pool, records the held input as killed (it used to end in a
