@@ -5,10 +5,13 @@
     python precompute.py --out store.zarr --videos clips/      # a folder or a CSV/JSONL manifest
     python precompute.py --out store.zarr --webdataset 'shards/{00000..00009}.tar'
 
-Re-running the same command continues where it stopped. Several GPUs and machines fill one store
-together under torchrun (each rank uses GPU LOCAL_RANK and is process RANK of WORLD_SIZE), or as K
-processes started by hand or by a Slurm array with --num-shards K --shard-index I (process I owns
-store shards I, I+K, ...). --out may be a folder or an object-store URL such as s3://bucket/prefix/store.zarr.
+Re-running the same command continues where it stopped; with --retry-failed it also redoes the inputs
+recorded as failed (a file copied in since, an I/O error, a decoder killed when out of memory).
+
+Several GPUs and machines fill one store together under torchrun (each rank uses GPU LOCAL_RANK and
+is process RANK of WORLD_SIZE), or as K processes started by hand or by a Slurm array with
+--num-shards K --shard-index I (process I owns store shards I, I+K, ...). --out may be a folder or an
+object-store URL such as s3://bucket/prefix/store.zarr.
 
     torchrun --nproc_per_node 8 precompute.py --out store.zarr --videos clips/
 """

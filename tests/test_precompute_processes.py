@@ -8,6 +8,7 @@ with ENOSPC past the same size).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -25,7 +26,10 @@ import pytest
 
 from fvlm_data import FeatureStore
 from fvlm_data.precompute.pipeline import PrecomputeSummary
+from fvlm_data.precompute.workers import KILLED
+from tests.helpers.in_process import invoke
 from tests.helpers.small_disk import SmallDisk
+from tests.helpers.videos import draw_counter, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -91,13 +95,14 @@ def out_url(tmp_path) -> str:
 
 def test_summaries_of_ranks_merge_into_one():
     a = PrecomputeSummary(written=3, already_done=1, failed=1, failure_reasons=Counter({"truncated": 1}),
-                          store_bytes=500)
+                          store_bytes=500, transient=Counter({"missing file": 1}))
     b = PrecomputeSummary(written=2, failed=2, failure_reasons=Counter({"truncated": 1, "no caption": 1}),
                           store_bytes=700)
     total = PrecomputeSummary.merge([a, b, PrecomputeSummary()])  # a rank with nothing to do
     assert (total.written, total.already_done, total.failed) == (5, 1, 3)
     assert total.failure_reasons == Counter({"truncated": 2, "no caption": 1})
     assert total.store_bytes == 700  # the last rank to finish measured the whole store
+    assert total.transient == Counter({"missing file": 1})
 
 
 @pytest.mark.slow  # precompute.py in new processes (torchrun, signals, a full disk)
@@ -209,6 +214,54 @@ def test_decode_workers_end_with_the_run(tmp_path, how):
         assert code == 128 + STOPS[how], text
         assert "Traceback" not in text
         assert text.strip().splitlines()[-1].startswith(f"stopped by {how}: "), text
+
+
+def blocked_on_a_fifo(parent: psutil.Process) -> psutil.Process | None:
+    """The process among `parent`'s descendants that waits in open() for a named pipe's writer (Linux's wchan)."""
+    for p in parent.children(recursive=True):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{p.pid}/wchan").read_text() == "wait_for_partner":
+                return p
+    return None
+
+
+@pytest.mark.slow  # precompute.py in new processes (torchrun, signals, a full disk)
+@pytest.mark.skipif(not Path("/proc/self/wchan").exists(), reason="finds the held worker by Linux's /proc/PID/wchan")
+def test_a_decode_worker_killed_mid_run_fails_only_the_videos_it_held(tmp_path):
+    """The OOM killer's SIGKILL, for real, on the worker held by a named pipe (nothing ever writes it) while its
+    sibling decodes: the run goes on with a new pool, records the held input as killed (it used to end in a
+    BrokenProcessPool traceback), and --retry-failed decodes it once a video is there."""
+    for name in ("v0", "v1", "v2", "v3"):
+        write_video(tmp_path / f"{name}.mp4", draw_counter(), 20)
+    held = tmp_path / "held.mp4"
+    os.mkfifo(held)
+    rows = [{"path": f"{name}.mp4", "caption": name} for name in ("v0", "v1", "held", "v2", "v3")]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "s.zarr"
+    args = ["--out", str(out), "--videos", str(manifest), "--shard-videos", "2", "--batch-videos", "1",
+            *[a for a in SMALL if a != "--quiet"]]
+    proc = subprocess.Popen([*PRECOMPUTE, *args, "--workers", "2"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300  # a generous bound for a loaded machine, not a timing
+        while (worker := blocked_on_a_fifo(psutil.Process(proc.pid))) is None:
+            assert proc.poll() is None and time.monotonic() < deadline, "no worker opened the named pipe"
+            time.sleep(0.05)
+        worker.send_signal(signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
+    assert "written 4 videos, skipped 0 already in the store, 1 failed" in stdout
+    assert "  1 failure looks transient (1 killed decoder): the same command with --retry-failed" in stdout
+    assert [(f["video_id"], f["reason"]) for f in FeatureStore.open(out).failures] == [("held", KILLED)]
+    held.unlink()
+    shutil.copy(tmp_path / "v0.mp4", held)
+    rerun = invoke("precompute", [*args, "--workers", "0", "--retry-failed"])
+    assert "written 1 videos, skipped 4 already in the store, 0 failed" in rerun.stdout, rerun.stdout + rerun.stderr
+    store = FeatureStore.open(out)
+    assert len(store) == 5 and store.failures == []
 
 
 # ---------------------------------------------------------------------------- full disk

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -153,6 +154,30 @@ def test_a_file_cut_short_keeps_the_segments_before_the_cut(tmp_path):
     first, last = load_file_frames(items, decoding())
     np.testing.assert_array_equal(first.frames, load_frames(items[0], 6, 32).frames)
     assert isinstance(last, Exception) and str(last).startswith("truncated")
+
+
+@pytest.mark.parametrize("faststart", [True, False], ids=["index-first", "index-last"])
+def test_an_mp4_cut_short_keeps_the_segments_before_the_cut_if_its_index_is_first(tmp_path, faststart):
+    """Cut with head -c. Index first (faststart): ffmpeg decodes the frames before the cut, so do we; index
+    last: the cut took the index (ffmpeg decodes nothing either), so every row fails, saying so."""
+    whole = write_video(tmp_path / "whole.mp4", draw_index, FPS * 30, fps=FPS, gop=25, faststart=faststart)
+    cut = tmp_path / "cut.mp4"
+    with open(cut, "wb") as f:
+        subprocess.run(["head", "-c", str(whole.stat().st_size // 2), str(whole)], stdout=f, check=True)
+    items = [VideoInput(video_id=f"cut#{a}", source="s", caption="c", path=str(cut), start=a, end=b)
+             for a, b in ((1.0, 6.0), (2.0, 9.0), (20.0, 29.0), (None, None))]
+    results = load_file_frames(items, decoding())
+    if not faststart:
+        assert all(str(r).startswith("truncated: 'mdat' box ends at byte") and "index ('moov') is lost" in str(r)
+                   for r in results), results
+        return
+    for item, result in zip(items[:2], results, strict=False):
+        reference = load_frames(dataclasses.replace(item, path=str(whole)), 6, 32)
+        np.testing.assert_array_equal(result.frames, reference.frames)
+        np.testing.assert_array_equal(result.timestamps, reference.timestamps)
+    for result in results[2:]:  # past the cut, and the whole file (its frames span the cut)
+        assert isinstance(result, Exception) and str(result).startswith("truncated: "), result
+        assert " of 30.0 s" in str(result)
 
 
 @pytest.fixture(scope="module")

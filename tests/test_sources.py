@@ -16,12 +16,14 @@ import av
 import numpy as np
 import pytest
 
+from fvlm_data import FeatureStore
 from fvlm_data.errors import InputError
 from fvlm_data.records import DecodedVideo, VideoInput
 from fvlm_data.sources import list_inputs, load_frames
 from fvlm_data.sources.synthetic import COLOURS, synthetic_vocabulary
 from fvlm_data.sources.webdataset import expand_braces
 from fvlm_data.video.decode import resize_center_crop, sample_timestamps
+from tests.helpers.in_process import invoke
 from tests.helpers.videos import COUNTER_FPS, counter_index, draw_counter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -347,6 +349,45 @@ def test_precompute_names_the_bad_manifest_row_in_one_line(video_folder, tmp_pat
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert f"manifest {jsonl} line 1: 'path' must be a string, got 123" in proc.stderr
     assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.slow  # a real precompute run
+def test_text_that_cannot_be_stored_is_a_failure_of_its_row_named_with_its_line(video_folder, tmp_path):
+    """A lone surrogate (valid JSON: "\\ud800") in a caption, a caption list or an id: that row fails, named
+    with its manifest line; the rows after it are written (it used to abort the run at its shard)."""
+    a = str(video_folder / "a.mp4")
+    rows = [{"path": a, "caption": "fine", "video_id": "r1"}, {"path": a, "caption": "\ud800", "video_id": "r2"},
+            {"path": a, "captions": ["ok", "x\udfff"], "video_id": "r3"},
+            {"path": a, "caption": "c", "video_id": "\ud800"},
+            {"path": a, "caption": "after", "video_id": "r5"}]
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = list_inputs(videos=str(jsonl))
+    assert [it.problem for it in items][::4] == [None, None]
+    assert items[1].problem == (f"text that cannot be stored: manifest {jsonl} line 2: 'caption' has a lone "
+                                "surrogate '\\ud800' at character 0 (not Unicode text): fix the row")
+    assert "line 3: 'captions[1]' has a lone surrogate '\\udfff' at character 1" in items[2].problem
+    assert "line 4: 'video_id'" in items[3].problem and items[3].video_id == "\\ud800"  # stored escaped
+    with pytest.raises(InputError, match="^text that cannot be stored: manifest"):
+        load_frames(items[1], 2, 16)
+    out = tmp_path / "s.zarr"
+    proc = invoke("precompute", ["--out", str(out), "--videos", str(jsonl), "--workers", "0", "--preset", "tiny",
+                                 "--image-size", "28", "--num-frames", "2", "--shard-videos", "2", "--quiet"])
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "written 2 videos, skipped 0 already in the store, 3 failed" in proc.stdout
+    store = FeatureStore.open(out)
+    assert [store.read(i)["video_id"] for i in range(len(store))] == ["r1", "r5"]
+    reasons = {f["video_id"]: f["reason"] for f in store.failures}
+    assert reasons["r2"] == items[1].problem and "line 4" in reasons["\\ud800"]
+
+
+def test_a_file_name_of_undecodable_bytes_is_a_failure_of_its_row(video_folder, tmp_path):
+    root = tmp_path / "v"
+    root.mkdir()
+    shutil.copy(video_folder / "a.mp4", os.fsdecode(bytes(root) + b"/caf\xe9.mp4"))  # Latin-1, not UTF-8
+    [item] = list_inputs(videos=str(root))
+    assert item.video_id == "caf\\udce9"  # escaped: storable, and the listing's fingerprint can be taken
+    assert item.problem.startswith("text that cannot be stored: ") and "video_id has a lone surrogate" in item.problem
 
 
 def test_json_sidecars_and_manifests_give_caption_lists_in_order(video_folder, tmp_path):

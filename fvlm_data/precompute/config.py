@@ -77,6 +77,9 @@ class PrecomputeConfig:
     verify: str = option("data", "What a rerun checks of the shards already in the store: data (every byte against "
                          "its checksums) or index (object sizes and shard indexes only: for huge stores).",
                          click.Choice(("data", "index")), recorded=False)
+    retry_failed: bool = option(False, "Recompute the inputs recorded as failed (a file copied in since, an I/O "
+                                "error, a decoder killed when out of memory); their shards are rewritten whole.",
+                                recorded=False, is_flag=True)
     quiet: bool = option(False, "No progress bar.", recorded=False, is_flag=True)
 
     @property

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from fvlm_data.errors import StoreError
 from fvlm_data.precompute.config import PrecomputeConfig
 from fvlm_data.precompute.encoders import FrozenEncoders
+from fvlm_data.precompute.failures import retry_hint, transient_kinds
 from fvlm_data.precompute.workers import decode_executor, decoded_in_order, stop_decode_workers
 from fvlm_data.precompute.writeback import BackgroundWriter, DeviceTransfers, HostCopy, stored_features
 from fvlm_data.records import DecodedVideo, VideoInput
@@ -39,6 +40,8 @@ class PrecomputeSummary:
     failed: int = 0
     failure_reasons: collections.Counter = field(default_factory=collections.Counter)
     store_bytes: int = 0
+    transient: collections.Counter = field(default_factory=collections.Counter)  # this run's, by kind
+    transient_before: collections.Counter = field(default_factory=collections.Counter)  # skipped failures'
 
     def lines(self, out: str) -> list[str]:
         lines = [
@@ -47,6 +50,8 @@ class PrecomputeSummary:
             f"{self.failed} failed",
         ]
         lines += [f"  failed x{n}: {reason}" for reason, n in self.failure_reasons.most_common(10)]
+        lines += [hint for hint in (retry_hint(self.transient, earlier=False),
+                                    retry_hint(self.transient_before, earlier=True)) if hint]
         lines.append(f"store size on disk: {self.store_bytes / 1e6:.1f} MB")
         return lines
 
@@ -59,6 +64,8 @@ class PrecomputeSummary:
             total.already_done += part.already_done
             total.failed += part.failed
             total.failure_reasons.update(part.failure_reasons)
+            total.transient.update(part.transient)
+            total.transient_before.update(part.transient_before)
             total.store_bytes = max(total.store_bytes, part.store_bytes)  # one store, measured by each
         return total
 
@@ -74,9 +81,9 @@ def run_precompute(config: PrecomputeConfig, inputs: list[VideoInput], encoders:
     config.check()
     store = _open_store(config, inputs, encoders, barrier)
     plan = _plan(store, config, inputs)
-    summary = PrecomputeSummary(already_done=len(plan.skipped))
+    summary = PrecomputeSummary(already_done=len(plan.skipped), transient_before=plan.transient_before)
     bar = tqdm(total=len(plan.todo), unit="video", disable=not progress, dynamic_ncols=True)
-    shards = _ShardsInProgress(store, len(inputs), plan.keep_existing, summary, bar)
+    shards = _ShardsInProgress(store, len(inputs), plan.keep_existing, plan.retried, summary, bar)
     executor = decode_executor(config.workers)
     # This thread only feeds the encoders; a writer thread adds the rows and publishes (writeback.py).
     transfers, writer = DeviceTransfers(encoders.device), BackgroundWriter()
@@ -156,25 +163,33 @@ class _Plan:
     todo: list[tuple[int, VideoInput]]  # (slot, input) still to write
     keep_existing: dict[int, bool]  # shard -> start from its stored rows
     skipped: np.ndarray  # committed or failed slots
+    retried: set[int] = field(default_factory=set)  # shards whose failed slots are recomputed (--retry-failed)
+    transient_before: collections.Counter = field(default_factory=collections.Counter)  # skipped failures'
 
 
 def _plan(store: FeatureStore, config: PrecomputeConfig, inputs: list[VideoInput]) -> _Plan:
     """This process's shards (I, I+K, ...): what is done, what to redo. Committed shards are checked
     (object ends, in batches; with `--verify data`, the default, also every byte against its checksums);
-    a damaged one is recomputed from scratch."""
+    a damaged one is recomputed from scratch. With `--retry-failed` the failed slots are redone too (their
+    shards keep their committed rows and are published whole again)."""
     size = store.shard_videos
     owned = list(range(config.shard_index, -(-len(inputs) // size), config.num_shards))
     states = {}
     for i in range(0, len(owned), 1024):
         states.update(shard_states(store, owned[i : i + 1024], verify_data=config.verify == "data"))
     plan = _Plan(todo=[], keep_existing={}, skipped=np.zeros(0, dtype=np.int64))
-    done_slots = [plan.skipped]
+    done_slots, failed_slots = [plan.skipped], [plan.skipped]
     for shard in owned:
         lo, hi = shard * size, min(shard * size + size, len(inputs))
         state = states[shard]
         if state.problem:
             tqdm.write(f"recomputing shard {shard}: {state.problem}", file=sys.stderr)
-        done = state.done[: hi - lo]
+        done, failed = state.done[: hi - lo], state.failed[: hi - lo]
+        if config.retry_failed and failed.any():
+            done = done & ~failed
+            plan.retried.add(shard)
+        else:
+            failed_slots.append(np.flatnonzero(failed) + lo)
         done_slots.append(np.flatnonzero(done) + lo)
         if done.all():
             continue
@@ -182,6 +197,7 @@ def _plan(store: FeatureStore, config: PrecomputeConfig, inputs: list[VideoInput
         plan.keep_existing[shard] = state.kept
         plan.todo += [(slot, inputs[slot]) for slot in range(lo, hi) if not done[slot - lo]]
     plan.skipped = np.concatenate(done_slots)
+    plan.transient_before = transient_kinds(store.read_strings("failure", np.concatenate(failed_slots)))
     for slot, stored_id in zip(plan.skipped.tolist(), store.read_strings("video_id", plan.skipped), strict=True):
         if stored_id != inputs[slot].video_id:
             raise StoreError(f"{config.out} slot {slot} holds video {stored_id!r} but this run's input {slot} is "
@@ -220,16 +236,17 @@ class _ShardsInProgress:
     """This process's shards being filled: each buffered from its first row on, and published whole
     (then dropped: ~1-2 shards live) once every slot of it is written or recorded as failed."""
 
-    def __init__(self, store: FeatureStore, num_inputs: int, keep_existing: dict[int, bool],
+    def __init__(self, store: FeatureStore, num_inputs: int, keep_existing: dict[int, bool], retried: set[int],
                  summary: PrecomputeSummary, bar: tqdm) -> None:
-        self.store, self.num_inputs, self.keep_existing = store, num_inputs, keep_existing
+        self.store, self.num_inputs, self.keep_existing, self.retried = store, num_inputs, keep_existing, retried
         self.summary, self.bar = summary, bar
         self.buffers: dict[int, ShardBuffer] = {}
 
     def _buffer(self, slot: int) -> ShardBuffer:
         shard = slot // self.store.shard_videos
         if shard not in self.buffers:
-            self.buffers[shard] = self.store.shard_buffer(shard, keep_existing=self.keep_existing[shard])
+            self.buffers[shard] = self.store.shard_buffer(shard, keep_existing=self.keep_existing[shard],
+                                                          keep_failures=shard not in self.retried)
         return self.buffers[shard]
 
     def _publish_if_complete(self, slot: int) -> None:
@@ -242,6 +259,7 @@ class _ShardsInProgress:
         self._publish_if_complete(slot)
         self.summary.failed += 1
         self.summary.failure_reasons[reason.split(":")[0]] += 1
+        self.summary.transient.update(transient_kinds([reason]))
         self.bar.update(1)
 
     def add_rows(self, batch: list[tuple[int, VideoInput, DecodedVideo]], features: HostCopy) -> None:

@@ -11,11 +11,13 @@ input into an ``InputError``, so the pipeline can skip it and record why.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from fvlm_data.errors import InputError
 from fvlm_data.records import DecodedVideo, Decoding, Source, VideoInput
 from fvlm_data.sources import folder, synthetic, webdataset
+from fvlm_data.sources.captions import storable, unstorable
 from fvlm_data.video.decode import SEEK_MODES
 
 __all__ = ["SOURCES", "list_inputs", "load_frames", "load_file_frames"]
@@ -34,7 +36,7 @@ def list_inputs(**given: Any) -> list[VideoInput]:
         *others, last = [source.option for source in SOURCES]
         got = ", ".join(source.option for source in chosen) or "none"
         raise ValueError(f"give exactly one of {', '.join(others)} or {last} (got {got})")
-    items = chosen[0].list_inputs(options[chosen[0].option], given)
+    items = [_storable(item) for item in chosen[0].list_inputs(options[chosen[0].option], given)]
     _check_unique(items)
     return items
 
@@ -65,7 +67,24 @@ def load_file_frames(items: list[VideoInput], decoding: Decoding) -> list[Decode
     decoded alone, so the segments before the damage are kept."""
     if decoding.seek not in SEEK_MODES:
         raise ValueError(f"seek must be one of {SEEK_MODES}, got {decoding.seek!r}")
-    return _BY_KIND[items[0].kind].decode(items, decoding)
+    known = {k: InputError(item.problem) for k, item in enumerate(items) if item.problem}
+    rest = [item for k, item in enumerate(items) if k not in known]
+    decoded = iter(_BY_KIND[rest[0].kind].decode(rest, decoding) if rest else ())
+    return [known[k] if k in known else next(decoded) for k in range(len(items))]
+
+
+def _storable(item: VideoInput) -> VideoInput:
+    """An input whose text the store cannot keep (a file name of undecodable bytes, a sidecar caption with
+    a lone surrogate) fails as its row, with its text escaped; a manifest row says so with its line."""
+    texts = {"video_id": item.video_id, "source": item.source,
+             **{f"captions[{i}]" if i else "caption": c for i, c in enumerate(item.captions)}}
+    problem = next((f"{name} {why}" for name, text in texts.items() if (why := unstorable(text))), None)
+    if item.problem or not problem:
+        return item
+    captions = tuple(storable(c) for c in item.captions)
+    return dataclasses.replace(item, video_id=storable(item.video_id), source=storable(item.source),
+                               caption=captions[0] if captions else None, captions=captions,
+                               problem=f"text that cannot be stored: {storable(item.source)}: {problem}")
 
 
 def _check_unique(items: list[VideoInput]) -> None:

@@ -6,6 +6,21 @@ from __future__ import annotations
 import json
 
 
+def unstorable(text: str) -> str | None:
+    """Why `text` cannot be stored (the store keeps UTF-8), or None: a lone surrogate, which JSON's
+    escapes can spell ("\\ud800") and a file name of undecodable bytes becomes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"has a lone surrogate {text[e.start]!r} at character {e.start} (not Unicode text)"
+    return None
+
+
+def storable(text: str) -> str:
+    """`text` with each lone surrogate written out as its escape ("\\ud800"): what a failed row records."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def clean(text: str) -> str | None:
     """Stripped caption; empty means caption-less."""
     text = text.strip()

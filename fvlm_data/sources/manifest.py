@@ -3,7 +3,9 @@
 Columns (JSONL keys): ``path`` (required; relative to the manifest's folder), ``caption``,
 ``video_id``, ``start`` and ``end`` (seconds: the row is that segment of the file) and, in JSONL,
 ``captions`` (a list of every caption, in order; in CSV a cell holding a JSON list). A CSV saved
-with a byte-order mark (Excel's "CSV UTF-8") reads like one without.
+with a byte-order mark (Excel's "CSV UTF-8") reads like one without. A row whose text cannot be
+stored (a lone surrogate, valid JSON as "\\ud800") is listed with its `problem`: a failure of that
+row, named with its line, not of the run.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fvlm_data.records import VideoInput
-from fvlm_data.sources.captions import all_captions, clean
+from fvlm_data.sources.captions import all_captions, clean, storable, unstorable
 from fvlm_data.video.segments import segment_id
 
 __all__ = ["ManifestRow", "read_manifest", "list_manifest"]
@@ -38,6 +40,7 @@ class ManifestRow:
     start: float | None
     end: float | None
     line: int = 0  # its line in the manifest, for errors that name the row
+    problem: str | None = None  # why the row fails without being decoded (text that cannot be stored)
 
 
 def read_manifest(manifest: Path) -> list[ManifestRow]:
@@ -88,11 +91,19 @@ def _row(row: dict[str, Any], manifest: Path, line: int, from_csv: bool) -> Mani
             raise ValueError(f"{where}: 'captions' must be a JSON list of strings, got {_shown(captions)}") from None
     if captions is not None and not (isinstance(captions, list) and all(isinstance(c, str) for c in captions)):
         raise ValueError(f"{where}: 'captions' must be a list of strings, got {_shown(captions)}")
+    texts = {"path": path, "video_id": video_id if isinstance(video_id, str) else None, "caption": caption,
+             **{f"captions[{i}]": c for i, c in enumerate(captions or [])}}
+    problem = next((f"text that cannot be stored: {where}: {name!r} {why}: fix the row"
+                    for name, text in texts.items() if text is not None and (why := unstorable(text))), None)
+    if problem:  # the row is recorded as failed: its text as the store can keep it
+        path, caption, problem = storable(path), caption and storable(caption), storable(problem)
+        video_id = storable(video_id) if isinstance(video_id, str) else video_id
+        captions = [storable(c) for c in captions or []]
     return ManifestRow(path=path, video_id=None if video_id in (None, "") else str(video_id),
                        caption=clean(caption) if caption is not None else None,
                        captions=tuple(c for c in map(clean, captions or []) if c is not None),
                        start=_seconds(row.get("start"), "start", where), end=_seconds(row.get("end"), "end", where),
-                       line=line)
+                       line=line, problem=problem)
 
 
 def _seconds(value: Any, name: str, where: str) -> float | None:
@@ -138,7 +149,7 @@ def list_manifest(manifest: Path) -> list[VideoInput]:
         # The file as the list names it (relative to the manifest, or absolute as written): what the input
         # fingerprint records, so the same list read from another folder or by another path is the same list.
         common = dict(source=str(path), caption=caption, captions=captions, path=str(path), file_id=file_id,
-                      relpath=posixpath.normpath(Path(row.path).as_posix()))
+                      relpath=posixpath.normpath(Path(row.path).as_posix()), problem=row.problem)
         if row.start is None and row.end is None:
             item = VideoInput(video_id=row.video_id or file_id, **common)
         else:

@@ -61,9 +61,9 @@ class StoreWriter(FeatureStore):
         """See `create_or_open`."""
         return create_or_open(path, attrs, shapes, capacity, shard_videos, inputs)
 
-    def shard_buffer(self, shard: int, keep_existing: bool = False) -> ShardBuffer:
+    def shard_buffer(self, shard: int, keep_existing: bool = False, keep_failures: bool = True) -> ShardBuffer:
         """An in-memory shard to fill and publish: see `ShardBuffer`."""
-        return ShardBuffer(self, shard, keep_existing)
+        return ShardBuffer(self, shard, keep_existing, keep_failures)
 
 
 def create_or_open(path: str | os.PathLike, attrs: dict[str, Any], shapes: FeatureShapes, capacity: int,
@@ -222,10 +222,11 @@ def shard_data_problem(store: FeatureStore, shard: int) -> str | None:
 class ShardBuffer:
     """The rows of one shard, in memory until published: S videos of features at most.
 
-    `keep_existing` starts from the shard's committed and failed rows (read by zarr's own reader)."""
+    `keep_existing` starts from the shard's committed and failed rows (read by zarr's own reader), or
+    from its committed rows only if not `keep_failures` (the failed ones are to be tried again)."""
 
-    def __init__(self, store: StoreWriter, shard: int, keep_existing: bool = False) -> None:
-        self.store, self.shard = store, shard
+    def __init__(self, store: StoreWriter, shard: int, keep_existing: bool = False, keep_failures: bool = True) -> None:
+        self.store, self.shard, self.keep_failures = store, shard, keep_failures
         self.start = shard * store.shard_videos
         self.stop = min(self.start + store.shard_videos, store.capacity)
         n = self.stop - self.start
@@ -251,8 +252,10 @@ class ShardBuffer:
                 data[...] = store.arrays[name][self.start : self.stop]
         except ValueError as e:  # zarr's crc32c codec: "Stored and computed checksum do not match"
             raise StoreError(f"{store.path}: shard {self.shard} fails a checksum ({e}): re-run precompute") from None
-        self.filled = (self.data["committed"] == 1) | np.array([bool(r) for r in self.data["failure"]])
-        for data in self.data.values():  # rows never completed are not kept
+        self.filled = self.data["committed"] == 1
+        if self.keep_failures:
+            self.filled |= np.array([bool(r) for r in self.data["failure"]])
+        for data in self.data.values():  # rows never completed (or failed ones to retry) are not kept
             data[~self.filled] = "" if data.dtype == object else 0
         for name in [n for n in store.frame_arrays() if checksum_array(n) in self.data]:
             for j in np.flatnonzero(self.data["committed"] == 1).tolist():

@@ -183,7 +183,8 @@ class VideoFile:
             # End of stream before the last targets: fine for the last frame interval or so,
             # otherwise the file is cut short (or its metadata lies).
             if prev is None:
-                raise InputError(f"corrupt video: {error}" if error else "truncated: no frames decoded")
+                raise InputError(f"corrupt video: {error}" if error else
+                                 f"truncated: no frames decoded at {targets[0]:.1f} s of {self.duration:.1f} s")
             if targets[-1] - prev_t > tolerance:
                 what = f"decoding failed: {error}" if error else "frames end"
                 raise InputError(f"truncated: {what} at {prev_t:.1f} s of {self.duration:.1f} s")

@@ -27,12 +27,15 @@ def error_line(e: BaseException) -> str:
 
 
 def mp4_truncation(f: BinaryIO, size: int) -> str | None:
-    """Walk the top-level ISO-BMFF boxes; return a reason if one runs past the end of the file.
+    """Walk the top-level ISO-BMFF boxes; return a reason if one runs past the end of the file so
+    that nothing can be decoded.
 
-    Cheap (a few header reads) and exact, whereas FFmpeg either fails with a vague message
-    (moov at the end) or silently decodes fewer frames (moov at the front).
+    Cheap (a few header reads) and exact, where FFmpeg fails with a vague message (the index, 'moov',
+    at the end: cut off with it). A cut-short 'mdat' after a complete 'moov' (index first, "faststart")
+    is not refused: FFmpeg decodes the frames before the cut, and decoding says where the frames end
+    (`VideoFile.frames_at`), so the segments before the cut are kept.
     """
-    pos = 0
+    pos, indexed = 0, False
     while pos + 8 <= size:
         f.seek(pos)
         header = f.read(16)
@@ -46,7 +49,11 @@ def mp4_truncation(f: BinaryIO, size: int) -> str | None:
         if box_size < 8:
             return None  # garbage; let FFmpeg judge
         if pos + box_size > size:
-            return f"truncated: '{kind.decode('latin-1')}' box ends at byte {pos + box_size} > file size {size}"
+            if kind == b"mdat" and indexed:
+                return None  # decodable up to the cut
+            lost = ", and the index ('moov') is lost with the end of the file" if kind == b"mdat" else ""
+            return f"truncated: '{kind.decode('latin-1')}' box ends at byte {pos + box_size} > file size {size}{lost}"
+        indexed = indexed or kind == b"moov"
         pos += box_size
     return None
 

@@ -23,15 +23,17 @@ def write_video(
     gop: int = 10,
     codec: str = "libx264",
     sar: Fraction | None = None,
+    faststart: bool = False,
 ) -> Path:
     """Encode ``draw(i)`` (uint8 RGB [H, W, 3], even H and W) for i < num_frames; return the path.
 
     ``gop`` is the keyframe interval in frames, so tests can exercise seeking (short gop) and
     long forward decoding (one keyframe). ``sar`` marks the pixels as non-square (anamorphic).
+    ``faststart``: an MP4's index (its 'moov' box) before the frames, as streaming sites serve them.
     """
     first = draw(0)
     height, width = first.shape[:2]
-    with av.open(str(path), mode="w") as container:
+    with av.open(str(path), mode="w", options={"movflags": "faststart"} if faststart else {}) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.gop_size = gop
