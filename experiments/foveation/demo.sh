@@ -14,7 +14,9 @@
 # FOVEATION_VIDEOS / FOVEATION_STEPS / FOVEATION_SEED / FOVEATION_LAMBDA_RECON / FOVEATION_FINE_ITERATIONS /
 # FOVEATION_RECON_HEAD / FOVEATION_LAMBDA_CAPTION override the recipe (e.g. a quick smoke run, or the
 # joint-loss rows of experiments/foveation/joint.sh);
-# FOVEATION_STORE puts the store elsewhere, so that several runs share one.
+# FOVEATION_STORE puts the store elsewhere, so that several runs share one. FOVEATION_DINO (e.g. tiny:6, a tiny
+# DINO of 6 random blocks), FOVEATION_DINO_LAYERS (precompute --dino-layers) and FOVEATION_QUERY_DEPTH (train.py
+# --query-depth) run the deep query (experiments/foveation/deep_query.sh).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -28,6 +30,9 @@ LAMBDA_RECON=${FOVEATION_LAMBDA_RECON:-0}
 FINE_ITERATIONS=${FOVEATION_FINE_ITERATIONS:-1}
 RECON_HEAD=${FOVEATION_RECON_HEAD:-film}
 LAMBDA_CAPTION=${FOVEATION_LAMBDA_CAPTION:-1}
+DINO=${FOVEATION_DINO:-tiny}
+DINO_LAYERS=${FOVEATION_DINO_LAYERS:-0}
+QUERY_DEPTH=${FOVEATION_QUERY_DEPTH:-0}
 PY=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -41,19 +46,20 @@ stage() { echo "== $1 ($(date +%H:%M:%S))" >&2; }
 timings=()
 t0=$SECONDS
 
-stage "precompute: $VIDEOS $TASK videos, 8 frames at 112 px, tiny encoders"
+stage "precompute: $VIDEOS $TASK videos, 8 frames at 112 px, tiny encoders (DINO $DINO, $DINO_LAYERS block states)"
 t=$SECONDS
 "$PY" "$ROOT/precompute.py" --out "$STORE" --preset tiny --synthetic "$VIDEOS" --synthetic-task "$TASK" \
-  --image-size 112 --num-frames 8 --workers 0 --batch-videos 16 --quiet
+  --image-size 112 --num-frames 8 --workers 0 --batch-videos 16 --quiet --dino "$DINO" --dino-layers "$DINO_LAYERS"
 timings+=("precompute $((SECONDS - t)) s")
 
 # lr 3e-4, not 1e-3: at 1e-3 the attention of both passes locks onto one shape within ~500
 # steps, before the fine queries learn to follow the cue, and cap_ratio ends at 0.99 (RESULTS.md).
 stage "train: $STEPS steps, batch 32, lr 3e-4, $FINE_ITERATIONS fine pass(es), lambda_recon $LAMBDA_RECON \
-($RECON_HEAD head), lambda_caption $LAMBDA_CAPTION"
+($RECON_HEAD head), lambda_caption $LAMBDA_CAPTION, query depth $QUERY_DEPTH"
 t=$SECONDS
 "$PY" "$ROOT/train.py" --store "$STORE" --preset tiny --num-frames 8 --fine-iterations "$FINE_ITERATIONS" \
   --lambda-recon "$LAMBDA_RECON" --recon-head "$RECON_HEAD" --lambda-caption "$LAMBDA_CAPTION" \
+  --query-depth "$QUERY_DEPTH" \
   --val-fraction 0.1 --batch-size 32 --grad-accum 1 --workers 0 --seed "$SEED" --out "$RUN" \
   --max-steps "$STEPS" --lr 3e-4 --warmup 50 --val-every 250 --save-every "$STEPS" --log-every 50
 timings+=("train $((SECONDS - t)) s")

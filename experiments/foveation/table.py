@@ -3,10 +3,10 @@
     python -m experiments.foveation.table OUT_DIR
 
 Per row folder: run/run_config.json (next-frame head, lambda_caption, lambda_recon, fine passes, training
-seed), eval.json
+seed, query depth), eval.json
 (train.py --eval-only), log.txt (demo.sh's output: the attention shares of
 experiments/foveation/attention.py and the wall time). Rows are sorted by task, head, lambda_caption
-(descending), lambda_recon, passes, seed.
+(descending), lambda_recon, passes, query depth, seed.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def row(folder: Path) -> tuple[tuple, str]:
     run = json.loads((folder / "run" / "run_config.json").read_text())  # what the row really ran
     lam, passes, seed = run["lambda_recon"], run["fine_iterations"], run["seed"]
     head, lcap = run.get("recon_head", "film"), run.get("lambda_caption", 1.0)  # runs before them: the defaults
+    depth = run.get("query_depth", 0)
     ev = json.loads((folder / "eval.json").read_text())
     log = (folder / "log.txt").read_text()
     shares = attention_shares(log)
@@ -48,19 +49,20 @@ def row(folder: Path) -> tuple[tuple, str]:
     control = [re.search(rf"on the cued object, {label}: (\S+ \[\S+ \S+\])", log)
                for label in (r"frame 2 \([^)]*\)", r"frames 3\+ minus frame 2")]
     control = " / ".join(c[1] if c else "-" for c in control)
-    return (task, head, -lcap, lam, passes, seed), (
-        f"| `{task}` | {head} | {lcap:g} | {lam:g} | {passes} | {seed} "
+    return (task, head, -lcap, lam, passes, depth, seed), (
+        f"| `{task}` | {head} | {lcap:g} | {lam:g} | {passes} | {depth} | {seed} "
         f"| {ev['cap_ratio']:.3f} {ci(ev['cap_ratio_ci'])} "
         f"| {ev['shuffled_ratio']:.3f} {ci(ev['shuffled_ratio_ci'])} | {rec} | {attention} "
         f"| {control} | {wall.group(1) if wall else '-'} |")
 
 
 def main(out_dir: str) -> None:
-    print("| task | next-frame head | lambda_caption | lambda_recon | fine passes | seed | cap_ratio [95% CI] "
+    print("| task | next-frame head | lambda_caption | lambda_recon | fine passes | query depth | seed "
+          "| cap_ratio [95% CI] "
           "| shuffled_ratio [95% CI] | rec_ratio [95% CI] | attention on target: coarse / last fine "
           "| on the other objects: coarse / last fine "
           "| last fine - coarse on target: frame 2 / frames 3+ minus frame 2 | wall time |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     finished = [f for f in Path(out_dir).glob("*_lambda*_passes*")
                 if (f / "eval.json").exists() and (f / "log.txt").exists()]
     for _, line in sorted(map(row, finished)):
