@@ -18,7 +18,7 @@ import zarr
 
 from fvlm_data.errors import StoreError
 from fvlm_data.store.checksums import check_frames
-from fvlm_data.store.consistency import check_attrs_match_arrays
+from fvlm_data.store.consistency import GROW_KEY, UnevenArrays, check_attrs_match_arrays
 from fvlm_data.store.format import (
     check_format,
     check_layout,
@@ -57,7 +57,7 @@ class FeatureStore(ShardObjects):
         self.attrs: dict[str, Any] = dict(group.attrs)
         self.version = int(self.attrs["format_version"])
         self.arrays: dict[str, zarr.Array] = {name: group[name] for name in group.array_keys()}
-        check_attrs_match_arrays(self.path, self.attrs, self.arrays, self.version)
+        self._capacity = check_attrs_match_arrays(self.path, self.attrs, self.arrays, self.version)
         self.shard_videos = int(self.attrs["shard_videos"])
         for name, arr in self.arrays.items():
             check_layout(self.path, name, arr, self.shard_videos, self.version)
@@ -69,7 +69,18 @@ class FeatureStore(ShardObjects):
     def open(cls, path: str | os.PathLike) -> FeatureStore:
         """Open a store read-only; refuse anything this project did not write, or another format."""
         objects = objects_at(path, read_only=True)
-        return cls(path, objects, open_group(path, objects, mode="r"))
+        for attempt in range(3):
+            try:
+                return cls(path, objects, open_group(path, objects, mode="r"))
+            except UnevenArrays:  # read while a grow began (its attributes read before it): read again
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    @property
+    def grow_unfinished(self) -> bool:
+        """A grow was begun and has not ended (it is under way, or its writer was killed): see `writer._grow`."""
+        return GROW_KEY in self.attrs or len({arr.shape[0] for arr in self.arrays.values()}) > 1
 
     @staticmethod
     def exists(path: str | os.PathLike) -> bool:

@@ -36,6 +36,7 @@ class ShardObjects:
     version: int
     _index_cache: OrderedDict[tuple[str, int], ShardIndex]
     _small_cache: OrderedDict[tuple[str, int], Any]
+    _capacity: int  # the arrays' slot count (while a grow is under way, the count before it)
 
     @property
     def has_checksums(self) -> bool:
@@ -44,7 +45,7 @@ class ShardObjects:
 
     @property
     def capacity(self) -> int:
-        return int(self.arrays["committed"].shape[0])
+        return self._capacity
 
     @property
     def num_shard_objects(self) -> int:
