@@ -186,9 +186,10 @@ class RemoteObjects:
     def zarr_store(self, read_only: bool) -> zarr.abc.store.Store:
         return self.store if read_only == self.store.read_only else self.store.with_read_only(read_only)
 
-    def _forget_listings(self) -> None:
-        # fsspec caches listings per filesystem instance; other processes add objects meanwhile.
-        self.fsspec.fs.invalidate_cache(self.fsspec.path)
+    def _forget_listings(self, prefix: str = "") -> None:
+        # fsspec caches listings per filesystem instance (s3fs: per folder, forgotten with its parents, not its
+        # children); other processes add objects meanwhile.
+        self.fsspec.fs.invalidate_cache(f"{self.fsspec.path}/{prefix}".rstrip("/"))
 
     def exists(self) -> bool:
         self._forget_listings()
@@ -250,7 +251,7 @@ class RemoteObjects:
         return counts
 
     def list_names(self, prefix: str) -> list[str]:
-        self._forget_listings()
+        self._forget_listings(prefix)
 
         async def names() -> list[str]:
             return [n async for n in self.store.list_dir(prefix)]
@@ -259,7 +260,15 @@ class RemoteObjects:
 
     def put(self, key: str, data: bytes) -> None:
         """One PUT: object stores make a whole object visible at once."""
-        sync(self.store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+        try:
+            sync(self.store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+        except FileNotFoundError:  # a PUT finds nothing missing but its bucket
+            raise self._no_bucket(key) from None
+
+    def _no_bucket(self, key: str) -> StoreError:
+        bucket = self.url.split("://", 1)[-1].split("/", 1)[0]
+        return StoreError(f"cannot write {self.url}/{key}: the bucket {bucket!r} does not exist (create it, or "
+                          "correct the URL)")
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         """Create `key` only if no object has that name (a conditional PUT, If-None-Match: *); False if one
@@ -269,6 +278,8 @@ class RemoteObjects:
             sync(self.store._retry("PUT", key, lambda: self.store.fs._pipe_file(path, data, mode="create")))
         except FileExistsError:
             return False
+        except FileNotFoundError:
+            raise self._no_bucket(key) from None
         except (TypeError, NotImplementedError):  # an fsspec filesystem without mode="create"
             if sync(self.store.exists(key)):
                 return False
@@ -276,7 +287,7 @@ class RemoteObjects:
         return True
 
     def nbytes(self) -> int:
-        self._forget_listings()
+        self.fsspec.fs.invalidate_cache()  # a walk of every folder: all of their listings
 
         async def total() -> int:
             keys = [k async for k in self.store.list()]

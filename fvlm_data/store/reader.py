@@ -51,9 +51,20 @@ class FeatureStore(ShardObjects):
     `path` is a folder or a URL (s3://bucket/prefix/store.zarr, gs://..., any fsspec protocol).
     """
 
+    # Written by every grow (`writer._grow`): `refresh()` re-reads the metadata when these changed.
+    METADATA_KEYS = ("zarr.json", "committed/zarr.json")
+
     def __init__(self, path: str | os.PathLike, objects: LocalObjects | RemoteObjects, group: zarr.Group) -> None:
         self.path = str(path)
         self.objects = objects
+        self._load(group)
+        self._index_cache: OrderedDict[tuple[str, int], ShardIndex] = OrderedDict()
+        self._small_cache: OrderedDict[tuple[str, int], Any] = OrderedDict()
+        self._committed: np.ndarray | None = None
+
+    def _load(self, group: zarr.Group) -> None:
+        """The group's attributes and arrays, checked against each other."""
+        self._metadata = self.objects.get_many(list(self.METADATA_KEYS))
         self.attrs: dict[str, Any] = dict(group.attrs)
         self.version = int(self.attrs["format_version"])
         self.arrays: dict[str, zarr.Array] = {name: group[name] for name in group.array_keys()}
@@ -61,9 +72,6 @@ class FeatureStore(ShardObjects):
         self.shard_videos = int(self.attrs["shard_videos"])
         for name, arr in self.arrays.items():
             check_layout(self.path, name, arr, self.shard_videos, self.version)
-        self._index_cache: OrderedDict[tuple[str, int], ShardIndex] = OrderedDict()
-        self._small_cache: OrderedDict[tuple[str, int], Any] = OrderedDict()
-        self._committed: np.ndarray | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> FeatureStore:
@@ -97,7 +105,9 @@ class FeatureStore(ShardObjects):
         return self._committed
 
     def refresh(self) -> None:
-        """Forget what was read: shards published since are seen."""
+        """Forget what was read: shards published since are seen, by any process (and a grow's new slots)."""
+        if self.objects.get_many(list(self.METADATA_KEYS)) != self._metadata:
+            self._load(open_group(self.path, self.objects, mode="r"))
         self._committed = None
         self._index_cache.clear()
         self._small_cache.clear()
