@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import threading
 from pathlib import Path
 
 import zarr
@@ -50,7 +51,15 @@ class LocalObjects:
         return zarr.storage.LocalStore(self.root, read_only=read_only)
 
     def exists(self) -> bool:
-        return self.root.exists()
+        """A store is here (its group's metadata): an empty folder (or a mount point) is not one yet."""
+        return (self.root / "zarr.json").exists()
+
+    def foreign_files(self) -> bool:
+        """The folder holds something although it is no store (then a store is not created in it)."""
+        try:
+            return not self.exists() and any(os.scandir(self.root))
+        except (FileNotFoundError, NotADirectoryError):
+            return self.root.exists()  # a file
 
     def _fd(self, key: str) -> int:
         if self._pid != os.getpid():  # a forked DataLoader worker: its own descriptors
@@ -133,14 +142,18 @@ class LocalObjects:
         """Atomic: a reader sees the old object or the whole new one, never a part."""
         target = self.root / key
         target.parent.mkdir(parents=True, exist_ok=True)
-        # One fixed temp name per object: only its shard's owner writes it, and a temp file left by a
-        # killed run is overwritten and renamed by the run that redoes the shard.
-        tmp = target.with_name(f".{target.name}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not become visible before the bytes (power loss)
-        os.replace(tmp, target)
+        # A temp name of this process and thread: two identical runs started at once write the same objects
+        # (each whole, the last rename wins); a shared name let one rename the other's file away.
+        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}-{threading.get_ident()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # the rename must not become visible before the bytes (power loss)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         self.forget(key)
 
     def nbytes(self) -> int:

@@ -7,6 +7,7 @@ frame arrays, and the values of whole shards of the small arrays, checked before
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from typing import Any
 
@@ -130,6 +131,15 @@ class ShardObjects:
                 if len(self._small_cache) > self.SMALL_CACHE:
                     self._small_cache.popitem(last=False)
         return out
+
+    def shards_lacking(self, name: str, shards: list[int]) -> list[int]:
+        """Those of `shards` without an object of `name`: a listing (a stat per shard on a local disk, where the
+        folders of a multi-dimensional array's shard outlive its object)."""
+        if isinstance(self.objects, LocalObjects):
+            root = str(self.objects.root)
+            return [s for s in shards if not os.path.isfile(os.path.join(root, self.shard_key(name, s)))]
+        listed = set(self._listed_shards(name))
+        return [s for s in shards if s not in listed]
 
     def _listed_shards(self, name: str) -> list[int]:
         """Shards of `name` that have an object, from one listing (no per-video files exist)."""
