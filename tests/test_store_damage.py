@@ -4,6 +4,7 @@ store (or an empty one, or a mount point); and what `inspect --verify` and concu
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -14,7 +15,7 @@ import pytest
 
 from fvlm_data import FeatureStore, StoreError
 from fvlm_data.inspect import inspect_store, main
-from fvlm_data.store.objects import LocalObjects
+from fvlm_data.store.objects import HOST, TEMP_DIR, LocalObjects
 from fvlm_data.store.writer import StoreWriter
 from fvlm_train.config import TrainError
 from fvlm_train.data import open_store
@@ -149,7 +150,18 @@ def test_writers_of_one_object_at_once_never_collide(tmp_path):
         t.join()
     assert not errors, errors[0]
     assert len(set((tmp_path / "a" / "c" / "0").read_bytes())) == 1  # one writer's whole object
-    assert [p.name for p in (tmp_path / "a" / "c").iterdir()] == ["0"]  # no temp file left
+    assert [p.name for p in (tmp_path / "a" / "c").iterdir()] == ["0"] and not any((tmp_path / TEMP_DIR).iterdir())
+
+
+def test_a_writer_removes_the_temp_files_of_killed_writers(store):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (store / TEMP_DIR).mkdir(exist_ok=True)
+    stale, live = store / TEMP_DIR / f"{HOST}-{dead.pid}-1", store / TEMP_DIR / f"{HOST}-{os.getpid()}-1"
+    stale.write_bytes(b"half an object")
+    live.write_bytes(b"being written")
+    StoreWriter.create_or_open(store, FeatureStore.open(store).attrs, SHAPES, 8)
+    assert not stale.exists() and live.exists()
 
 
 def test_len_and_read_count_committed_rows_while_failures_name_slots(base):

@@ -139,6 +139,21 @@ def test_grow_killed_at_random_moments_then_rerun_equals_an_uninterrupted_run(sm
         assert got == objects(reference)
 
 
+def test_a_grow_by_an_older_fvlm_killed_part_way_is_read_and_finished(small, tmp_path):
+    """Older fvlm resized the arrays one by one with zarr, then wrote the fingerprint: killed in between, its
+    store was refused for good. It reads as before the grow, and the next writer finishes the grow."""
+    reference, path = tmp_path / "reference.zarr", tmp_path / "old.zarr"
+    shutil.copytree(small, reference)
+    grow(reference)
+    shutil.copytree(small, path)
+    group = zarr.open_group(str(path), mode="r+")
+    for name in ("dino", "caption", "timestamps"):
+        group[name].resize((NEW, *group[name].shape[1:]))
+    check_before_or_after(path)
+    assert grow(path).capacity == NEW
+    assert objects(path) == objects(reference)
+
+
 def test_readers_opening_during_grows_are_never_refused(small, tmp_path):
     paths = []
     for i in range(3):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import socket
 import threading
 from pathlib import Path
 
@@ -32,6 +33,20 @@ from fvlm_data.store.retries import S3_OPTIONS, RetryingStore
 
 # (key, offset, buffer to fill): one ranged read.
 ReadRequest = tuple[str, int, memoryview]
+
+
+TEMP_DIR = ".tmp"  # a local store's temp files (each renamed into place whole)
+HOST = socket.gethostname().replace("-", "_")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 class LocalObjects:
@@ -142,9 +157,11 @@ class LocalObjects:
         """Atomic: a reader sees the old object or the whole new one, never a part."""
         target = self.root / key
         target.parent.mkdir(parents=True, exist_ok=True)
-        # A temp name of this process and thread: two identical runs started at once write the same objects
-        # (each whole, the last rename wins); a shared name let one rename the other's file away.
-        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}-{threading.get_ident()}")
+        # A temp file of this process and thread: two identical runs started at once write the same objects
+        # (each whole, the last rename wins); a name per object let one rename the other's file away. In one
+        # folder, so that a writer finds those of killed processes at once (`remove_stale_temps`).
+        (self.root / TEMP_DIR).mkdir(exist_ok=True)
+        tmp = self.root / TEMP_DIR / f"{HOST}-{os.getpid()}-{threading.get_ident()}"
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -155,6 +172,17 @@ class LocalObjects:
             tmp.unlink(missing_ok=True)
             raise
         self.forget(key)
+
+    def remove_stale_temps(self) -> None:
+        """Remove the temp files that processes of this machine killed while writing (kill -9) left."""
+        try:
+            entries = list(os.scandir(self.root / TEMP_DIR))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            parts = entry.name.split("-")  # HOST-pid-thread
+            if len(parts) == 3 and parts[0] == HOST and parts[1].isdigit() and not _alive(int(parts[1])):
+                Path(entry.path).unlink(missing_ok=True)
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())

@@ -40,7 +40,7 @@ from fvlm_data.store.format import (
     quantize_int8,
     schema,
 )
-from fvlm_data.store.objects import objects_at
+from fvlm_data.store.objects import LocalObjects, objects_at
 from fvlm_data.store.reader import FeatureStore, open_group
 from fvlm_data.store.shard_index import ShardIndex
 
@@ -73,6 +73,8 @@ def create_or_open(path: str | os.PathLike, attrs: dict[str, Any], shapes: Featu
     one creates the store, the others check it like any existing store.
     """
     objects = objects_at(path, read_only=False)
+    if isinstance(objects, LocalObjects):
+        objects.remove_stale_temps()
     if not objects.exists():
         fingerprint = {} if inputs is None else {"inputs": inputs_fingerprint(inputs)}
         identity = {"store_id": new_store_id(), **fingerprint}
