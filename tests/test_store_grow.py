@@ -154,6 +154,18 @@ def test_a_grow_by_an_older_fvlm_killed_part_way_is_read_and_finished(small, tmp
     assert objects(path) == objects(reference)
 
 
+def test_refresh_sees_a_grow_and_the_rows_written_after_it(small, tmp_path):
+    path = tmp_path / "s.zarr"
+    shutil.copytree(small, path)
+    reader = FeatureStore.open(path)
+    writer = grow(path)
+    write_rows(writer, [(slot, row(slot)) for slot in range(OLD, NEW)])
+    assert reader.capacity == OLD and len(reader) == OLD
+    reader.refresh()
+    assert reader.capacity == NEW and len(reader) == NEW
+    np.testing.assert_array_equal(reader.read(NEW - 1)["dino"], row(NEW - 1)["dino"])
+
+
 def test_readers_opening_during_grows_are_never_refused(small, tmp_path):
     paths = []
     for i in range(3):

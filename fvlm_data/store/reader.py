@@ -96,7 +96,6 @@ class FeatureStore(ShardObjects):
 
     def _load(self, group: zarr.Group) -> None:
         """The group's attributes and arrays, checked against each other."""
-        self._metadata = self.objects.get_many(list(self.METADATA_KEYS))
         self.attrs: dict[str, Any] = dict(group.attrs)
         self.version = int(self.attrs["format_version"])
         self.arrays: dict[str, zarr.Array] = open_arrays(self.path, self.objects, group)
@@ -138,11 +137,19 @@ class FeatureStore(ShardObjects):
 
     def refresh(self) -> None:
         """Forget what was read: shards published since are seen, by any process (and a grow's new slots)."""
-        if self.objects.get_many(list(self.METADATA_KEYS)) != self._metadata:
+        if self._metadata_changed():
             self._load(open_group(self.path, self.objects, mode="r"))
         self._committed = None
         self._index_cache.clear()
         self._small_cache.clear()
+
+    def _metadata_changed(self) -> bool:
+        """The group's attributes or `committed`'s length are not those loaded (a grow began or ended)."""
+        try:
+            group, committed = (json.loads(data) for data in self.objects.get_many(list(self.METADATA_KEYS)))
+            return group["attributes"] != self.attrs or committed["shape"][0] != self.arrays["committed"].shape[0]
+        except (TypeError, ValueError, KeyError, IndexError):  # missing or damaged: opening again says what
+            return True
 
     def __len__(self) -> int:
         return len(self.committed_slots())
