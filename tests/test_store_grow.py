@@ -159,7 +159,11 @@ def test_refresh_sees_a_grow_and_the_rows_written_after_it(small, tmp_path):
     shutil.copytree(small, path)
     reader = FeatureStore.open(path)
     writer = grow(path)
-    write_rows(writer, [(slot, row(slot)) for slot in range(OLD, NEW)])
+    for shard in (1, 2):
+        buf = writer.shard_buffer(shard, keep_existing=True)  # shard 1 keeps its 4 rows
+        for slot in range(max(OLD, buf.start), buf.stop):
+            buf.add_row(slot, **row(slot))
+        buf.publish()
     assert reader.capacity == OLD and len(reader) == OLD
     reader.refresh()
     assert reader.capacity == NEW and len(reader) == NEW
