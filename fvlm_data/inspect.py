@@ -70,6 +70,8 @@ def inspect_store(path: str, num_shards: int | None = None, verify: bool = False
         "shards": {"total": store.num_shard_objects, "videos_per_shard": size,
                    "complete": store.num_shard_objects - len(incomplete), "to_compute": incomplete,
                    "damaged": {str(k): v for k, v in sorted(damaged.items())}},
+        # A grow begun and not ended (its writer killed): the store reads as before it until a writer ends it.
+        "grow_unfinished": store.grow_unfinished,
         "failures": _failures(store, failed, examples),
         "captions_per_video": _captions_per_video(store, slots),
         "bytes_on_disk": _bytes_on_disk(store),
@@ -158,6 +160,9 @@ def render(report: dict[str, Any]) -> str:
         f"{len(shards['to_compute'])} a rerun would compute" + (f" ({_ranges(shards['to_compute'])})"
                                                                 if shards["to_compute"] else ""),
     ]
+    if report.get("grow_unfinished"):
+        lines.append("  a grow was begun and not ended (its writer was killed?): the store is its "
+                     f"{slots['total']} slots until the next precompute run ends it")
     lines += [f"  damaged shard {shard}: {problem}" for shard, problem in shards["damaged"].items()]
     for index, owed in report.get("owed_by_shard_index", {}).items():
         owes = f"{len(owed)} shard{'s' if len(owed) > 1 else ''}: {_ranges(owed)}" if owed else "nothing"

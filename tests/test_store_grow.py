@@ -13,6 +13,7 @@ import pytest
 import zarr
 
 from fvlm_data import FeatureStore
+from fvlm_data.inspect import inspect_store, render
 from fvlm_data.store import FeatureShapes
 from fvlm_data.store.creation import inputs_fingerprint
 from fvlm_data.store.objects import LocalObjects
@@ -107,6 +108,8 @@ def test_grow_killed_after_each_metadata_write_is_finished_by_the_next_writer(sm
             monkeypatch.undo()
         assert len(done) == k and all(key.endswith("zarr.json") for key in done)
         check_before_or_after(path)
+        if k == 3:
+            assert "a grow was begun and not ended" in render(inspect_store(str(path)))
         # The old command (12 inputs) undoes the grow; the longer one finishes it, like an uninterrupted run.
         if k % 4 == 1:
             assert StoreWriter.create_or_open(path, ATTRS, SHAPES, OLD, inputs=INPUTS[:OLD]).capacity == OLD
