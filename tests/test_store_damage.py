@@ -15,6 +15,7 @@ import pytest
 
 from fvlm_data import FeatureStore, StoreError
 from fvlm_data.inspect import inspect_store, main
+from fvlm_data.store import creation
 from fvlm_data.store.objects import HOST, TEMP_DIR, LocalObjects
 from fvlm_data.store.writer import StoreWriter
 from fvlm_train.config import TrainError
@@ -106,7 +107,7 @@ def _mount_tmpfs(path: Path) -> bool:
                           capture_output=True).returncode == 0
 
 
-def test_an_empty_folder_and_a_mount_point_are_new_stores(tmp_path):
+def test_an_empty_folder_and_a_mount_point_are_new_stores(tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
     small_store(empty, IDS)
@@ -115,6 +116,11 @@ def test_an_empty_folder_and_a_mount_point_are_new_stores(tmp_path):
     if not _mount_tmpfs(mount):
         pytest.skip("cannot mount a tmpfs here (not root)")
     try:
+        (mount / "creation").mkdir()  # a creator killed in place, before its zarr.json
+        monkeypatch.setattr(creation, "CLAIM_WAIT_S", 0.2)
+        with pytest.raises(StoreError, match=f"being created by another writer .*delete {mount}/creation"):
+            small_store(mount, IDS)
+        (mount / "creation").rmdir()
         small_store(mount, IDS)
         assert len(FeatureStore.open(mount)) == 8 and not (mount / "creation").exists()
         assert len(StoreWriter.create_or_open(mount, FeatureStore.open(mount).attrs, SHAPES, 8)) == 8

@@ -105,6 +105,9 @@ def _put_metadata(objects: RemoteObjects, objs: dict[str, bytes]) -> None:
 
 def _create_local(objects: LocalObjects, objs: dict[str, bytes]) -> None:
     path = objects.root
+    if (path / CLAIM_KEY.split("/")[0]).is_dir():  # another writer creates it in place (or was killed doing so)
+        _create_in_place(objects, objs)
+        return
     if objects.foreign_files():
         raise StoreError(f"{path} holds files but no store (no zarr.json): give a new or empty folder")
     path.parent.mkdir(parents=True, exist_ok=True)
