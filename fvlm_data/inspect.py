@@ -2,10 +2,11 @@
 
 How it was made, how far along it is (slots committed / failed / pending, shards complete and those
 a rerun would compute, and with ``--num-shards K`` what each ``--shard-index`` still owes), its
-failures grouped by reason, bytes on disk and captions per video. Reads whole shards of the small
-arrays in a few batches (a listing, then ``committed``, ``failure`` and, if present, ``captions``)
-and never a row, so a store of a million videos opens in seconds; ``--verify`` also checks every
-shard's objects the way a rerun does (their ends only).
+failures grouped by reason, bytes on disk and captions per video. Reads a listing of each array (a
+committed shard lacking an array's object is damaged) and whole shards of the small arrays in a few
+batches (``committed``, ``failure`` and, if present, ``captions``) and never a row, so a store of a
+million videos opens in seconds; ``--verify`` also checks every shard's objects the way a rerun does
+by default (``--verify data``: each object's index, and every byte against its checksums).
 """
 
 from __future__ import annotations
@@ -40,9 +41,12 @@ def inspect_store(path: str, num_shards: int | None = None, verify: bool = False
     damaged: dict[int, str] = {}
     committed = store.shard_values(("committed",), published, errors=damaged)["committed"]
     failure = store.shard_values(("failure",), sorted(committed), errors=damaged)["failure"]
-    if verify:
+    for name in [n for n in store.arrays if n != "committed"]:  # a listing per array: its objects exist
+        for shard in store.shards_lacking(name, sorted(set(committed) - set(damaged))):
+            damaged[shard] = str(store.missing(name, shard))
+    if verify:  # what a rerun checks by default (--verify data): every object's index, every byte's checksum
         for i in range(0, len(published), BATCH_SHARDS):
-            states = shard_states(store, published[i : i + BATCH_SHARDS])
+            states = shard_states(store, published[i : i + BATCH_SHARDS], verify_data=True)
             damaged.update({shard: state.problem for shard, state in states.items() if state.problem})
 
     committed_slots, failed, incomplete = [], [], []  # a damaged shard's slots count as pending
@@ -67,6 +71,8 @@ def inspect_store(path: str, num_shards: int | None = None, verify: bool = False
         "shards": {"total": store.num_shard_objects, "videos_per_shard": size,
                    "complete": store.num_shard_objects - len(incomplete), "to_compute": incomplete,
                    "damaged": {str(k): v for k, v in sorted(damaged.items())}},
+        # A grow begun and not ended (its writer killed): the store reads as before it until a writer ends it.
+        "grow_unfinished": store.grow_unfinished,
         "failures": _failures(store, failed, examples),
         "captions_per_video": _captions_per_video(store, slots),
         "bytes_on_disk": _bytes_on_disk(store),
@@ -159,6 +165,9 @@ def render(report: dict[str, Any]) -> str:
         f"{len(shards['to_compute'])} a rerun would compute" + (f" ({_ranges(shards['to_compute'])})"
                                                                 if shards["to_compute"] else ""),
     ]
+    if report.get("grow_unfinished"):
+        lines.append("  a grow was begun and not ended (its writer was killed?): the store is its "
+                     f"{slots['total']} slots until the next precompute run ends it")
     lines += [f"  damaged shard {shard}: {problem}" for shard, problem in shards["damaged"].items()]
     for index, owed in report.get("owed_by_shard_index", {}).items():
         owes = f"{len(owed)} shard{'s' if len(owed) > 1 else ''}: {_ranges(owed)}" if owed else "nothing"
@@ -182,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-shards", type=int, default=None,
                         help="also list the shards each --shard-index of K processes still owes")
     parser.add_argument("--verify", action="store_true",
-                        help="check every shard's objects as a rerun does (slower: reads each object's end)")
+                        help="check every shard's objects as a rerun does (slower: reads the whole store)")
     args = parser.parse_args(argv)
     if args.num_shards is not None and args.num_shards < 1:
         parser.error(f"--num-shards must be >= 1, got {args.num_shards}")

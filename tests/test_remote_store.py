@@ -4,6 +4,7 @@ fixture, tests/helpers/s3.py)."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from zarr.storage import WrapperStore
 
-from fvlm_data import FeatureDataset, FeatureStore
+from fvlm_data import FeatureDataset, FeatureStore, StoreError
 from fvlm_data.dataset import frame_indices
 from fvlm_data.store import FeatureShapes
 from fvlm_data.store.writer import StoreWriter
@@ -153,3 +154,27 @@ def test_train_reads_an_s3_store_in_dataloader_workers(s3, tmp_path):
                           capture_output=True, text=True, cwd=ROOT, env=s3, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "checkpoint_latest.pt").exists()
+
+
+def test_grow_killed_on_s3_then_rerun_equals_the_local_store_and_refresh_sees_it(s3, local_reference):
+    """precompute of 4 inputs, then of 6 killed (kill -9) at a random metadata write of its grow: readers still
+    open the store (its 4 rows), a reader's refresh() sees the rows another process publishes after, and the
+    rerun ends with the shard objects of an uninterrupted run. Also: a bucket that does not exist is said so."""
+    url = "s3://fvlm/runs/grown/s.zarr"
+    precompute(s3, url, "--limit", "4")
+    at = random.randrange(16)  # 16 writes: the attributes, 14 arrays, the attributes
+    killed = subprocess.run([sys.executable, str(ROOT / "precompute.py"), "--out", url, *SMALL], cwd=ROOT,
+                            env={**s3, "PYTHONPATH": f"{ROOT / 'tests' / 'kill_at'}{os.pathsep}{ROOT}",
+                                 "FVLM_TEST_KILL_AT_METADATA_WRITE": str(at)}, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, f"not killed at metadata write {at}: {killed.stderr[-2000:]}"
+    reader = FeatureStore.open(url)
+    assert len(reader) == 4 and reader.capacity == 4, f"killed at metadata write {at}"
+    precompute(s3, url)
+    reader.refresh()  # another process published the third shard: seen once the listing is read again
+    assert len(reader) == 6
+    assert FeatureStore.open(url).capacity == 6 and not FeatureStore.open(url).grow_unfinished
+    assert remote_objects(url) == local_objects(local_reference)
+    with pytest.raises(StoreError, match="bucket 'no-such-bucket' does not exist"):
+        StoreWriter.create_or_open("s3://no-such-bucket/s.zarr", dict(dino="tiny", vae="tiny", num_frames=2,
+                                   image_size=28, feature_dtype="float16"),
+                                   FeatureShapes(2, {"dino": (1, 2), "latents": (1, 1, 1)}), capacity=1)

@@ -17,7 +17,8 @@ shard object (index at the end, crc32c-checked). Inside `dino`, `dino_scale`, `l
 `timestamps` shards the inner chunk is one video, uncompressed, so a reader fetches just the
 frames it needs by byte ranges computed from the shard index; the small per-video arrays keep a
 shard as one inner chunk (format 3: with zarr's crc32c codec). A store holds one object per array
-per shard, plus a zarr.json per array and the group's. Format 3 adds the caption table, the
+per shard, plus a zarr.json per array and the group's (and locally a `.tmp` folder for objects being
+written, each renamed into place whole). Format 3 adds the caption table, the
 checksums and the attributes `store_id` and `inputs`; format-2 stores stay readable.
 
 Modules, one job each: `format` (what a store holds and which attributes must agree),

@@ -18,6 +18,8 @@ import zarr
 from fvlm_data.errors import StoreError
 from fvlm_data.store.format import BLOCK_STATES, FeatureShapes, array_specs
 
+# {"from": n, "to": m} while a grow is under way (`writer._grow`): the store is its n slots until the grow ends.
+GROW_KEY = "growing"
 REQUIRED = ("shard_videos", "num_frames", "dino_tokens", "dino_dim", "latent_shape", "feature_dtype")
 _FIX = "the store's zarr.json was edited or damaged"
 
@@ -26,9 +28,34 @@ def _dtype_name(arr: zarr.Array) -> str:
     return "str" if getattr(arr.dtype, "kind", "") in ("T", "U", "O") else str(np.dtype(arr.dtype))
 
 
+class UnevenArrays(StoreError):
+    """The arrays have different slot counts and nothing says why (a reader raced a grow: open again)."""
+
+
+def slot_count(path: str | os.PathLike, attrs: Mapping[str, Any], arrays: Mapping[str, zarr.Array]) -> int:
+    """The store's slots. A grow resizes the arrays one metadata write at a time, after recording
+    `growing` = {"from": n, ...} in the attributes: until it ends (or if it was killed) the store is its n
+    slots, which every array has. A grow by an older fvlm (no `growing`) that was killed part-way left the
+    input fingerprint's count at the old length: every array has at least that many slots, the store is those."""
+    lengths = {name: int(arr.shape[0]) for name, arr in arrays.items()}
+    low = min(lengths.values())
+    growing = attrs.get(GROW_KEY)
+    if growing is not None:
+        start = growing.get("from") if isinstance(growing, dict) else None
+        if not isinstance(start, int) or start < 0 or low < start:
+            raise StoreError(f"{path}: attribute {GROW_KEY}={growing!r} but an array has {low} slots: {_FIX}")
+        return start
+    count = attrs.get("inputs", {}).get("count") if isinstance(attrs.get("inputs"), dict) else None
+    if len(set(lengths.values())) == 1 or count == low:
+        return low
+    name = next(n for n, length in lengths.items() if length != lengths["committed"])
+    raise UnevenArrays(f"{path}: array {name!r} has {lengths[name]} slots but 'committed' has "
+                       f"{lengths['committed']}: {_FIX}")
+
+
 def check_attrs_match_arrays(path: str | os.PathLike, attrs: Mapping[str, Any], arrays: Mapping[str, zarr.Array],
-                             version: int) -> None:
-    """Refuse a store whose attributes disagree with its arrays (see the module docstring)."""
+                             version: int) -> int:
+    """Refuse a store whose attributes disagree with its arrays (see the module docstring); its slot count."""
 
     def refuse(what: str) -> None:
         raise StoreError(f"{path}: {what}: {_FIX}")
@@ -70,7 +97,6 @@ def check_attrs_match_arrays(path: str | os.PathLike, attrs: Mapping[str, Any], 
                                                for shape in recorded.values())):
         refuse(f"attribute feature_shapes={recorded!r} is not a shape (a list of integers) per feature")
     shapes = FeatureShapes.from_attrs(attrs)
-    capacity = arrays["committed"].shape[0]
     try:
         specs = array_specs(shapes, attrs["feature_dtype"], version)
     except StoreError as e:
@@ -87,5 +113,4 @@ def check_attrs_match_arrays(path: str | os.PathLike, attrs: Mapping[str, Any], 
         if (tuple(arr.shape[1:]), _dtype_name(arr)) != (shape, want):
             refuse(f"array {name!r} is {_dtype_name(arr)} {list(arr.shape[1:])} per slot, format {version} says "
                    f"{want} {list(shape)}")
-        if arr.shape[0] != capacity:
-            refuse(f"array {name!r} has {arr.shape[0]} slots but 'committed' has {capacity}")
+    return slot_count(path, attrs, arrays)

@@ -19,6 +19,7 @@ inputs are refused at once, the same inputs wait for the winner's metadata.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -89,7 +90,7 @@ def create_exclusive(path: str | os.PathLike, objects: LocalObjects | RemoteObje
     """Create the store from its metadata objects `objs` unless it exists or another writer creates it
     first; in that case return once it is there (the caller then checks it)."""
     if isinstance(objects, LocalObjects):
-        _create_local(objects.root, objs)
+        _create_local(objects, objs)
         return
     body = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": claim}).encode()
     if objects.put_if_absent(CLAIM_KEY, body):
@@ -105,12 +106,16 @@ def create_exclusive(path: str | os.PathLike, objects: LocalObjects | RemoteObje
         raise StoreError(f"{path} is being created by another writer from another input list (fingerprint "
                          f"{recorded['sha256'][:12]}, this run's {mine['sha256'][:12]}): use a new --out")
     # The same inputs (or another count, checked once the store is there): wait for the creator's metadata.
+    _wait_for_creator(path, objects, f"since {other.get('created', '?')} ({CLAIM_KEY} exists)")
+
+
+def _wait_for_creator(path: str | os.PathLike, objects: LocalObjects | RemoteObjects, claimed: str) -> None:
     deadline = time.monotonic() + CLAIM_WAIT_S
     while not objects.exists():
         if time.monotonic() > deadline:
-            raise StoreError(f"{path} is being created by another writer since {other.get('created', '?')} "
-                             f"({CLAIM_KEY} exists, zarr.json does not after {CLAIM_WAIT_S:.0f} s): if no writer "
-                             f"is running, delete {path}/{CLAIM_KEY} and run again")
+            claim = f"{path}/{CLAIM_KEY}" if isinstance(objects, RemoteObjects) else f"{path}/{CLAIM_KEY.split('/')[0]}"
+            raise StoreError(f"{path} is being created by another writer {claimed} and its zarr.json does not exist "
+                             f"after {CLAIM_WAIT_S:.0f} s: if no writer is running, delete {claim} and run again")
         time.sleep(0.2)
 
 
@@ -119,18 +124,45 @@ def _put_metadata(objects: RemoteObjects, objs: dict[str, bytes]) -> None:
         objects.put(key, objs[key])
 
 
-def _create_local(path: Path, objs: dict[str, bytes]) -> None:
+def _create_local(objects: LocalObjects, objs: dict[str, bytes]) -> None:
+    path = objects.root
+    if (path / CLAIM_KEY.split("/")[0]).is_dir():  # another writer creates it in place (or was killed doing so)
+        _create_in_place(objects, objs)
+        return
+    if objects.foreign_files():
+        raise StoreError(f"{path} holds files but no store (no zarr.json): give a new or empty folder")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError:  # a folder we may write in but not its parent: build the store in it
+        _create_in_place(objects, objs)
+        return
     try:
         for key, data in objs.items():
             (tmp / key).parent.mkdir(parents=True, exist_ok=True)
             (tmp / key).write_bytes(data)
         try:
-            os.rename(tmp, path)  # fails if `path` exists and is not empty: exactly one creator wins
-        except OSError:
-            if not path.exists():
+            # Fails if `path` exists and is not empty: exactly one creator wins. An empty folder is replaced.
+            os.rename(tmp, path)
+        except OSError as e:
+            if e.errno in (errno.EBUSY, errno.EXDEV, errno.EPERM, errno.EACCES) and path.is_dir():
+                _create_in_place(objects, objs)  # a mount point (or a folder we cannot replace)
+            elif not path.exists():
                 raise
-            # Another writer created it first: the caller checks that its inputs are ours.
+            # Else another writer created it first: the caller checks that its inputs are ours.
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _create_in_place(objects: LocalObjects, objs: dict[str, bytes]) -> None:
+    """Create the store inside its (empty) folder: whoever makes the claim folder first writes the metadata,
+    the group's zarr.json last; the others wait for it, as on object storage."""
+    claim = objects.root / CLAIM_KEY.split("/")[0]
+    try:
+        claim.mkdir()
+    except FileExistsError:
+        _wait_for_creator(objects.root, objects, f"({claim} exists)")
+        return
+    for key in sorted(objs, key=lambda k: k == "zarr.json"):  # group metadata last: then readers see it
+        objects.put(key, objs[key])
+    claim.rmdir()

@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import socket
+import threading
 from pathlib import Path
 
 import zarr
@@ -31,6 +33,20 @@ from fvlm_data.store.retries import S3_OPTIONS, RetryingStore
 
 # (key, offset, buffer to fill): one ranged read.
 ReadRequest = tuple[str, int, memoryview]
+
+
+TEMP_DIR = ".tmp"  # a local store's temp files (each renamed into place whole)
+HOST = socket.gethostname().replace("-", "_")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 class LocalObjects:
@@ -50,7 +66,15 @@ class LocalObjects:
         return zarr.storage.LocalStore(self.root, read_only=read_only)
 
     def exists(self) -> bool:
-        return self.root.exists()
+        """A store is here (its group's metadata): an empty folder (or a mount point) is not one yet."""
+        return (self.root / "zarr.json").exists()
+
+    def foreign_files(self) -> bool:
+        """The folder holds something although it is no store (then a store is not created in it)."""
+        try:
+            return not self.exists() and any(os.scandir(self.root))
+        except (FileNotFoundError, NotADirectoryError):
+            return self.root.exists()  # a file
 
     def _fd(self, key: str) -> int:
         if self._pid != os.getpid():  # a forked DataLoader worker: its own descriptors
@@ -133,15 +157,32 @@ class LocalObjects:
         """Atomic: a reader sees the old object or the whole new one, never a part."""
         target = self.root / key
         target.parent.mkdir(parents=True, exist_ok=True)
-        # One fixed temp name per object: only its shard's owner writes it, and a temp file left by a
-        # killed run is overwritten and renamed by the run that redoes the shard.
-        tmp = target.with_name(f".{target.name}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not become visible before the bytes (power loss)
-        os.replace(tmp, target)
+        # A temp file of this process and thread: two identical runs started at once write the same objects
+        # (each whole, the last rename wins); a name per object let one rename the other's file away. In one
+        # folder, so that a writer finds those of killed processes at once (`remove_stale_temps`).
+        (self.root / TEMP_DIR).mkdir(exist_ok=True)
+        tmp = self.root / TEMP_DIR / f"{HOST}-{os.getpid()}-{threading.get_ident()}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # the rename must not become visible before the bytes (power loss)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         self.forget(key)
+
+    def remove_stale_temps(self) -> None:
+        """Remove the temp files that processes of this machine killed while writing (kill -9) left."""
+        try:
+            entries = list(os.scandir(self.root / TEMP_DIR))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            parts = entry.name.split("-")  # HOST-pid-thread
+            if len(parts) == 3 and parts[0] == HOST and parts[1].isdigit() and not _alive(int(parts[1])):
+                Path(entry.path).unlink(missing_ok=True)
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
@@ -186,9 +227,10 @@ class RemoteObjects:
     def zarr_store(self, read_only: bool) -> zarr.abc.store.Store:
         return self.store if read_only == self.store.read_only else self.store.with_read_only(read_only)
 
-    def _forget_listings(self) -> None:
-        # fsspec caches listings per filesystem instance; other processes add objects meanwhile.
-        self.fsspec.fs.invalidate_cache(self.fsspec.path)
+    def _forget_listings(self, prefix: str = "") -> None:
+        # fsspec caches listings per filesystem instance (s3fs: per folder, forgotten with its parents, not its
+        # children); other processes add objects meanwhile.
+        self.fsspec.fs.invalidate_cache(f"{self.fsspec.path}/{prefix}".rstrip("/"))
 
     def exists(self) -> bool:
         self._forget_listings()
@@ -250,7 +292,7 @@ class RemoteObjects:
         return counts
 
     def list_names(self, prefix: str) -> list[str]:
-        self._forget_listings()
+        self._forget_listings(prefix)
 
         async def names() -> list[str]:
             return [n async for n in self.store.list_dir(prefix)]
@@ -259,7 +301,15 @@ class RemoteObjects:
 
     def put(self, key: str, data: bytes) -> None:
         """One PUT: object stores make a whole object visible at once."""
-        sync(self.store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+        try:
+            sync(self.store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+        except FileNotFoundError:  # a PUT finds nothing missing but its bucket
+            raise self._no_bucket(key) from None
+
+    def _no_bucket(self, key: str) -> StoreError:
+        bucket = self.url.split("://", 1)[-1].split("/", 1)[0]
+        return StoreError(f"cannot write {self.url}/{key}: the bucket {bucket!r} does not exist (create it, or "
+                          "correct the URL)")
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         """Create `key` only if no object has that name (a conditional PUT, If-None-Match: *); False if one
@@ -269,6 +319,8 @@ class RemoteObjects:
             sync(self.store._retry("PUT", key, lambda: self.store.fs._pipe_file(path, data, mode="create")))
         except FileExistsError:
             return False
+        except FileNotFoundError:
+            raise self._no_bucket(key) from None
         except (TypeError, NotImplementedError):  # an fsspec filesystem without mode="create"
             if sync(self.store.exists(key)):
                 return False
@@ -276,7 +328,7 @@ class RemoteObjects:
         return True
 
     def nbytes(self) -> int:
-        self._forget_listings()
+        self.fsspec.fs.invalidate_cache()  # a walk of every folder: all of their listings
 
         async def total() -> int:
             keys = [k async for k in self.store.list()]

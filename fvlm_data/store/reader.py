@@ -18,7 +18,7 @@ import zarr
 
 from fvlm_data.errors import StoreError
 from fvlm_data.store.checksums import check_frames
-from fvlm_data.store.consistency import check_attrs_match_arrays
+from fvlm_data.store.consistency import GROW_KEY, UnevenArrays, check_attrs_match_arrays
 from fvlm_data.store.format import (
     check_format,
     check_layout,
@@ -34,15 +34,47 @@ from fvlm_data.store.shards import ShardObjects
 def open_group(path: str | os.PathLike, objects: LocalObjects | RemoteObjects, mode: str) -> zarr.Group:
     """The store's Zarr group; refuse anything this project did not write, or another format."""
     if not objects.exists():
+        if isinstance(objects, LocalObjects) and objects.foreign_files():
+            raise StoreError(f"{path} is not an fvlm feature store (it has no zarr.json)")
         raise StoreError(f"no store at {path}")
     try:
         group = zarr.open_group(objects.zarr_store(read_only=mode == "r"), mode=mode, zarr_format=3)
     except StoreError:
         raise  # already one line (e.g. a remote failure that persisted)
     except Exception as e:  # zarr raises several types for a foreign or broken folder
-        raise StoreError(f"{path} is not a Zarr v3 group ({type(e).__name__}: {e})") from None
+        raise StoreError(f"{path}/zarr.json is not the metadata of a Zarr v3 group ({_reason(e)}): it is not an "
+                         "fvlm feature store, or its zarr.json is damaged") from None
     check_format(path, group.attrs)
     return group
+
+
+def _reason(e: BaseException) -> str:
+    """An exception of a library as a short reason: its type and the first line of its text."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
+def open_arrays(path: str | os.PathLike, objects: LocalObjects | RemoteObjects,
+                group: zarr.Group) -> dict[str, zarr.Array]:
+    """The group's arrays by name. An array whose metadata cannot be read (cut short, an unknown codec or
+    data type) is one line naming its zarr.json: zarr's own listing would raise its parser's exception."""
+    arrays = {}
+    for name in sorted(objects.list_names("")):
+        if name.startswith(".") or name == "zarr.json":
+            continue
+        try:
+            node = group[name]
+        except (KeyError, FileNotFoundError):
+            continue  # a folder or object that is no node of the group
+        except StoreError:
+            raise
+        except Exception as e:
+            raise StoreError(f"{path}: {name}/zarr.json cannot be read ({_reason(e)}): the store's metadata is "
+                             "damaged; restore that file from a copy of the store, or re-run precompute into a "
+                             "new --out") from None
+        if isinstance(node, zarr.Array):
+            arrays[name] = node
+    return arrays
 
 
 class FeatureStore(ShardObjects):
@@ -51,25 +83,43 @@ class FeatureStore(ShardObjects):
     `path` is a folder or a URL (s3://bucket/prefix/store.zarr, gs://..., any fsspec protocol).
     """
 
+    # Written by every grow (`writer._grow`): `refresh()` re-reads the metadata when these changed.
+    METADATA_KEYS = ("zarr.json", "committed/zarr.json")
+
     def __init__(self, path: str | os.PathLike, objects: LocalObjects | RemoteObjects, group: zarr.Group) -> None:
         self.path = str(path)
         self.objects = objects
-        self.attrs: dict[str, Any] = dict(group.attrs)
-        self.version = int(self.attrs["format_version"])
-        self.arrays: dict[str, zarr.Array] = {name: group[name] for name in group.array_keys()}
-        check_attrs_match_arrays(self.path, self.attrs, self.arrays, self.version)
-        self.shard_videos = int(self.attrs["shard_videos"])
-        for name, arr in self.arrays.items():
-            check_layout(self.path, name, arr, self.shard_videos, self.version)
+        self._load(group)
         self._index_cache: OrderedDict[tuple[str, int], ShardIndex] = OrderedDict()
         self._small_cache: OrderedDict[tuple[str, int], Any] = OrderedDict()
         self._committed: np.ndarray | None = None
+
+    def _load(self, group: zarr.Group) -> None:
+        """The group's attributes and arrays, checked against each other."""
+        self.attrs: dict[str, Any] = dict(group.attrs)
+        self.version = int(self.attrs["format_version"])
+        self.arrays: dict[str, zarr.Array] = open_arrays(self.path, self.objects, group)
+        self._capacity = check_attrs_match_arrays(self.path, self.attrs, self.arrays, self.version)
+        self.shard_videos = int(self.attrs["shard_videos"])
+        for name, arr in self.arrays.items():
+            check_layout(self.path, name, arr, self.shard_videos, self.version)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> FeatureStore:
         """Open a store read-only; refuse anything this project did not write, or another format."""
         objects = objects_at(path, read_only=True)
-        return cls(path, objects, open_group(path, objects, mode="r"))
+        for attempt in range(3):
+            try:
+                return cls(path, objects, open_group(path, objects, mode="r"))
+            except UnevenArrays:  # read while a grow began (its attributes read before it): read again
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    @property
+    def grow_unfinished(self) -> bool:
+        """A grow was begun and has not ended (it is under way, or its writer was killed): see `writer._grow`."""
+        return GROW_KEY in self.attrs or len({arr.shape[0] for arr in self.arrays.values()}) > 1
 
     @staticmethod
     def exists(path: str | os.PathLike) -> bool:
@@ -86,10 +136,20 @@ class FeatureStore(ShardObjects):
         return self._committed
 
     def refresh(self) -> None:
-        """Forget what was read: shards published since are seen."""
+        """Forget what was read: shards published since are seen, by any process (and a grow's new slots)."""
+        if self._metadata_changed():
+            self._load(open_group(self.path, self.objects, mode="r"))
         self._committed = None
         self._index_cache.clear()
         self._small_cache.clear()
+
+    def _metadata_changed(self) -> bool:
+        """The group's attributes or `committed`'s length are not those loaded (a grow began or ended)."""
+        try:
+            group, committed = (json.loads(data) for data in self.objects.get_many(list(self.METADATA_KEYS)))
+            return group["attributes"] != self.attrs or committed["shape"][0] != self.arrays["committed"].shape[0]
+        except (TypeError, ValueError, KeyError, IndexError):  # missing or damaged: opening again says what
+            return True
 
     def __len__(self) -> int:
         return len(self.committed_slots())
@@ -102,6 +162,7 @@ class FeatureStore(ShardObjects):
         slots = self.committed_slots() if slots is None else np.asarray(slots, dtype=np.int64)
         shards, within = np.divmod(slots, self.shard_videos)
         values = self.shard_values((name,), np.unique(shards).tolist(), cache=len(slots) < 64)[name]
+        self._check_published(name, [s for s in np.unique(shards).tolist() if s not in values])
         return [values[s][j] if s in values else "" for s, j in zip(shards.tolist(), within.tolist(), strict=True)]
 
     def _frame_requests(self, name: str, slot: int, index: ShardIndex, idx: np.ndarray,
@@ -185,6 +246,13 @@ class FeatureStore(ShardObjects):
             check_frames(out, expected, self.slot_name(name, slot), idx)
         return rows
 
+    def _check_published(self, name: str, absent: list[int]) -> None:
+        """Shards without an object of `name` must be unpublished (their values are then the fill value, as
+        zarr reads them): one whose `committed` object exists lacks that object."""
+        published = self.shard_values(("committed",), absent)["committed"] if absent else {}
+        if published:
+            raise self.missing(name, min(published))
+
     def _captions_array(self) -> tuple[str, ...]:
         return ("captions",) if "captions" in self.arrays else ()
 
@@ -232,7 +300,9 @@ class FeatureStore(ShardObjects):
     @property
     def failures(self) -> list[dict[str, Any]]:
         """Inputs that were skipped, with their source and the reason."""
-        reasons = self.shard_values(("failure",), self._listed_shards("failure"))["failure"]
+        listed = self._listed_shards("failure")
+        self._check_published("failure", sorted(set(self._listed_shards("committed")) - set(listed)))
+        reasons = self.shard_values(("failure",), listed)["failure"]
         failed = [(shard * self.shard_videos + j, r) for shard, rs in reasons.items() for j, r in enumerate(rs) if r]
         failed = [(slot, r) for slot, r in failed if slot < self.capacity]
         slots = np.array([slot for slot, _ in failed], dtype=np.int64)

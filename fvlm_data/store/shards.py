@@ -7,6 +7,7 @@ frame arrays, and the values of whole shards of the small arrays, checked before
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from typing import Any
 
@@ -36,6 +37,7 @@ class ShardObjects:
     version: int
     _index_cache: OrderedDict[tuple[str, int], ShardIndex]
     _small_cache: OrderedDict[tuple[str, int], Any]
+    _capacity: int  # the arrays' slot count (while a grow is under way, the count before it)
 
     @property
     def has_checksums(self) -> bool:
@@ -44,7 +46,7 @@ class ShardObjects:
 
     @property
     def capacity(self) -> int:
-        return int(self.arrays["committed"].shape[0])
+        return self._capacity
 
     @property
     def num_shard_objects(self) -> int:
@@ -129,6 +131,15 @@ class ShardObjects:
                 if len(self._small_cache) > self.SMALL_CACHE:
                     self._small_cache.popitem(last=False)
         return out
+
+    def shards_lacking(self, name: str, shards: list[int]) -> list[int]:
+        """Those of `shards` without an object of `name`: a listing (a stat per shard on a local disk, where the
+        folders of a multi-dimensional array's shard outlive its object)."""
+        if isinstance(self.objects, LocalObjects):
+            root = str(self.objects.root)
+            return [s for s in shards if not os.path.isfile(os.path.join(root, self.shard_key(name, s)))]
+        listed = set(self._listed_shards(name))
+        return [s for s in shards if s not in listed]
 
     def _listed_shards(self, name: str) -> list[int]:
         """Shards of `name` that have an object, from one listing (no per-video files exist)."""

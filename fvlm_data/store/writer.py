@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.core.buffer import default_buffer_prototype
+from zarr.core.group import GroupMetadata
 from zarr.core.sync import sync
 
 from fvlm_data.errors import StoreError
 from fvlm_data.store.checksums import check_frames, frame_checksums
+from fvlm_data.store.consistency import GROW_KEY
 from fvlm_data.store.creation import (
     check_inputs,
     create_exclusive,
@@ -44,7 +46,7 @@ from fvlm_data.store.format import (
     schema,
     table_entry,
 )
-from fvlm_data.store.objects import objects_at
+from fvlm_data.store.objects import LocalObjects, objects_at
 from fvlm_data.store.reader import FeatureStore, open_group
 from fvlm_data.store.shard_index import ShardIndex
 
@@ -78,6 +80,8 @@ def create_or_open(path: str | os.PathLike, attrs: dict[str, Any], shapes: Featu
     one creates the store, the others check it like any existing store.
     """
     objects = objects_at(path, read_only=False)
+    if isinstance(objects, LocalObjects):
+        objects.remove_stale_temps()
     if not objects.exists():
         fingerprint = {} if inputs is None else {"inputs": inputs_fingerprint(inputs)}
         identity = {"store_id": new_store_id(), **fingerprint}
@@ -89,22 +93,39 @@ def create_or_open(path: str | os.PathLike, attrs: dict[str, Any], shapes: Featu
     check_inputs(path, recorded, inputs)
     store = StoreWriter(path, objects, group)
     longer = inputs is not None and recorded is not None and recorded["count"] < len(inputs)
-    if store.capacity >= capacity and not longer:
+    if store.capacity >= capacity and not longer and not store.grow_unfinished:
         return store
-    if store.capacity < capacity:
-        _grow(store, capacity)
-    if longer:  # after the arrays: a run killed in between redoes it. In the store's own version (an old store's
-        group.attrs["inputs"] = inputs_fingerprint(inputs, fingerprint_version(recorded))  # rows stay old ones)
+    # Grow, or end a grow a killed writer left: to this run's length, or back to the store's own. The new
+    # fingerprint in the store's own version (an old store's rows stay old ones).
+    _grow(store, max(store.capacity, capacity),
+          inputs_fingerprint(inputs, fingerprint_version(recorded)) if longer else None)
     return StoreWriter(path, objects, open_group(path, objects, mode="r+"))
 
 
-def _grow(store: StoreWriter, capacity: int) -> None:
+def _grow(store: StoreWriter, capacity: int, fingerprint: dict[str, Any] | None) -> None:
     """More inputs than slots (e.g. a larger --limit): extend every array along the slot axis.
 
-    Shards are anchored at slot 0, so existing shard objects stay valid; the old last shard
-    becomes incomplete and its owner fills it in (keeping its rows)."""
-    for arr in store.arrays.values():
-        arr.resize((capacity, *arr.shape[1:]))
+    Crash-safe: the group's attributes first record the grow (`growing`: from the store's length to
+    `capacity`), then each array's metadata is rewritten (each write atomic), then the attributes
+    drop `growing` and take the new input fingerprint, in one write. Until that last write readers
+    see the store as it was before (`consistency.slot_count`); a writer that finds `growing` (its
+    writer killed) runs this again, to its own length. No shard is written meanwhile. Shards are
+    anchored at slot 0, so existing shard objects stay valid; the old last shard becomes incomplete
+    and its owner fills it in (keeping its rows)."""
+    meta = json.loads(store.objects.get_many(["zarr.json"])[0] or b"{}")
+    attrs = {k: v for k, v in meta.get("attributes", {}).items() if k != GROW_KEY}
+    _put_group_attrs(store, meta, {**attrs, GROW_KEY: {"from": store.capacity, "to": capacity}})
+    for name in sorted(store.arrays, key=lambda n: n == "committed"):
+        arr = store.arrays[name]
+        resized = arr.metadata.update_shape((capacity, *arr.shape[1:])).to_buffer_dict(default_buffer_prototype())
+        store.objects.put(f"{name}/zarr.json", resized["zarr.json"].to_bytes())
+    _put_group_attrs(store, meta, {**attrs, **({"inputs": fingerprint} if fingerprint else {})})
+
+
+def _put_group_attrs(store: StoreWriter, meta: dict[str, Any], attrs: dict[str, Any]) -> None:
+    """The group's zarr.json with these attributes, written whole (zarr's own attribute writes are not atomic)."""
+    group = GroupMetadata.from_dict({**meta, "attributes": attrs})
+    store.objects.put("zarr.json", group.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
 
 
 @dataclass(frozen=True)
