@@ -104,7 +104,7 @@ def _bytes_on_disk(store: FeatureStore) -> int:
 def _how_made(store: FeatureStore) -> dict[str, Any]:
     attrs = store.attrs
     keys = ("format", "format_version", "store_id", "dino", "vae", "preset", "num_frames", "image_size",
-            "feature_dtype", "latent_dtype", "frame_sampling")
+            "feature_dtype", "latent_dtype", "frame_sampling", "dino_layers", "dino_blocks")
     # Per video, from the arrays themselves: each encoded feature of the table, e.g. dino [T, N, D].
     arrays = {n: store.arrays[n] for n in store.frame_arrays()
               if table_entry(n).encoded and not n.endswith(SCALE_SUFFIX)}

@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from fvlm_data.store.format import block_array
+
 
 def _layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     return F.layer_norm(x, (x.shape[-1],), weight.to(x.dtype), bias.to(x.dtype), eps)
@@ -137,7 +139,7 @@ class DeepQuery(nn.Module):
     @property
     def array_names(self) -> tuple[str, ...]:
         """The batch entries it reads: the states entering its blocks (`dino_block<k>`, as the store names them)."""
-        return tuple(f"dino_block{k}" for k in self.block_ids)
+        return tuple(block_array(k) for k in self.block_ids)
 
     @torch.no_grad()
     def keys_values(self, states: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:

@@ -18,6 +18,7 @@ from fvlm_data.sources import list_inputs, load_frames
 from fvlm_data.store.format import check_compatible
 from fvlm_model import FoveatedVLM, load_lm
 from fvlm_model.deep_query import DeepQuery
+from fvlm_model.generate import MODES, build_prefix, generate_captions
 from fvlm_model.model import ModelConfig
 from fvlm_model.visualize import inspect_batch
 from fvlm_train import TrainError
@@ -164,6 +165,25 @@ def test_the_model_with_a_deep_query():
         deep({k: v for k, v in batch.items() if k != "dino_block1"})
     with pytest.raises(ValueError, match="query_depth 2 needs DINO's last 2 blocks"):
         FoveatedVLM(lm, ModelConfig(dino_dim=384, latent_channels=4, latent_size=8, query_depth=2))
+
+
+def test_generation_with_a_deep_query():
+    _, tok = load_lm("tiny")
+    deep = tiny_model(2)
+    _, latents, input_ids, labels = make_batch(tok, seed=0)
+    g = torch.Generator().manual_seed(1)
+    batch = {"dino": torch.randn(3, 4, 17, 384, generator=g),
+             **{f"dino_block{k}": torch.randn(3, 4, 17, 384, generator=g) for k in (1, 2)}}
+    for mode in MODES:
+        assert len(generate_captions(deep, batch, tok.eos_token_id, max_tokens=3, mode=mode)) == 3
+    # Frame by frame (the autoregressive prefix slices each block's keys and values per frame), the tokens are
+    # those of all frames at once for the same queries.
+    prefix = build_prefix(deep, batch, "autoregressive")
+    with torch.no_grad():
+        z, _ = deep.encode_frames(deep.frame_features(batch), prefix.queries)
+        torch.testing.assert_close(prefix.visual, deep.project_visual(z))
+    with pytest.raises(ValueError, match="needs the batch's"):
+        generate_captions(deep, batch["dino"], tok.eos_token_id, max_tokens=3)
 
 
 def test_refusals_of_the_trainer(tmp_path):
