@@ -1,8 +1,8 @@
 """Writing a store: creating or growing it, the state of its shards, and whole-shard publishing.
 
-Writers own whole shards: a shard's rows are buffered (`ShardBuffer`), encoded by zarr itself
-into memory and each array's shard object is published whole (temp file + rename locally, one
-PUT remotely), `committed` last. No two processes ever write the same object, and a reader sees
+Writers own whole shards: a shard's rows are buffered (`ShardBuffer`) in the bytes of the shard
+objects zarr would write (shard_bytes.py), and each array's object is published whole (temp file,
+fsync and rename locally, one PUT remotely), `committed` last. No two processes ever write the same object, and a reader sees
 a shard's rows once its `committed` object exists.
 """
 
@@ -16,9 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import zarr
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
 
 from fvlm_data.errors import StoreError
 from fvlm_data.store.checksums import check_frames, frame_checksums
@@ -34,12 +31,12 @@ from fvlm_data.store.format import (
     chunk_nbytes,
     features,
     is_frame_array,
-    memory_objects,
     quantize_int8,
     schema,
 )
 from fvlm_data.store.objects import objects_at
 from fvlm_data.store.reader import FeatureStore, open_group
+from fvlm_data.store.shard_bytes import FrameShard, small_object
 from fvlm_data.store.shard_index import ShardIndex
 
 
@@ -215,7 +212,10 @@ def shard_data_problem(store: FeatureStore, shard: int) -> str | None:
 class ShardBuffer:
     """The rows of one shard, in memory until published: S videos of features at most.
 
-    `keep_existing` starts from the shard's committed and failed rows (read by zarr's own reader)."""
+    Each frame array's rows live in its shard object's own buffer (`shard_bytes.FrameShard`): a row is
+    copied once, into its place, and its frames' crc32c computed as it arrives; `publish` adds the
+    indexes and writes each object whole. `keep_existing` starts from the shard's committed and failed
+    rows (read by zarr's own reader)."""
 
     def __init__(self, store: StoreWriter, shard: int, keep_existing: bool = False) -> None:
         self.store, self.shard = store, shard
@@ -223,11 +223,16 @@ class ShardBuffer:
         self.stop = min(self.start + store.shard_videos, store.capacity)
         n = self.stop - self.start
         self.data: dict[str, np.ndarray] = {}
+        self.frames: dict[str, FrameShard] = {}
         for name, arr in store.arrays.items():
             if name in STRING_ARRAYS:
                 self.data[name] = np.full(n, "", dtype=object)
+            elif is_frame_array(name):
+                self.frames[name] = FrameShard(store.shard_videos, n, arr.shape[1:], np.dtype(arr.dtype))
+                self.data[name] = self.frames[name].values
             else:
                 self.data[name] = np.zeros((n, *arr.shape[1:]), dtype=np.dtype(arr.dtype))
+        self.checksummed = [n for n in self.frames if checksum_array(n) in self.data]  # format 3
         self.filled = np.zeros(n, dtype=bool)
         if keep_existing and shard in store.shard_values(("committed",), [shard])["committed"]:
             self._load_existing()
@@ -249,12 +254,14 @@ class ShardBuffer:
                 check_frames(self.data[name][j], self.data[checksum_array(name)][j],
                              store.slot_name(name, self.start + j), np.arange(self.data[name].shape[1]))
 
-    def _clear(self, slot: int) -> int:
+    def _clear(self, slot: int, frames: bool = True) -> int:
+        """Empty the slot's row (`frames=False`: not its frames, about to be overwritten whole)."""
         if not self.start <= slot < self.stop:
             raise IndexError(f"slot {slot} is not in shard {self.shard} (slots {self.start}..{self.stop - 1})")
         j = slot - self.start
-        for data in self.data.values():
-            data[j] = "" if data.dtype == object else 0
+        for name, data in self.data.items():
+            if frames or name not in self.frames:
+                data[j] = "" if data.dtype == object else 0
         self.filled[j] = True
         return j
 
@@ -273,7 +280,7 @@ class ShardBuffer:
             raise TypeError(f"add_row: {', '.join(unknown)} is not a feature of the store's table")
         if missing := sorted(n for n in names if n not in arrays):
             raise TypeError(f"add_row: missing the feature(s) {', '.join(missing)}")
-        j, d = self._clear(slot), self.data
+        j, d = self._clear(slot, frames=False), self.data  # every frame array is written below
         for name in names:
             scale = name + SCALE_SUFFIX
             if scale not in d:
@@ -285,6 +292,8 @@ class ShardBuffer:
             else:
                 d[name][j], d[scale][j] = quantize_int8(arrays[name])
         d["timestamps"][j], d["duration"][j] = timestamps, duration
+        for name in self.checksummed:  # on arrival, over the bytes as stored
+            d[checksum_array(name)][j] = frame_checksums(d[name][j])
         d["caption"][j], d["video_id"][j], d["source"][j] = caption, video_id, source
         if "captions" in d:  # format 3; one caption (the common case) is "", costing nothing
             d["captions"][j] = json.dumps(list(captions), ensure_ascii=False) if len(captions) > 1 else ""
@@ -304,21 +313,16 @@ class ShardBuffer:
         return bool(self.filled[: until - self.start].all())
 
     def publish(self) -> None:
-        """Encode each array's shard with zarr (in memory) and write it whole; `committed` last."""
+        """Write each array's shard object whole (one write, fsync and rename each locally, one PUT
+        remotely), `committed` last: the objects zarr would write for these rows (shard_bytes.py)."""
         store = self.store
-        # Every row's checksums: the kept ones were checked when loaded.
-        for name in [n for n in store.frame_arrays() if checksum_array(n) in self.data]:
-            self.data[checksum_array(name)][...] = [frame_checksums(frames) for frames in self.data[name]]
-        mem = zarr.storage.MemoryStore()
-        names = sorted(self.data, key=lambda n: n == "committed")
-        for name in names:
-            meta = store.arrays[name].metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"]
-            sync(mem.set(f"{name}/zarr.json", meta))
-            # Every in-bounds inner chunk is written, fill values included: a shard object exists even
-            # when all its values are empty, and a committed video always has an index entry.
-            arr = zarr.open_array(mem, path=name, mode="r+").with_config({"write_empty_chunks": True})
-            arr[self.start : self.stop] = self.data[name]
-        encoded = memory_objects(mem, [store.shard_key(name, self.shard) for name in names])
-        for key, data in encoded.items():  # in `names` order: committed last
-            store.objects.put(key, data)
+        committed = self.data["committed"] == 1
+        for name in self.checksummed:  # a row without frames: the crc32c of its zeros, as for any row
+            self.data[checksum_array(name)][~committed] = frame_checksums(np.zeros_like(self.data[name][0]))
+        for name in sorted(self.data, key=lambda n: n == "committed"):
+            if name in self.frames:
+                data = self.frames[name].finish()
+            else:
+                data = small_object(self.data[name], store.shard_videos, store.has_checksums)
+            store.objects.put(store.shard_key(name, self.shard), data)
         store.refresh()  # this process's reads see the new shard
