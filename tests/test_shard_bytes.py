@@ -54,14 +54,17 @@ def fill(buf: ShardBuffer, rng: np.random.Generator, skip: int | None = None) ->
     return rows
 
 
-def published_like_zarr(path: Path, buf: ShardBuffer) -> None:
+def publish_like_zarr(path: Path, buf: ShardBuffer) -> None:
+    """Publish, and check each object is what zarr writes of the same values."""
+    buf.seal()
     expected = zarr_objects(buf)
-    for key, data in expected.items():
-        assert (path / key).read_bytes() == data, key
     # The frame checksums mean what they meant: crc32c of each stored frame, of zeros for a row without one.
     for name in [n for n in buf.store.frame_arrays() if checksum_array(n) in buf.data]:
         want = np.stack([frame_checksums(frames) for frames in buf.data[name]])
         np.testing.assert_array_equal(buf.data[checksum_array(name)], want)
+    buf.publish()
+    for key, data in expected.items():
+        assert (path / key).read_bytes() == data, key
 
 
 @pytest.mark.parametrize("feature_dtype", ["float16", "int8"])
@@ -73,8 +76,7 @@ def test_shard_objects_are_the_ones_zarr_writes(tmp_path, feature_dtype):
     for shard in range(store.num_shard_objects):
         buf = store.shard_buffer(shard)
         rows.update(fill(buf, rng, skip=6))  # slot 6 never written: zeros, not committed
-        buf.publish()
-        published_like_zarr(path, buf)
+        publish_like_zarr(path, buf)
     z = zarr.open_group(str(path), mode="r")  # zarr-python reads every object back (and checks the crc32c)
     assert z["committed"][:].tolist() == [1, 0, 1, 1, 1, 0, 0, 1, 1, 0]
     assert json.loads(z["captions"][:][0]) == ["un chien é", "a dog"] and z["failure"][:][5] == "broken file"
@@ -103,8 +105,7 @@ def test_a_kept_shard_and_a_format_2_store_are_written_as_zarr_writes_them(tmp_p
     fill_one = dict(dino=rng.standard_normal((3, 5, 8)), latents=rng.standard_normal((3, 4, 2, 2)),
                     timestamps=np.array([0.5, 1.5, 2.5]), duration=3.0)
     again.add_row(3, caption="c", video_id="v3", source="/x/3.mp4", **fill_one)
-    again.publish()
-    published_like_zarr(path, again)
+    publish_like_zarr(path, again)
     old = tmp_path / "old.zarr"  # format 2: no checksum arrays, no crc32c codec on the small arrays
     for key, data in schema(attrs("float16"), SHAPES, capacity=4, shard_videos=4, version=2).items():
         (old / key).parent.mkdir(parents=True, exist_ok=True)
@@ -112,5 +113,4 @@ def test_a_kept_shard_and_a_format_2_store_are_written_as_zarr_writes_them(tmp_p
     objects = LocalObjects(old)
     buf = StoreWriter(old, objects, open_group(old, objects, mode="r+")).shard_buffer(0)
     fill(buf, rng)
-    buf.publish()
-    published_like_zarr(old, buf)
+    publish_like_zarr(old, buf)

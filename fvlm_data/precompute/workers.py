@@ -32,6 +32,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any
 
 from fvlm_data.errors import InputError
+from fvlm_data.precompute.stages import StageTimes
 from fvlm_data.records import DecodedVideo, Decoding, VideoInput
 from fvlm_data.sources import load_file_frames, load_frames
 from fvlm_data.video.segments import file_key
@@ -80,6 +81,13 @@ def decode_group(items: list[VideoInput], decoding: Decoding) -> list[DecodedVid
     return [str(r) if isinstance(r, InputError) else r for r in results]
 
 
+def timed_decode_group(items: list[VideoInput], decoding: Decoding) -> tuple[list[DecodedVideo | str], float]:
+    """`decode_group` and its wall time in the worker (how busy the decode workers were: stages.py)."""
+    t0 = time.perf_counter()
+    results = decode_group(items, decoding)
+    return results, time.perf_counter() - t0
+
+
 def _unexpected(e: Exception) -> str:
     return f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
@@ -101,19 +109,23 @@ def file_groups(items: list[tuple[int, VideoInput]], window: int) -> list[list[i
     return groups
 
 
-def decoded_in_order(executor: Executor, items: list[tuple[int, VideoInput]], window: int,
-                     decoding: Decoding) -> Iterator[tuple[int, VideoInput, DecodedVideo | str]]:
+def decoded_in_order(executor: Executor, items: list[tuple[int, VideoInput]], window: int, decoding: Decoding,
+                     stages: StageTimes | None = None) -> Iterator[tuple[int, VideoInput, DecodedVideo | str]]:
     """Keep about `window` inputs in flight and yield (slot, input, frames or reason) in input order;
-    the inputs of one file among them go to one worker together (`decode_group`)."""
+    the inputs of one file among them go to one worker together (`decode_group`). The workers' decode
+    time is added to `stages.decode_s`."""
     groups = collections.deque(file_groups(items, window))
     result_of: dict[int, tuple[Future, int]] = {}  # position -> (its group's future, index in the group)
     for pos, (slot, item) in enumerate(items):
         while groups and groups[0][0] < pos + window:
             group = groups.popleft()
-            fut = executor.submit(decode_group, [items[p][1] for p in group], decoding)
+            fut = executor.submit(timed_decode_group, [items[p][1] for p in group], decoding)
             result_of.update((p, (fut, k)) for k, p in enumerate(group))
         fut, k = result_of.pop(pos)
-        yield slot, item, fut.result()[k]
+        results, seconds = fut.result()
+        if stages is not None and k == 0:  # once per group (its first input comes first)
+            stages.decode_s += seconds
+        yield slot, item, results[k]
 
 
 def _exit_with_parent(parent_pid: int) -> None:

@@ -2,12 +2,13 @@
 
 Writers own whole shards: a shard's rows are buffered (`ShardBuffer`) in the bytes of the shard
 objects zarr would write (shard_bytes.py), and each array's object is published whole (temp file,
-fsync and rename locally, one PUT remotely), `committed` last. No two processes ever write the same object, and a reader sees
-a shard's rows once its `committed` object exists.
+fsync and rename locally, one PUT remotely), `committed` last. No two processes ever write the same
+object, and a reader sees a shard's rows once its `committed` object exists.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -36,7 +37,7 @@ from fvlm_data.store.format import (
 )
 from fvlm_data.store.objects import objects_at
 from fvlm_data.store.reader import FeatureStore, open_group
-from fvlm_data.store.shard_bytes import FrameShard, small_object
+from fvlm_data.store.shard_bytes import BufferPool, FrameShard, small_object
 from fvlm_data.store.shard_index import ShardIndex
 
 
@@ -55,6 +56,11 @@ class StoreWriter(FeatureStore):
     def shard_buffer(self, shard: int, keep_existing: bool = False) -> ShardBuffer:
         """An in-memory shard to fill and publish: see `ShardBuffer`."""
         return ShardBuffer(self, shard, keep_existing)
+
+    @functools.cached_property
+    def buffers(self) -> BufferPool:
+        """Frame arrays' shard buffers, reused from one shard to the next."""
+        return BufferPool()
 
 
 def create_or_open(path: str | os.PathLike, attrs: dict[str, Any], shapes: FeatureShapes, capacity: int,
@@ -228,7 +234,7 @@ class ShardBuffer:
             if name in STRING_ARRAYS:
                 self.data[name] = np.full(n, "", dtype=object)
             elif is_frame_array(name):
-                self.frames[name] = FrameShard(store.shard_videos, n, arr.shape[1:], np.dtype(arr.dtype))
+                self.frames[name] = FrameShard(store.shard_videos, n, arr.shape[1:], np.dtype(arr.dtype), store.buffers)
                 self.data[name] = self.frames[name].values
             else:
                 self.data[name] = np.zeros((n, *arr.shape[1:]), dtype=np.dtype(arr.dtype))
@@ -312,17 +318,28 @@ class ShardBuffer:
         until = self.stop if until is None else min(until, self.stop)
         return bool(self.filled[: until - self.start].all())
 
+    def seal(self) -> None:
+        """Fill in what only the whole shard decides (publish does it first; doing it again changes
+        nothing): the crc32c and the zeros of every row without frames."""
+        committed = self.data["committed"] == 1
+        for name, frames in self.frames.items():
+            frames.values[~committed] = 0  # failed, never written, or a reused buffer's old bytes
+            if name in self.checksummed:  # as for any row: the crc32c of its (zero) frames
+                self.data[checksum_array(name)][~committed] = frame_checksums(np.zeros_like(frames.values[0]))
+
     def publish(self) -> None:
         """Write each array's shard object whole (one write, fsync and rename each locally, one PUT
-        remotely), `committed` last: the objects zarr would write for these rows (shard_bytes.py)."""
+        remotely), `committed` last: the objects zarr would write for these rows (shard_bytes.py).
+        The buffer is spent: its frame buffers go to the next shard."""
         store = self.store
-        committed = self.data["committed"] == 1
-        for name in self.checksummed:  # a row without frames: the crc32c of its zeros, as for any row
-            self.data[checksum_array(name)][~committed] = frame_checksums(np.zeros_like(self.data[name][0]))
+        self.seal()
         for name in sorted(self.data, key=lambda n: n == "committed"):
             if name in self.frames:
                 data = self.frames[name].finish()
             else:
                 data = small_object(self.data[name], store.shard_videos, store.has_checksums)
             store.objects.put(store.shard_key(name, self.shard), data)
+        for frames in self.frames.values():
+            store.buffers.give(frames.raw)
+        self.frames, self.data = {}, {}
         store.refresh()  # this process's reads see the new shard
