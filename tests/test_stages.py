@@ -65,6 +65,6 @@ def test_a_run_whose_decoding_is_slow_says_so(tmp_path):
             torch.set_num_threads(threads)
     assert summary.written == 24
     lines = summary.lines(config.out)
-    assert lines[-2].startswith("stages: decoding in this process busy ")
+    assert lines[-2].startswith("stages: decoding here busy ")
     assert summary.stages.bound() == "decode", lines[-2]
     assert "decoding bounded this run; add --workers or use --seek keyframe" in lines[-1]

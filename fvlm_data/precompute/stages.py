@@ -75,7 +75,7 @@ class StageTimes:
         s = self.shares()
         wall = max(self.wall_s, 1e-9)
         ranks = f" (over {self.processes} processes)" if self.processes > 1 else ""
-        workers = f"{self.workers} decode workers" if self.workers else "decoding in this process"
+        workers = f"{self.workers} decode worker{'s' * (self.workers > 1)}" if self.workers else "decoding here"
         return [f"stages{ranks}: {workers} busy {100 * s['decode']:.0f}%, encoders {100 * s['encoders']:.0f}%, "
                 f"writer {100 * s['writer']:.0f}% of {self.wall_s / self.processes:.1f} s; the main loop waited "
                 f"{100 * self.wait_decode_s / wall:.0f}% for decoded videos, "
