@@ -243,10 +243,13 @@ def pipeline_rows(args, rows: list[dict], emit) -> None:
             for name, fn in order if r % 2 == 0 else order[::-1]:  # interleaved, alternating order
                 got[name].append(fn(Path(tmp) / f"{name.split()[0]}{r}.zarr", args, decoded))
             alone.append(_writer_alone(Path(tmp) / f"alone{r}.zarr", args, decoded))
+    pairs = [pair for r in alone for pair in r["pairs_ms"]]  # (writer alone, plain write) ms per batch
     for name, runs in got.items():
         row = {"part": "pipeline", "variant": name, "rounds": len(runs),
                **{k: statistics.median(run[k] for run in runs) for k in runs[0] if k != "per_batch_ms"},
                "per_batch_ms": [run["per_batch_ms"] for run in runs]}
+        if name == "writer thread" and pairs:
+            row["alone_vs_plain_ms"] = pairs
         print(f"# {name}: main thread ms outside the encoders, batch by batch, round by round: "
               f"{row['per_batch_ms']}", flush=True)
         rows.append(row)
@@ -258,7 +261,6 @@ def pipeline_rows(args, rows: list[dict], emit) -> None:
           f"the writer thread {new['rows_ms']:.0f} ms and the publisher thread {new['writer_ms']:.0f} ms per batch "
           f"against the encoder's {new['encoder_ms']:.0f}",
           flush=True)
-    pairs = [pair for r in alone for pair in r["pairs_ms"]]
     if not pairs:
         return
     a, p = statistics.median(w for w, _ in pairs), statistics.median(p for _, p in pairs)
