@@ -4,7 +4,8 @@ Slot j of the store belongs to input j, and the store's shards (S consecutive sl
 unit of work: process I of K (`num_shards=K, shard_index=I`) owns shards I, I+K, ..., buffers each
 shard's rows in memory and publishes the shard whole once every slot of it is written or recorded
 as failed. A re-run skips committed shards (after checking their objects' indexes) and redoes the
-rest, so a kill loses at most the shard each process had in progress.
+rest, so a kill loses at most the shards each process had in progress (the one it was filling
+and up to two finished ones its publisher thread had not yet written).
 """
 
 from __future__ import annotations
