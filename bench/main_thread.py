@@ -23,6 +23,7 @@ the writer runs alone on the same rows, then the objects it wrote are written ag
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import tempfile
 import threading
@@ -174,7 +175,7 @@ def _writer_alone(out: Path, args, decoded: list) -> dict:
         return time.perf_counter() - t0
 
     def plain(shard: int) -> float:  # the objects of `shard` (written before), as plain files
-        return _plain_write(out, Path(str(out) + ".plain"), lambda key: f"/c/{shard}" in key)
+        return _plain_write(out, Path(str(out) + ".plain"), lambda key: key.split("/")[2] == str(shard))
 
     write(0)
     pairs = []  # (writer s, plain s) per full shard
@@ -184,25 +185,27 @@ def _writer_alone(out: Path, args, decoded: list) -> dict:
         else:  # plain first: the previous shard's bytes, the same sizes
             p = plain(shard - 1)
             pairs.append((write(shard), p))
+    shutil.rmtree(Path(str(out) + ".plain"), ignore_errors=True)
     per_batch = 64 / args.videos
     return {"pairs_ms": [(1e3 * w / per_batch, 1e3 * p / per_batch) for w, p in pairs]}
 
 
 def _plain_write(store: Path, into: Path, wanted) -> float:
-    """Seconds to write the store's shard objects (those whose key is `wanted`) again as plain files, one
-    after the other, each one write + fsync (their bytes read into memory first, untimed)."""
-    objects = [(f.relative_to(store), f.read_bytes()) for f in sorted(store.rglob("*"))
+    """Seconds to write the store's shard objects (those whose key is `wanted`) again as new plain files
+    under `into`, one after the other, each one write + fsync (their bytes read into memory first,
+    untimed). The files are kept, as the store's are: freeing their page cache would make the next
+    writes cheaper than the store's own."""
+    objects = [f.read_bytes() for f in sorted(store.rglob("*"))
                if f.is_file() and "/c/" in f.as_posix() and wanted(f.relative_to(store).as_posix())]
+    into.mkdir(parents=True, exist_ok=True)
+    first = len(list(into.iterdir()))
     t0 = time.perf_counter()
-    for i, (_, data) in enumerate(objects):
-        with open(into.with_name(f"{into.name}.{i}"), "wb") as f:
+    for i, data in enumerate(objects):
+        with open(into / str(first + i), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-    seconds = time.perf_counter() - t0
-    for i in range(len(objects)):
-        into.with_name(f"{into.name}.{i}").unlink()
-    return seconds
+    return time.perf_counter() - t0
 
 
 def _today_round(out: Path, args, decoded: list) -> dict:
