@@ -287,7 +287,8 @@ def main() -> None:
     p.add_argument("--seek", default="exact,keyframe")
     p.add_argument("--repeats", type=int, default=2, help="Decodes per clip and mode (median).")
     p.add_argument("--target", type=float, default=40.0, help="Videos/s the decoders must feed.")
-    p.add_argument("--pipeline-videos", type=int, default=128, help="Videos per round of the pipeline part.")
+    p.add_argument("--pipeline-videos", type=int, default=256,
+                   help="Videos per round of the pipeline part (4 shards: a long run reuses its shard buffers).")
     p.add_argument("--rounds", type=int, default=3, help="Interleaved rounds of the pipeline part (median).")
     p.add_argument("--gpu-ms", type=float, default=360.0, help="The stand-in encoder's time per batch (pipeline).")
     p.add_argument("--dino-tokens", type=int, default=257, help="DINO tokens per frame (pipeline part).")

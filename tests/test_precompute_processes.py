@@ -46,10 +46,12 @@ def run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
 
 
 def summary_lines(stdout: str, out: str) -> list[str]:
-    """The summary after its "store: OUT" line, less the size line, for comparing runs."""
+    """The summary between its "store: OUT" and size lines, for comparing runs (the size and the stages'
+    timings after it differ from run to run)."""
     lines = stdout.splitlines()
     assert lines.count(f"store: {out}") == 1, stdout  # exactly one summary
-    return [line for line in lines[lines.index(f"store: {out}") + 1:] if not line.startswith("store size")]
+    start = lines.index(f"store: {out}") + 1
+    return lines[start : next(i for i in range(start, len(lines)) if lines[i].startswith("store size"))]
 
 
 def assert_same_arrays(a: str | Path, b: str | Path) -> None:
@@ -114,6 +116,7 @@ def test_torchrun_two_ranks_fill_one_store_like_one_process(videos, reference, o
                 "--workers", "1", "--batch-videos", "2", "--shard-videos", "1", *SMALL])
     # One summary, printed by rank 0, with every rank's rows and failures.
     assert summary_lines(proc.stdout, out_url) == ref_lines
+    assert proc.stdout.count("stages (over 2 processes): 1 decode worker busy ") == 1  # both ranks' timings
     assert "rank 0 of 2:" in proc.stderr and "rank 1 of 2:" in proc.stderr
     assert_same_arrays(ref_store, out_url)
     assert FeatureStore.open(out_url).attrs["precompute_args"]["num_shards"] == 2

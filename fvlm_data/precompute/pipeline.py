@@ -4,7 +4,8 @@ Slot j of the store belongs to input j, and the store's shards (S consecutive sl
 unit of work: process I of K (`num_shards=K, shard_index=I`) owns shards I, I+K, ..., buffers each
 shard's rows in memory and publishes the shard whole once every slot of it is written or recorded
 as failed. A re-run skips committed shards (after checking their objects' indexes) and redoes the
-rest, so a kill loses at most the shard each process had in progress.
+rest, so a kill loses at most the shards each process had in progress (the one it was filling
+and up to two finished ones its publisher thread had not yet written).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import collections
 import functools
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,8 +26,15 @@ from fvlm_data.errors import StoreError
 from fvlm_data.precompute.config import PrecomputeConfig
 from fvlm_data.precompute.encoders import FrozenEncoders
 from fvlm_data.precompute.failures import retry_hint, transient_kinds
+from fvlm_data.precompute.stages import StageTimes
 from fvlm_data.precompute.workers import decode_executor, decoded_in_order, stop_decode_workers
-from fvlm_data.precompute.writeback import BackgroundWriter, DeviceTransfers, HostCopy, stored_features
+from fvlm_data.precompute.writeback import (
+    PUBLISH_QUEUE,
+    BackgroundWriter,
+    DeviceTransfers,
+    HostCopy,
+    stored_features,
+)
 from fvlm_data.records import DecodedVideo, VideoInput
 from fvlm_data.store import FeatureShapes, FeatureStore, ShardBuffer, shard_states
 from fvlm_data.store.creation import FINGERPRINT_VERSION, fingerprint_version
@@ -42,6 +51,7 @@ class PrecomputeSummary:
     store_bytes: int = 0
     transient: collections.Counter = field(default_factory=collections.Counter)  # this run's, by kind
     transient_before: collections.Counter = field(default_factory=collections.Counter)  # skipped failures'
+    stages: StageTimes | None = None  # how busy each stage was, and what bounded the run
 
     def lines(self, out: str) -> list[str]:
         lines = [
@@ -53,11 +63,14 @@ class PrecomputeSummary:
         lines += [hint for hint in (retry_hint(self.transient, earlier=False),
                                     retry_hint(self.transient_before, earlier=True)) if hint]
         lines.append(f"store size on disk: {self.store_bytes / 1e6:.1f} MB")
+        if self.stages is not None and self.written + self.failed:
+            lines += self.stages.lines()
         return lines
 
     @classmethod
     def merge(cls, parts: Iterable[PrecomputeSummary]) -> PrecomputeSummary:
         """One summary for several processes filling one store (counts and reasons add up)."""
+        parts = list(parts)
         total = cls()
         for part in parts:
             total.written += part.written
@@ -67,6 +80,8 @@ class PrecomputeSummary:
             total.transient.update(part.transient)
             total.transient_before.update(part.transient_before)
             total.store_bytes = max(total.store_bytes, part.store_bytes)  # one store, measured by each
+        stages = [part.stages for part in parts if part.stages is not None]
+        total.stages = StageTimes.merge(stages) if stages else None
         return total
 
 
@@ -87,20 +102,45 @@ def run_precompute(config: PrecomputeConfig, inputs: list[VideoInput], encoders:
     executor = decode_executor(config.workers)
     # This thread only feeds the encoders; a writer thread adds the rows and publishes (writeback.py).
     transfers, writer = DeviceTransfers(encoders.device), BackgroundWriter()
+    stages = summary.stages = StageTimes(workers=config.workers, seek=config.seek)
+    start = shown = time.perf_counter()
     try:
         window = max(2 * config.workers, 1) * config.batch_videos
-        results = decoded_in_order(executor, plan.todo, window, config.decoding)  # a file's segments together
+        # A file's segments together; the time spent waiting for each decoded video is counted.
+        results = stages.waited_for(decoded_in_order(executor, plan.todo, window, config.decoding, stages))
         on_failure = functools.partial(writer.submit, shards.add_failure)
         for batch in _batches(results, config.batch_videos, on_failure=on_failure):
-            features = _encode(encoders, transfers, [video for _, _, video in batch], config)
-            writer.submit(shards.add_rows, batch, transfers.to_host(features))
-        writer.close()  # the last shards published; a failed write is raised here
+            t0 = time.perf_counter()
+            features = transfers.to_host(_encode(encoders, transfers, [video for _, _, video in batch], config))
+            stages.encode_s += time.perf_counter() - t0
+            writer.submit(shards.add_rows, batch, features)
+            if time.perf_counter() - shown > _POSTFIX_S:
+                shown = _times(stages, writer, shards, start, writer.waited_s)
+                bar.set_postfix_str(stages.postfix(), refresh=False)
+        t0, waited = time.perf_counter(), writer.waited_s
+        writer.close()  # the last rows added; a failed write is raised here
+        shards.close()  # the last shards published
+        _times(stages, writer, shards, start, waited + time.perf_counter() - t0)  # its end counts as a wait for it
     finally:
         writer.abandon()  # on errors, Ctrl-C and SIGTERM: queued writes dropped (a rerun redoes them)
+        shards.abandon()
         bar.close()
         stop_decode_workers(executor)  # also on errors, Ctrl-C and SIGTERM: no orphaned workers
     summary.store_bytes = store.nbytes_on_disk()
     return summary
+
+
+_POSTFIX_S = 2.0  # how often the progress bar's stage figures change
+
+
+def _times(stages: StageTimes, writer: BackgroundWriter, shards: _ShardsInProgress, start: float,
+           waited_for_writer: float) -> float:
+    """Bring `stages` up to now; returns now."""
+    now = time.perf_counter()
+    # The writer is two threads in a row (rows added, shards published): the busier one counts.
+    stages.wall_s, stages.wait_writer_s = now - start, waited_for_writer
+    stages.write_s = max(writer.busy_s, shards.publisher.busy_s)
+    return now
 
 
 def store_attributes(encoders: FrozenEncoders, shapes: FeatureShapes, config: PrecomputeConfig) -> dict[str, Any]:
@@ -233,14 +273,22 @@ def _encode(encoders: FrozenEncoders, transfers: DeviceTransfers, videos: list[D
 
 
 class _ShardsInProgress:
-    """This process's shards being filled: each buffered from its first row on, and published whole
-    (then dropped: ~1-2 shards live) once every slot of it is written or recorded as failed."""
+    """This process's shards being filled: each buffered from its first row on, and handed to the
+    publisher thread (written whole, then dropped) once every slot of it is written or recorded as
+    failed. `close` waits for the last ones to be written; `abandon` drops those not yet begun."""
 
     def __init__(self, store: FeatureStore, num_inputs: int, keep_existing: dict[int, bool], retried: set[int],
                  summary: PrecomputeSummary, bar: tqdm) -> None:
         self.store, self.num_inputs, self.keep_existing, self.retried = store, num_inputs, keep_existing, retried
         self.summary, self.bar = summary, bar
         self.buffers: dict[int, ShardBuffer] = {}
+        self.publisher = BackgroundWriter(PUBLISH_QUEUE, name="store-publisher")
+
+    def close(self) -> None:
+        self.publisher.close()
+
+    def abandon(self) -> None:
+        self.publisher.abandon()
 
     def _buffer(self, slot: int) -> ShardBuffer:
         shard = slot // self.store.shard_videos
@@ -251,7 +299,7 @@ class _ShardsInProgress:
 
     def _publish_if_complete(self, slot: int) -> None:
         if self._buffer(slot).complete(until=self.num_inputs):
-            self.buffers.pop(slot // self.store.shard_videos).publish()
+            self.publisher.submit(self.buffers.pop(slot // self.store.shard_videos).publish)
 
     def add_failure(self, slot: int, item: VideoInput, reason: str) -> None:
         self._buffer(slot).add_failure(slot, video_id=item.video_id, source=item.source, reason=reason,

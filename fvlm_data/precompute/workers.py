@@ -41,6 +41,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from fvlm_data.errors import InputError
+from fvlm_data.precompute.stages import StageTimes
 from fvlm_data.records import DecodedVideo, Decoding, VideoInput
 from fvlm_data.sources import load_file_frames, load_frames
 from fvlm_data.video.segments import file_key
@@ -91,6 +92,13 @@ def decode_group(items: list[VideoInput], decoding: Decoding) -> list[DecodedVid
     return [str(r) if isinstance(r, InputError) else r for r in results]
 
 
+def timed_decode_group(items: list[VideoInput], decoding: Decoding) -> tuple[list[DecodedVideo | str], float]:
+    """`decode_group` and its wall time in the worker (how busy the decode workers were: stages.py)."""
+    t0 = time.perf_counter()
+    results = decode_group(items, decoding)
+    return results, time.perf_counter() - t0
+
+
 def _unexpected(e: Exception) -> str:
     return f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
@@ -112,17 +120,18 @@ def file_groups(items: list[tuple[int, VideoInput]], window: int) -> list[list[i
     return groups
 
 
-def decoded_in_order(executor: Executor, items: list[tuple[int, VideoInput]], window: int,
-                     decoding: Decoding) -> Iterator[tuple[int, VideoInput, DecodedVideo | str]]:
+def decoded_in_order(executor: Executor, items: list[tuple[int, VideoInput]], window: int, decoding: Decoding,
+                     stages: StageTimes | None = None) -> Iterator[tuple[int, VideoInput, DecodedVideo | str]]:
     """Keep about `window` inputs in flight and yield (slot, input, frames or reason) in input order;
     the inputs of one file among them go to one worker together (`decode_group`). A killed worker's
-    inputs come back as its reason, the others in flight are decoded again by a new pool."""
+    inputs come back as its reason, the others in flight are decoded again by a new pool. The workers'
+    decode time is added to `stages.decode_s`."""
     groups = collections.deque(file_groups(items, window))
     result_of: dict[int, tuple[Future, int]] = {}  # position -> (its group's future, index in the group)
     in_flight: dict[Future, list[int]] = {}  # each future's group of positions, until its last is yielded
 
     def submit(group: list[int]) -> None:
-        fut = executor.submit(decode_group, [items[p][1] for p in group], decoding)
+        fut = executor.submit(timed_decode_group, [items[p][1] for p in group], decoding)
         in_flight[fut] = group
         result_of.update((p, (fut, k)) for k, p in enumerate(group))
 
@@ -133,7 +142,7 @@ def decoded_in_order(executor: Executor, items: list[tuple[int, VideoInput]], wi
                     submit(groups[0])
                     groups.popleft()
                 fut, k = result_of[pos]
-                results = fut.result()
+                results, seconds = fut.result()
                 break
             except BrokenProcessPool:  # a worker died: its inputs fail, a new pool decodes the rest again
                 lost = executor.restart(list(in_flight))  # type: ignore[attr-defined]  # only DecodeWorkers breaks
@@ -143,7 +152,7 @@ def decoded_in_order(executor: Executor, items: list[tuple[int, VideoInput]], wi
                         del in_flight[broken]
                         if broken in lost:
                             failed: Future = Future()
-                            failed.set_result([lost[broken]] * len(group))
+                            failed.set_result(([lost[broken]] * len(group), 0.0))
                             in_flight[failed] = group
                             result_of.update((p, (failed, k)) for k, p in enumerate(group))
                         else:
@@ -152,6 +161,8 @@ def decoded_in_order(executor: Executor, items: list[tuple[int, VideoInput]], wi
         del result_of[pos]
         if in_flight[fut][-1] == pos:
             del in_flight[fut]
+        if stages is not None and k == 0:  # once per group (its first input comes first)
+            stages.decode_s += seconds
         yield slot, item, results[k]
 
 

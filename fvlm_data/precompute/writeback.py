@@ -8,8 +8,9 @@ waits for the copy, adds the rows to their shard buffers and publishes finished 
 
 Memory bound: at most `WRITE_QUEUE` jobs (a batch of encoded features or a failed input) wait for
 the writer, one is being written, and one is being encoded, so at most `WRITE_QUEUE + 2` batches of
-features (and of their decoded frames) are alive; the writer buffers the shards in progress as
-before (one or two). A failed write stops the writer; its exception is raised on the main thread
+features (and of their decoded frames) are alive; the writer buffers the shards in progress (one,
+two where a batch spans a shard's end) and at most `PUBLISH_QUEUE + 1` finished shards wait for or
+are being written by the publisher. A failed write stops the writer; its exception is raised on the main thread
 at the next hand-over (or at `close`), so precompute ends with the same one line as before.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +29,7 @@ import torch
 from fvlm_data.store.format import SCALE_SUFFIX, table_entry
 
 WRITE_QUEUE = 2  # jobs waiting for the writer thread (the memory bound above)
+PUBLISH_QUEUE = 1  # finished shards waiting for the publisher thread
 _POLL_S = 0.1  # how often a blocked hand-over checks whether the writer failed
 
 
@@ -139,13 +142,15 @@ class BackgroundWriter:
     """Runs jobs (store writes) on one thread, in the order given, at most `WRITE_QUEUE` waiting.
 
     The first job that raises stops the writer (later jobs are dropped) and its exception is
-    re-raised on the caller's thread by the next `submit` or by `close`."""
+    re-raised on the caller's thread by the next `submit` or by `close`. `busy_s`: the thread's time
+    in jobs; `waited_s`: the callers' time blocked in `submit` (stages.py)."""
 
-    def __init__(self, max_waiting: int = WRITE_QUEUE) -> None:
+    def __init__(self, max_waiting: int = WRITE_QUEUE, name: str = "store-writer") -> None:
+        self.busy_s = self.waited_s = 0.0
         self._jobs: queue.Queue = queue.Queue(max_waiting)
         self._error: BaseException | None = None
         self._abort = False
-        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
@@ -155,10 +160,13 @@ class BackgroundWriter:
                 return
             if self._error is not None or self._abort:
                 continue
+            t0 = time.perf_counter()
             try:
                 job()
             except BaseException as e:  # re-raised on the main thread
                 self._error = e
+            finally:
+                self.busy_s += time.perf_counter() - t0
 
     def _check(self) -> None:
         if self._error is not None:
@@ -166,13 +174,17 @@ class BackgroundWriter:
 
     def submit(self, fn: Callable[..., None], *args: Any) -> None:
         """Queue `fn(*args)`; blocks while `max_waiting` jobs wait (the memory bound)."""
-        while True:
-            self._check()
-            try:
-                self._jobs.put(lambda: fn(*args), timeout=_POLL_S)
-                return
-            except queue.Full:
-                continue
+        t0 = time.perf_counter()
+        try:
+            while True:
+                self._check()
+                try:
+                    self._jobs.put(lambda: fn(*args), timeout=_POLL_S)
+                    return
+                except queue.Full:
+                    continue
+        finally:
+            self.waited_s += time.perf_counter() - t0
 
     def close(self) -> None:
         """Wait for every queued job; raise the first failure."""

@@ -1,13 +1,14 @@
 """Writing a store: creating or growing it, the state of its shards, and whole-shard publishing.
 
-Writers own whole shards: a shard's rows are buffered (`ShardBuffer`), encoded by zarr itself
-into memory and each array's shard object is published whole (temp file + rename locally, one
-PUT remotely), `committed` last. No two processes ever write the same object, and a reader sees
-a shard's rows once its `committed` object exists.
+Writers own whole shards: a shard's rows are buffered (`ShardBuffer`) in the bytes of the shard
+objects zarr would write (shard_bytes.py), and each array's object is published whole (temp file,
+fsync and rename locally, one PUT remotely), `committed` last. No two processes ever write the same
+object, and a reader sees a shard's rows once its `committed` object exists.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -16,10 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.group import GroupMetadata
-from zarr.core.sync import sync
 
 from fvlm_data.errors import StoreError
 from fvlm_data.store.checksums import check_frames, frame_checksums
@@ -41,13 +40,13 @@ from fvlm_data.store.format import (
     checksum_array,
     chunk_nbytes,
     is_frame_array,
-    memory_objects,
     quantize_int8,
     schema,
     table_entry,
 )
 from fvlm_data.store.objects import LocalObjects, objects_at
 from fvlm_data.store.reader import FeatureStore, open_group
+from fvlm_data.store.shard_bytes import BufferPool, FrameShard, small_object
 from fvlm_data.store.shard_index import ShardIndex
 
 
@@ -66,6 +65,11 @@ class StoreWriter(FeatureStore):
     def shard_buffer(self, shard: int, keep_existing: bool = False, keep_failures: bool = True) -> ShardBuffer:
         """An in-memory shard to fill and publish: see `ShardBuffer`."""
         return ShardBuffer(self, shard, keep_existing, keep_failures)
+
+    @functools.cached_property
+    def buffers(self) -> BufferPool:
+        """Frame arrays' shard buffers, reused from one shard to the next."""
+        return BufferPool()
 
 
 def create_or_open(path: str | os.PathLike, attrs: dict[str, Any], shapes: FeatureShapes, capacity: int,
@@ -243,8 +247,11 @@ def shard_data_problem(store: FeatureStore, shard: int) -> str | None:
 class ShardBuffer:
     """The rows of one shard, in memory until published: S videos of features at most.
 
-    `keep_existing` starts from the shard's committed and failed rows (read by zarr's own reader), or
-    from its committed rows only if not `keep_failures` (the failed ones are to be tried again)."""
+    Each frame array's rows live in its shard object's own buffer (`shard_bytes.FrameShard`): a row is
+    copied once, into its place, and its frames' crc32c computed as it arrives; `publish` adds the
+    indexes and writes each object whole. `keep_existing` starts from the shard's committed and failed
+    rows (read by zarr's own reader), or from its committed rows only if not `keep_failures` (the failed
+    ones are to be tried again)."""
 
     def __init__(self, store: StoreWriter, shard: int, keep_existing: bool = False, keep_failures: bool = True) -> None:
         self.store, self.shard, self.keep_failures = store, shard, keep_failures
@@ -252,14 +259,19 @@ class ShardBuffer:
         self.stop = min(self.start + store.shard_videos, store.capacity)
         n = self.stop - self.start
         self.data: dict[str, np.ndarray] = {}
+        self.frames: dict[str, FrameShard] = {}
         for name, arr in store.arrays.items():
             if name in STRING_ARRAYS:
                 self.data[name] = np.full(n, "", dtype=object)
+            elif is_frame_array(name):
+                self.frames[name] = FrameShard(store.shard_videos, n, arr.shape[1:], np.dtype(arr.dtype), store.buffers)
+                self.data[name] = self.frames[name].values
             else:
                 self.data[name] = np.zeros((n, *arr.shape[1:]), dtype=np.dtype(arr.dtype))
         # The encoders' arrays of this store (the table's encoded features, one per block for per-block ones).
         self.feature_names = {n for n in self.data if (f := table_entry(n)) is not None and f.encoded
                               and not n.endswith(SCALE_SUFFIX)}
+        self.checksummed = [n for n in self.frames if checksum_array(n) in self.data]  # format 3
         self.filled = np.zeros(n, dtype=bool)
         if keep_existing and shard in store.shard_values(("committed",), [shard])["committed"]:
             self._load_existing()
@@ -283,12 +295,14 @@ class ShardBuffer:
                 check_frames(self.data[name][j], self.data[checksum_array(name)][j],
                              store.slot_name(name, self.start + j), np.arange(self.data[name].shape[1]))
 
-    def _clear(self, slot: int) -> int:
+    def _clear(self, slot: int, frames: bool = True) -> int:
+        """Empty the slot's row (`frames=False`: not its frames, about to be overwritten whole)."""
         if not self.start <= slot < self.stop:
             raise IndexError(f"slot {slot} is not in shard {self.shard} (slots {self.start}..{self.stop - 1})")
         j = slot - self.start
-        for data in self.data.values():
-            data[j] = "" if data.dtype == object else 0
+        for name, data in self.data.items():
+            if frames or name not in self.frames:
+                data[j] = "" if data.dtype == object else 0
         self.filled[j] = True
         return j
 
@@ -307,7 +321,7 @@ class ShardBuffer:
             raise TypeError(f"add_row: {', '.join(unknown)} is not a feature of the store's table")
         if missing := sorted(n for n in names if n not in arrays):
             raise TypeError(f"add_row: missing the feature(s) {', '.join(missing)}")
-        j, d = self._clear(slot), self.data
+        j, d = self._clear(slot, frames=False), self.data  # every frame array is written below
         for name in names:
             scale = name + SCALE_SUFFIX
             if scale not in d:
@@ -319,6 +333,8 @@ class ShardBuffer:
             else:
                 d[name][j], d[scale][j] = quantize_int8(arrays[name])
         d["timestamps"][j], d["duration"][j] = timestamps, duration
+        for name in self.checksummed:  # on arrival, over the bytes as stored
+            d[checksum_array(name)][j] = frame_checksums(d[name][j])
         d["caption"][j], d["video_id"][j], d["source"][j] = caption, video_id, source
         if "captions" in d:  # format 3; one caption (the common case) is "", costing nothing
             d["captions"][j] = json.dumps(list(captions), ensure_ascii=False) if len(captions) > 1 else ""
@@ -337,22 +353,28 @@ class ShardBuffer:
         until = self.stop if until is None else min(until, self.stop)
         return bool(self.filled[: until - self.start].all())
 
+    def seal(self) -> None:
+        """Fill in what only the whole shard decides (publish does it first; doing it again changes
+        nothing): the crc32c and the zeros of every row without frames."""
+        committed = self.data["committed"] == 1
+        for name, frames in self.frames.items():
+            frames.values[~committed] = 0  # failed, never written, or a reused buffer's old bytes
+            if name in self.checksummed:  # as for any row: the crc32c of its (zero) frames
+                self.data[checksum_array(name)][~committed] = frame_checksums(np.zeros_like(frames.values[0]))
+
     def publish(self) -> None:
-        """Encode each array's shard with zarr (in memory) and write it whole; `committed` last."""
+        """Write each array's shard object whole (one write, fsync and rename each locally, one PUT
+        remotely), `committed` last: the objects zarr would write for these rows (shard_bytes.py).
+        The buffer is spent: its frame buffers go to the next shard."""
         store = self.store
-        # Every row's checksums: the kept ones were checked when loaded.
-        for name in [n for n in store.frame_arrays() if checksum_array(n) in self.data]:
-            self.data[checksum_array(name)][...] = [frame_checksums(frames) for frames in self.data[name]]
-        mem = zarr.storage.MemoryStore()
-        names = sorted(self.data, key=lambda n: n == "committed")
-        for name in names:
-            meta = store.arrays[name].metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"]
-            sync(mem.set(f"{name}/zarr.json", meta))
-            # Every in-bounds inner chunk is written, fill values included: a shard object exists even
-            # when all its values are empty, and a committed video always has an index entry.
-            arr = zarr.open_array(mem, path=name, mode="r+").with_config({"write_empty_chunks": True})
-            arr[self.start : self.stop] = self.data[name]
-        encoded = memory_objects(mem, [store.shard_key(name, self.shard) for name in names])
-        for key, data in encoded.items():  # in `names` order: committed last
-            store.objects.put(key, data)
+        self.seal()
+        for name in sorted(self.data, key=lambda n: n == "committed"):
+            if name in self.frames:
+                data = self.frames[name].finish()
+            else:
+                data = small_object(self.data[name], store.shard_videos, store.has_checksums)
+            store.objects.put(store.shard_key(name, self.shard), data)
+        for frames in self.frames.values():
+            store.buffers.give(frames.raw)
+        self.frames, self.data = {}, {}
         store.refresh()  # this process's reads see the new shard
