@@ -46,6 +46,8 @@ class NoOpEncoders:
     dino_id = vae_id = "bench-noop"
     compiled = False
     vae_scaling_factor = 1.0
+    dino_blocks: tuple[int, ...] = ()  # no --dino-layers states
+    dino_fingerprint = None
 
     def __init__(self, frames: int, tokens: int, dim: int, gpu_s: float) -> None:
         self.device = torch.device("cpu")

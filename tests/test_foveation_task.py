@@ -192,7 +192,8 @@ def test_demo_script_end_to_end(tmp_path):
     assert [len(row) for row in per_frame] == [1 + FRAMES - 1] * 2  # every frame after the cue
     assert all(0.0 <= float(x) <= 1.0 for row in rows for x in row[1:])
     assert "fine_1 - coarse on the cued object, frames 3+ minus frame 2: " in log
-    row = [line for line in proc.stdout.splitlines() if line.startswith("| `foveation` | delta | 1 | 0.1 | 1 | 0 | 1 |")]
+    row = [line for line in proc.stdout.splitlines()
+           if line.startswith("| `foveation` | delta | 1 | 0.1 | 1 | 0 | 1 |")]  # query depth 0, seed 1
     assert len(row) == 1 and f"{result['cap_ratio']:.3f}" in row[0] and f"{result['rec_ratio']:.4f} [" in row[0]
     assert f"{float(shares[0][1]):.3f} / {float(shares[1][1]):.3f}" in row[0]  # on the target, coarse / fine
     assert f"{float(shares[0][2]):.3f} / {float(shares[1][2]):.3f}" in row[0]  # on the other objects
