@@ -43,3 +43,14 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
         return True
     except OSError:
         return False
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this machine with that pid runs (the owner of a temp file, say)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True

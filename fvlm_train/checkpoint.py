@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from fvlm_data.dataset import synthetic_vocabulary
+from fvlm_data.environment import process_alive
 from fvlm_data.errors import EncoderLoadError
 from fvlm_data.precompute.encoders import load_dino, weights_fingerprint
 from fvlm_data.store.reader import FeatureStore
@@ -227,20 +228,10 @@ def remove_stale_temp_files(run_dir: Path) -> list[Path]:
     removed = []
     for path in run_dir.glob(".*"):
         m = _TEMP_FILE.fullmatch(path.name)
-        if m and not (m.group(1) and _alive(int(m.group(1)))):
+        if m and not (m.group(1) and process_alive(int(m.group(1)))):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 # ------------------------------------------------------------------ reading one

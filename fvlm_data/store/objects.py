@@ -27,7 +27,7 @@ from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from fvlm_data.environment import is_remote
+from fvlm_data.environment import is_remote, process_alive
 from fvlm_data.errors import StoreError
 from fvlm_data.store.retries import S3_OPTIONS, RetryingStore
 
@@ -37,16 +37,6 @@ ReadRequest = tuple[str, int, memoryview]
 
 TEMP_DIR = ".tmp"  # a local store's temp files (each renamed into place whole)
 HOST = socket.gethostname().replace("-", "_")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 class LocalObjects:
@@ -181,7 +171,7 @@ class LocalObjects:
             return
         for entry in entries:
             parts = entry.name.split("-")  # HOST-pid-thread
-            if len(parts) == 3 and parts[0] == HOST and parts[1].isdigit() and not _alive(int(parts[1])):
+            if len(parts) == 3 and parts[0] == HOST and parts[1].isdigit() and not process_alive(int(parts[1])):
                 Path(entry.path).unlink(missing_ok=True)
 
     def nbytes(self) -> int:
