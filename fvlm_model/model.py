@@ -167,9 +167,9 @@ class FoveatedVLM(nn.Module):
         """
         if isinstance(dino, FrameFeatures):
             dino, features, keys_values = dino.dino, dino.features, dino.keys_values
-        elif self.deep_query is not None:
-            frames = self.frame_features(dino)  # raises: a tensor alone has no block states
-            dino, features, keys_values = frames.dino, frames.features, frames.keys_values
+        elif self.deep_query is not None:  # a tensor alone has no block states
+            raise ValueError(f"query_depth {self.config.query_depth} needs the batch's block states: pass "
+                             "frame_features(batch)")
         if features is None:
             features = dino.to(self.compute_dtype(dino.device))
         if self.deep_query is not None:
