@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+from collections.abc import Iterator
 from fractions import Fraction
 from typing import BinaryIO
 
@@ -147,17 +148,23 @@ class VideoFile:
             k = np.searchsorted(keys, target + 1e-9, side="right") - 1
             return k >= 0 and keys[k] - pos >= SEEK_MIN_SKIP_S
 
+        def next_frame(frames: Iterator) -> tuple[av.VideoFrame, float] | None:
+            """The next decoded (frame, time), or None at the end of the stream or on a decoding error
+            (then kept in `error`)."""
+            nonlocal error
+            try:
+                return next(frames, None)
+            except FFMPEG_ERRORS as e:
+                error = error_line(e)
+                return None
+
         while j < len(targets):
             if may_seek and worth_seeking(targets[j]):
                 # Seek to the keyframe at/before the target; if it lands behind where we already
                 # were, keyframes are sparse here, so stop seeking for this video.
                 before = pos
                 frames = self._decode(seek_to=targets[j])
-                try:
-                    first = next(frames, None)
-                except FFMPEG_ERRORS as e:
-                    error = error_line(e)
-                    break
+                first = next_frame(frames)
                 if first is None:
                     break
                 frames = itertools.chain([first], frames)
@@ -165,11 +172,7 @@ class VideoFile:
                 pos = first[1]
                 may_seek = pos > before + self._frame_interval / 2
                 continue
-            try:
-                item = next(frames, None)
-            except FFMPEG_ERRORS as e:
-                error = error_line(e)
-                break
+            item = next_frame(frames)
             if item is None:
                 break
             frame, t = item
